@@ -1,0 +1,251 @@
+"""Approximate Linear and Conv2d layers, model conversion, and helpers to set mode and multiplier.
+
+Each layer runs in one of four modes:
+- ``float``: the plain float layer;
+- ``quant``: fake-quantized operands, exact products (quantization-aware training);
+- ``noise``: ``quant`` plus Gaussian noise N(0, 1) * std(y) * sigma in training (sigma is learnable);
+- ``approx``: every product through the multiplier's LUT, exactly, on the integer codes.
+Bias is always added in float after dequantization (and after the noise).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from approxrun.lut import OperandDomain
+from approxrun.multipliers.multiplier import Multiplier
+from approxrun.ops import lut_conv2d, lut_matmul
+from approxrun.quant import ActivationQuantizer, WeightQuantizer, dequantize, zero_point_corrected
+
+MODES = ("float", "quant", "noise", "approx")
+
+
+class ApproxLayer:
+    """Behaviour shared by :class:`ApproxLinear` and :class:`ApproxConv2d` (a mixin)."""
+
+    def _init_approx(self, multiplier: Multiplier | None, bits_a: int | None, bits_b: int | None,
+                     observer: str, per_channel: bool, grad: str, initial_noise: float) -> None:
+        self.mode = "float"
+        self.grad = grad
+        self.bits_a, self.bits_b = bits_a, bits_b
+        self.opcount: int | None = None
+        self.sigma = nn.Parameter(torch.tensor(float(initial_noise)))
+        multiplier = multiplier or Multiplier.exact()
+        self.act_quant = ActivationQuantizer(self._domain(multiplier.domain_a, bits_a), observer)
+        self.weight_quant = WeightQuantizer(self._domain(multiplier.domain_b, bits_b), per_channel)
+        self.multiplier = multiplier
+
+    @staticmethod
+    def _domain(domain: OperandDomain, bits: int | None) -> OperandDomain:
+        return domain if bits is None else domain.narrowed(bits)
+
+    def set_multiplier(self, multiplier: Multiplier) -> None:
+        """Use ``multiplier``; quantizer domains follow its operand domains (signedness, bits)."""
+        self.multiplier = multiplier
+        self.act_quant.domain = self._domain(multiplier.domain_a, self.bits_a)
+        self.weight_quant.domain = self._domain(multiplier.domain_b, self.bits_b)
+
+    def set_mode(self, mode: str) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.mode = mode
+
+    def get_extra_state(self):
+        return {"mode": self.mode, "multiplier": self.multiplier.name}
+
+    def set_extra_state(self, state) -> None:
+        self.set_mode(state["mode"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "float":
+            return self._float_forward(x)
+        codes_a, scale_a, zp_a = self.act_quant(x)
+        codes_w, scale_w, zp_w = self.weight_quant(self.weight)
+        if self.mode == "approx":
+            y = self._approx_forward(codes_a, codes_w, scale_a, zp_a, scale_w, zp_w).to(x.dtype)
+        else:
+            x_q = dequantize(codes_a, scale_a, zp_a)
+            w_q = dequantize(codes_w, self._channel_view(scale_w), self._channel_view(zp_w))
+            y = self._product(x_q, w_q)
+            if self.mode == "noise" and self.training:
+                y = y + torch.randn_like(y) * y.std() * self.sigma
+        return self._add_bias(y)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, mode={self.mode}, multiplier={self.multiplier.name}"
+
+
+class ApproxLinear(ApproxLayer, nn.Linear):
+    """nn.Linear whose products can run through an approximate multiplier (any leading dims)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, multiplier=None,
+                 bits_a=None, bits_b=None, observer: str = "ema", per_channel: bool = False,
+                 grad: str = "ste", initial_noise: float = 0.1, device=None, dtype=None):
+        nn.Linear.__init__(self, in_features, out_features, bias, device=device, dtype=dtype)
+        self._init_approx(multiplier, bits_a, bits_b, observer, per_channel, grad, initial_noise)
+        self.opcount = in_features * out_features
+
+    @property
+    def fan_in(self) -> int:
+        return self.in_features
+
+    def _channel_view(self, t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(-1, 1) if t.dim() else t
+
+    def _float_forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+    def _product(self, x, w):
+        return F.linear(x, w)
+
+    def _add_bias(self, y):
+        return y if self.bias is None else y + self.bias
+
+    def _approx_forward(self, codes_a, codes_w, scale_a, zp_a, scale_w, zp_w):
+        lead = codes_a.shape[:-1]
+        a = codes_a.reshape(-1, self.in_features)
+        acc = lut_matmul(a, codes_w.t(), self.multiplier, grad=self.grad)  # float64 [M, O]
+        exact = zero_point_corrected(acc, a.sum(1, keepdim=True).double(), codes_w.sum(1).double(),
+                                     self.in_features, zp_a.double(), zp_w.double())
+        return (exact * (scale_a * scale_w).double()).reshape(*lead, self.out_features)
+
+
+class ApproxConv2d(ApproxLayer, nn.Conv2d):
+    """nn.Conv2d (stride, padding and padding modes, dilation, groups) with approximate products."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", multiplier=None,
+                 bits_a=None, bits_b=None, observer: str = "ema", per_channel: bool = False,
+                 grad: str = "ste", initial_noise: float = 0.1, device=None, dtype=None):
+        nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+                           bias, padding_mode, device=device, dtype=dtype)
+        self._init_approx(multiplier, bits_a, bits_b, observer, per_channel, grad, initial_noise)
+
+    @property
+    def fan_in(self) -> int:
+        return self.in_channels // self.groups * math.prod(self.kernel_size)
+
+    def _channel_view(self, t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(-1, 1, 1, 1) if t.dim() else t
+
+    def _count_ops(self, y: torch.Tensor) -> None:
+        self.opcount = self.fan_in * self.out_channels * y.shape[-2] * y.shape[-1]
+
+    def _float_forward(self, x):
+        y = self._conv_forward(x, self.weight, self.bias)
+        self._count_ops(y)
+        return y
+
+    def _product(self, x, w):
+        y = self._conv_forward(x, w, None)
+        self._count_ops(y)
+        return y
+
+    def _add_bias(self, y):
+        return y if self.bias is None else y + self.bias.reshape(1, -1, 1, 1)
+
+    def _pad(self, codes: torch.Tensor, zero_code: torch.Tensor) -> torch.Tensor:
+        """Explicit padding of the codes; zero padding uses the code of real 0."""
+        pad = self._reversed_padding_repeated_twice
+        if not any(pad):
+            return codes
+        if self.padding_mode == "zeros":
+            return F.pad(codes, pad, value=float(zero_code))
+        return F.pad(codes, pad, mode=self.padding_mode)
+
+    def _approx_forward(self, codes_a, codes_w, scale_a, zp_a, scale_w, zp_w):
+        padded = self._pad(codes_a, zp_a)
+        acc = lut_conv2d(padded, codes_w, self.multiplier, self.stride, 0, self.dilation, self.groups,
+                         grad=self.grad)
+        self._count_ops(acc)
+        # sum of the activation codes under each window, per group
+        ones = torch.ones(self.groups, self.in_channels // self.groups, *self.kernel_size,
+                          dtype=padded.dtype, device=padded.device)
+        sum_a = F.conv2d(padded, ones, stride=self.stride, dilation=self.dilation, groups=self.groups)
+        sum_a = sum_a.repeat_interleave(self.out_channels // self.groups, dim=1).double()
+        sum_w = codes_w.sum((1, 2, 3)).double().reshape(1, -1, 1, 1)
+        zp_w = zp_w.double().reshape(1, -1, 1, 1) if zp_w.dim() else zp_w.double()
+        exact = zero_point_corrected(acc, sum_a, sum_w, self.fan_in, zp_a.double(), zp_w)
+        return exact * (scale_a * self._channel_view(scale_w)).double()
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def approximate(model: nn.Module, skip: Iterable[str] = (), multiplier: Multiplier | None = None,
+                **layer_kwargs) -> nn.Module:
+    """Replace every nn.Linear / nn.Conv2d of ``model`` (in place) by its approximate layer.
+
+    Weights and biases are kept. ``skip`` holds module names or glob patterns left as they are.
+    ``layer_kwargs`` go to the layers (bits_a, bits_b, observer, per_channel, grad, initial_noise).
+    """
+    skip = tuple(skip)
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if isinstance(child, ApproxLayer) or _matches(full, skip):
+                continue
+            replacement = _convert(child, multiplier, layer_kwargs)
+            if replacement is not None:
+                setattr(module, child_name, replacement)
+    return model
+
+
+def _convert(module: nn.Module, multiplier, kwargs) -> nn.Module | None:
+    device, dtype = module.weight.device if hasattr(module, "weight") else None, None
+    if type(module) is nn.Linear:
+        new = ApproxLinear(module.in_features, module.out_features, module.bias is not None,
+                           multiplier=multiplier, device=device, **kwargs)
+    elif type(module) is nn.Conv2d:
+        new = ApproxConv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride,
+                           module.padding, module.dilation, module.groups, module.bias is not None,
+                           module.padding_mode, multiplier=multiplier, device=device, **kwargs)
+    else:
+        return None
+    del dtype
+    with torch.no_grad():
+        new.weight.copy_(module.weight)
+        if module.bias is not None:
+            new.bias.copy_(module.bias)
+    new.train(module.training)
+    return new
+
+
+def approx_layers(model: nn.Module, names: Iterable[str] | None = None) -> list[tuple[str, ApproxLayer]]:
+    """(name, layer) of every approximate layer, optionally only those matching names/patterns."""
+    patterns = None if names is None else tuple(names)
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, ApproxLayer) and (patterns is None or _matches(n, patterns))]
+
+
+def set_mode(model: nn.Module, mode: str, names: Iterable[str] | None = None) -> None:
+    for _, layer in approx_layers(model, names):
+        layer.set_mode(mode)
+
+
+def set_multiplier(model: nn.Module, multiplier: Multiplier, names: Iterable[str] | None = None) -> None:
+    for _, layer in approx_layers(model, names):
+        layer.set_multiplier(multiplier)
+
+
+def freeze_quantizers(model: nn.Module, frozen: bool = True) -> None:
+    """Stop (or restart) observer updates: calibrate first, then freeze."""
+    for _, layer in approx_layers(model):
+        layer.act_quant.observer.frozen.fill_(frozen)
+
+
+@torch.no_grad()
+def count_ops(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
+    """Run one forward pass (eval mode) so conv layers know their output size; name -> opcount."""
+    was_training = model.training
+    model.eval()
+    model(example)
+    model.train(was_training)
+    return {name: layer.opcount for name, layer in approx_layers(model)}

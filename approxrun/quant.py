@@ -1,0 +1,167 @@
+"""Quantization arithmetic, in one place: quantization parameters, fake quantization with
+straight-through gradients, observers, and the exact zero-point correction of an integer GEMM.
+
+Activations are affine (a zero point, the range always includes 0); weights are symmetric per tensor
+or per output channel, or affine when the multiplier's B operand is unsigned. Codes always lie in
+the operand domain the quantizer was given.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from approxrun.lut import OperandDomain
+
+OBSERVERS = ("minmax", "ema", "percentile", "mse")
+EPS = 1e-8
+
+
+def affine_qparams(min_val: torch.Tensor, max_val: torch.Tensor, domain: OperandDomain):
+    """Scale and zero point mapping [min, max] (widened to include 0) onto the domain's codes."""
+    min_val = torch.clamp(min_val, max=0.0)
+    max_val = torch.clamp(max_val, min=0.0)
+    scale = torch.clamp((max_val - min_val) / (domain.qmax - domain.qmin), min=EPS)
+    zero_point = torch.clamp(domain.qmin - torch.round(min_val / scale), domain.qmin, domain.qmax)
+    return scale, zero_point
+
+
+def symmetric_qparams(abs_max: torch.Tensor, domain: OperandDomain):
+    """Scale for codes in [-qmax, qmax] (zero point 0); a signed domain is required."""
+    if not domain.signed:
+        raise ValueError("symmetric quantization needs a signed operand domain")
+    scale = torch.clamp(abs_max / domain.qmax, min=EPS)
+    return scale, torch.zeros_like(scale)
+
+
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    return x + (torch.round(x) - x).detach()
+
+
+def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int,
+                   qmax: int) -> torch.Tensor:
+    """Integer codes (held in floats) of x; gradients pass straight through inside the range."""
+    return torch.clamp(_round_ste(x / scale) + zero_point, qmin, qmax)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    return (codes - zero_point) * scale
+
+
+def zero_point_corrected(acc: torch.Tensor, sum_a: torch.Tensor, sum_w: torch.Tensor, k: int,
+                         za: torch.Tensor, zw: torch.Tensor) -> torch.Tensor:
+    """sum_k (a - za)(w - zw) from the multiplier's sum_k a*w and the operand sums, exactly.
+
+    sum (a - za)(w - zw) = sum a*w - zw * sum a - za * sum w + k * za * zw; ``acc`` is what the
+    multiplier produced for sum a*w, so approximation errors pass through unchanged.
+    """
+    return acc - zw * sum_a - za * sum_w + k * za * zw
+
+
+class Observer(nn.Module):
+    """Tracks the range of a tensor for affine quantization.
+
+    ``minmax``: running extremes; ``ema``: moving average of batch min/max; ``percentile``: moving
+    average of the batch's 0.01/99.99 percentiles; ``mse``: moving average of the clipping range that
+    minimises the batch's quantization MSE. ``frozen`` stops updates (calibrate, then freeze).
+    """
+
+    def __init__(self, kind: str = "ema", momentum: float = 0.1, percentile: float = 99.99):
+        super().__init__()
+        if kind not in OBSERVERS:
+            raise ValueError(f"observer must be one of {OBSERVERS}, got {kind!r}")
+        self.kind, self.momentum, self.percentile = kind, momentum, percentile
+        self.register_buffer("min_val", torch.tensor(0.0))
+        self.register_buffer("max_val", torch.tensor(0.0))
+        self.register_buffer("initialized", torch.tensor(False))
+        self.register_buffer("frozen", torch.tensor(False))
+
+    def _batch_range(self, x: torch.Tensor, domain: OperandDomain):
+        if self.kind in ("minmax", "ema"):
+            return x.min(), x.max()
+        flat = x.flatten()
+        if flat.numel() > 1 << 20:
+            flat = flat[torch.randperm(flat.numel(), device=flat.device)[: 1 << 20]]
+        if self.kind == "percentile":
+            q = torch.tensor([1 - self.percentile / 100, self.percentile / 100], device=flat.device)
+            low, high = torch.quantile(flat.float(), q)
+            return low, high
+        return _mse_range(flat, domain)
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, domain: OperandDomain) -> None:
+        if self.frozen:
+            return
+        low, high = self._batch_range(x.detach(), domain)
+        if not self.initialized:
+            self.min_val.copy_(low)
+            self.max_val.copy_(high)
+            self.initialized.fill_(True)
+        elif self.kind == "minmax":
+            self.min_val.copy_(torch.minimum(self.min_val, low))
+            self.max_val.copy_(torch.maximum(self.max_val, high))
+        else:
+            self.min_val.lerp_(low.to(self.min_val.dtype), self.momentum)
+            self.max_val.lerp_(high.to(self.max_val.dtype), self.momentum)
+
+
+def _mse_range(x: torch.Tensor, domain: OperandDomain, steps: int = 20):
+    low, high = x.min(), x.max()
+    best, best_err = (low, high), None
+    for ratio in torch.linspace(0.3, 1.0, steps):
+        lo, hi = low * ratio, high * ratio
+        scale, zp = affine_qparams(lo, hi, domain)
+        err = (dequantize(quantize_codes(x, scale, zp, domain.qmin, domain.qmax), scale, zp) - x).pow(2).mean()
+        if best_err is None or err < best_err:
+            best, best_err = (lo, hi), err
+    return best
+
+
+class ActivationQuantizer(nn.Module):
+    """Affine quantizer for a layer input, with an observer."""
+
+    def __init__(self, domain: OperandDomain, observer: str = "ema"):
+        super().__init__()
+        self.domain = domain
+        self.observer = Observer(observer)
+
+    def forward(self, x: torch.Tensor):
+        """(codes, scale, zero_point) of x; the observer updates in training mode."""
+        if self.training or not self.observer.initialized:
+            self.observer.update(x, self.domain)
+        scale, zp = affine_qparams(self.observer.min_val, self.observer.max_val, self.domain)
+        return quantize_codes(x, scale, zp, self.domain.qmin, self.domain.qmax), scale, zp
+
+    def extra_repr(self) -> str:
+        return f"domain={self.domain}, observer={self.observer.kind}"
+
+
+class WeightQuantizer(nn.Module):
+    """Quantizer for weights, computed from the current weights at every call.
+
+    Symmetric when the domain is signed, affine when unsigned; per tensor or per output channel
+    (dimension 0).
+    """
+
+    def __init__(self, domain: OperandDomain, per_channel: bool = False):
+        super().__init__()
+        self.domain, self.per_channel = domain, per_channel
+
+    def forward(self, w: torch.Tensor):
+        """(codes, scale, zero_point); scale/zero point have shape [O] per channel or [] per tensor."""
+        detached = w.detach()
+        if self.per_channel:
+            flat = detached.reshape(w.shape[0], -1)
+            low, high = flat.min(1).values, flat.max(1).values
+        else:
+            low, high = detached.min(), detached.max()
+        if self.domain.signed:
+            scale, zp = symmetric_qparams(torch.maximum(low.abs(), high.abs()), self.domain)
+        else:
+            scale, zp = affine_qparams(low, high, self.domain)
+        view = (-1,) + (1,) * (w.dim() - 1) if self.per_channel else ()
+        codes = quantize_codes(w, scale.reshape(view), zp.reshape(view), self.domain.qmin, self.domain.qmax)
+        return codes, scale, zp
+
+    def extra_repr(self) -> str:
+        return f"domain={self.domain}, per_channel={self.per_channel}"

@@ -1,0 +1,1 @@
+"""approxrun's Hydra config tree (installed as the package ``approxrun.conf``)."""

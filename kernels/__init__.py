@@ -1,0 +1,1 @@
+"""CUDA sources of the GPU LUT kernels (installed as the package ``approxrun.kernels``)."""
