@@ -1,0 +1,5 @@
+"""``python -m approxrun``: the same as the ``approxrun`` command."""
+
+from approxrun.cli import main
+
+main()

@@ -1,0 +1,145 @@
+"""The ``approxrun`` command: a thin Hydra layer over :func:`approxrun.pipeline.run`.
+
+Before Hydra parses the command line, group choices are checked (one-line errors listing the
+options) and two shortcuts are expanded: ``multiplier=NAME`` for any design/EvoApprox circuit
+without its own config file and ``multiplier=LUT_FILE``; ``model=NAME`` for any torchvision model.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from importlib import resources
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from approxrun.errors import ApproxrunError
+from approxrun.pipeline import run
+from approxrun.report import write_summary
+
+GROUPS = ("model", "dataset", "multiplier", "schedule", "experiment", "library")
+LUT_SUFFIXES = (".npy", ".txt", ".bin", ".lut")
+_failures: list[str] = []
+
+
+def group_options(group: str) -> list[str]:
+    folder = resources.files("approxrun.conf").joinpath(group)
+    if not folder.is_dir():
+        return []
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _split_choices(value: str) -> list[str] | None:
+    """The comma-separated choices of a simple sweep value; None for sweep functions or quoting."""
+    if any(ch in value for ch in "()[]{}'\"$"):
+        return None
+    return [v.strip() for v in value.split(",")]
+
+
+def expand_arguments(argv: list[str]) -> list[str]:
+    """Check config-group choices and expand the multiplier/model shortcuts (see module docstring)."""
+    from approxrun.models import torchvision_names
+
+    out = []
+    for arg in argv:
+        match = re.fullmatch(r"(model|dataset|multiplier|schedule|experiment|library)=(.+)", arg)
+        choices = _split_choices(match.group(2)) if match else None
+        if not match or choices is None:
+            out.append(arg)
+            continue
+        group, options = match.group(1), group_options(match.group(1))
+        unknown = [c for c in choices if c not in options]
+        if not unknown:
+            out.append(arg)
+        elif group == "multiplier" and len(choices) == 1 and choices[0].lower().endswith(LUT_SUFFIXES):
+            out += ["multiplier=file", f"multiplier.path={choices[0]}"]
+        elif group == "multiplier":
+            out.append(f"multiplier.name={match.group(2)}")  # designs and EvoApprox names resolve at run time
+        elif group == "model" and len(choices) == 1 and choices[0] in torchvision_names():
+            out += ["model=torchvision", f"model.name={choices[0]}"]
+        else:
+            raise ApproxrunError(f"{group}={','.join(unknown)}: unknown {group}; options: {', '.join(options)}"
+                                 + (" or a torchvision model name" if group == "model" else ""))
+    return out
+
+
+def validate_overrides(overrides: list[str]) -> None:
+    """Compose the config once (the first choice of each sweep) so bad keys fail with one line."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    simple = []
+    for arg in overrides:
+        key, sep, value = arg.partition("=")
+        if not sep or arg.startswith("hydra") or arg.startswith("-"):
+            continue
+        choices = _split_choices(value)
+        if choices is None:
+            continue
+        simple.append(f"{key}={choices[0]}")
+    try:
+        with initialize_config_module("approxrun.conf", version_base="1.3"):
+            compose("config", overrides=simple)
+    except Exception as exc:
+        raise ApproxrunError(f"bad override: {_first_message(exc)}") from None
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def _first_message(exc: BaseException) -> str:
+    """The first non-empty line along the exception's cause chain."""
+    while exc is not None:
+        line = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+        if line:
+            return line
+        exc = exc.__cause__ or exc.__context__
+    return "invalid configuration"
+
+
+class SweepSummary(Callback):
+    """Builds the sweep summary from the job folders when a multirun ends."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        rows = write_summary(Path(config.hydra.sweep.dir))
+        failed = [r["job"] for r in rows if r["status"] != "completed"]
+        if failed:
+            _failures.append(f"failed jobs: {', '.join(failed)}")
+        print(f"sweep summary: {Path(config.hydra.sweep.dir) / 'summary.md'}", flush=True)
+
+
+@hydra.main(version_base="1.3", config_path="pkg://approxrun.conf", config_name="config")
+def _hydra_main(cfg: DictConfig) -> None:
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        run(cfg, out_dir)
+    except ApproxrunError as exc:
+        _fail(str(exc))
+    except Exception as exc:  # a bug, not a user mistake: the traceback is in the run's log
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        _fail(f"{type(exc).__name__}: {message} (traceback in {out_dir / 'approxrun.log'})")
+
+
+def _fail(message: str) -> None:
+    print(f"approxrun: error: {message}", file=sys.stderr, flush=True)
+    _failures.append(message)
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    informational = any(a in ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--version")
+                        or a.startswith("--shell-completion") or a.startswith("-sc") for a in args)
+    try:
+        args = expand_arguments(args)
+        if not informational:
+            validate_overrides([a for a in args if not a.startswith("-")])
+    except ApproxrunError as exc:
+        print(f"approxrun: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    sys.argv = [sys.argv[0]] + args
+    _hydra_main()
+    if _failures:
+        sys.exit(1)

@@ -1,0 +1,379 @@
+"""``run(cfg, out_dir)``: one experiment, from a composed config to a complete output folder.
+
+Phases: validate the config and build everything that can fail on bad input (multiplier, data,
+model, checkpoint) before any training; run the schedule's stages in order up to ``cfg.stage``,
+reusing stage results from the stage cache; write metrics, layer table, checkpoints and plots.
+Nothing here imports Hydra: call ``run`` from a notebook with an OmegaConf or plain mapping.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import random
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import resources
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+import approxrun
+from approxrun.data import build_data
+from approxrun.energy import opcount_shares, relative_cost, relative_energy
+from approxrun.errors import ApproxrunError
+from approxrun.layers import approx_layers, approximate, count_ops
+from approxrun.models import build_model
+from approxrun.multipliers import resolve_multiplier
+from approxrun.multipliers.multiplier import Multiplier
+from approxrun.quant import OBSERVERS
+from approxrun.stages import StageContext, StageResult, stage_kind
+from approxrun.utils.files import atomic_torch_save, atomic_write_json, atomic_write_text
+from approxrun.utils.plots import plot_training_curves
+
+log = logging.getLogger("approxrun")
+
+
+def to_container(cfg) -> dict:
+    if isinstance(cfg, DictConfig):
+        try:
+            return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        except Exception as exc:  # omegaconf's MissingMandatoryValue / InterpolationResolutionError
+            raise ApproxrunError(f"config: {str(exc).splitlines()[0]}") from None
+    return json.loads(json.dumps(cfg))
+
+
+def _deep_merge(base: dict, override: Mapping) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), dict) \
+            else value
+    return out
+
+
+def stage_configs(cfg: dict) -> list[dict]:
+    """The stages to run, in order, each the model family's training defaults merged with the schedule."""
+    schedule = cfg["schedule"]
+    order, stages = list(schedule.get("order") or []), schedule.get("stages") or {}
+    if not order:
+        raise ApproxrunError(f"schedule {schedule.get('name')}: 'order' lists no stages")
+    target = cfg.get("stage")
+    if target is not None and target not in order:
+        raise ApproxrunError(f"stage={target}: not a stage of schedule {schedule.get('name')!r} "
+                             f"(stages: {', '.join(order)})")
+    result = []
+    for name in order[: order.index(target) + 1] if target else order:
+        if name not in stages:
+            raise ApproxrunError(f"schedule {schedule.get('name')}: stage {name!r} is in 'order' but not in 'stages'")
+        entry = dict(stages[name] or {})
+        kind = entry.get("kind", name)
+        spec = stage_kind(kind)
+        merged = _deep_merge((cfg["model"].get("train") or {}).get(kind, {}), entry) if spec.trains else entry
+        merged.update(name=name, kind=kind)
+        if spec.trains:
+            _check_training(merged)
+        result.append(merged)
+    return result
+
+
+def _check_training(stage: dict) -> None:
+    where = f"stage {stage['name']}"
+    epochs = stage.get("epochs")
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
+        raise ApproxrunError(f"{where}: epochs={epochs!r}, expected a whole number >= 0 "
+                             f"(model.train.{stage['kind']}.epochs or schedule.stages.{stage['name']}.epochs)")
+    opt = stage.get("optimizer") or {}
+    if not isinstance(opt.get("lr"), (int, float)) or opt["lr"] <= 0:
+        raise ApproxrunError(f"{where}: optimizer.lr={opt.get('lr')!r}, expected a number > 0")
+
+
+def _check_quant(quant: dict) -> None:
+    for key in ("bits_a", "bits_b"):
+        bits = quant.get(key)
+        if bits is not None and (not isinstance(bits, int) or not 2 <= bits <= 8):
+            raise ApproxrunError(f"quant.{key}={bits!r}: expected null or a whole number from 2 to 8")
+    if quant.get("observer") not in OBSERVERS:
+        raise ApproxrunError(f"quant.observer={quant.get('observer')!r}: expected one of {', '.join(OBSERVERS)}")
+    if quant.get("grad") not in approxrun.ops.GRAD_MODES:
+        raise ApproxrunError(f"quant.grad={quant.get('grad')!r}: expected one of {', '.join(approxrun.ops.GRAD_MODES)}")
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ApproxrunError(f"device={name!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ApproxrunError(f"device={name}: CUDA is not available on this machine; use device=cpu or auto")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class MultiplierResolver:
+    """Multiplier names -> Multiplier objects (catalogue entries bring their published costs); cached."""
+
+    def __init__(self, evoapprox_root: str | None):
+        self.evoapprox_root = evoapprox_root
+        self._cache: dict[str, Multiplier] = {}
+        self._by_name: dict[str, Multiplier] = {}
+
+    @staticmethod
+    def catalogue_entry(name: str) -> dict | None:
+        entry = resources.files("approxrun.conf").joinpath("multiplier", f"{name}.yaml")
+        return OmegaConf.to_container(OmegaConf.create(entry.read_text())) if entry.is_file() else None
+
+    def from_spec(self, spec: Mapping) -> Multiplier:
+        key = json.dumps(spec, sort_keys=True, default=str)
+        if key not in self._cache:
+            multiplier = resolve_multiplier(spec, evoapprox_root=self.evoapprox_root)
+            self._cache[key] = self._by_name.setdefault(multiplier.name, multiplier)
+        return self._cache[key]
+
+    def __call__(self, name: str) -> Multiplier:
+        """The multiplier of that name: one resolved before in this run, else the catalogue's or a design."""
+        if name not in self._by_name:
+            self.from_spec(self.catalogue_entry(name) or {"name": name})
+        return self._by_name[name]
+
+
+def multiplier_fingerprint(multiplier: Multiplier) -> str:
+    digest = hashlib.sha256(np.ascontiguousarray(multiplier.lut).tobytes()).hexdigest()[:16]
+    return f"{multiplier.name}:{multiplier.domain_a}x{multiplier.domain_b}:{digest}"
+
+
+def _hash(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass
+class StageCache:
+    """Completed stage results on disk, keyed by a hash of everything that influences them.
+
+    An entry is a folder ``<stage>-<key>`` holding ``model.pt``, ``result.json`` and ``files/``;
+    it is written under a temporary name and renamed into place, so it is complete or absent.
+    """
+
+    root: Path | None
+
+    def entry(self, name: str, key: str) -> Path | None:
+        return None if self.root is None else self.root / f"{name}-{key[:20]}"
+
+    def load(self, name: str, key: str):
+        path = self.entry(name, key)
+        if path is None or not (path / "result.json").is_file():
+            return None
+        try:
+            state = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+            result = json.loads((path / "result.json").read_text())
+        except Exception as exc:
+            log.warning("stage cache entry %s is unreadable (%s); recomputing", path, exc)
+            return None
+        return state, result, path / "files"
+
+    def store(self, name: str, key: str, model_state: dict, result: dict, files: Path) -> None:
+        final = self.entry(name, key)
+        if final is None:
+            return
+        tmp = self.root / f".tmp-{name}-{uuid.uuid4().hex}"
+        tmp.mkdir(parents=True)
+        try:
+            torch.save(model_state, tmp / "model.pt")
+            (tmp / "result.json").write_text(json.dumps(result, default=str))
+            shutil.copytree(files, tmp / "files")
+            tmp.rename(final)  # atomic; fails if another job stored the same entry first
+        except OSError:
+            if not (final / "result.json").is_file():
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    message = text[0] if text else ""
+    return message if isinstance(exc, ApproxrunError) else f"{type(exc).__name__}: {message}"
+
+
+def _load_checkpoint(path: str, model: torch.nn.Module) -> None:
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ApproxrunError(f"checkpoint {file}: no such file")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ApproxrunError(f"checkpoint {file}: not a readable weights-only torch checkpoint "
+                             f"({type(exc).__name__})") from None
+    if not isinstance(state, dict):
+        raise ApproxrunError(f"checkpoint {file}: expected a state_dict, found {type(state).__name__}")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ApproxrunError(f"checkpoint {file}: does not fit the model ({str(exc).splitlines()[0]})") from None
+
+
+def run(cfg, out_dir: str | Path) -> dict:
+    """Run one experiment into ``out_dir``; returns the metrics written to ``metrics.json``.
+
+    On failure ``metrics.json`` says ``status: failed`` with the one-line reason, and the error is
+    raised again.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics: dict = {"status": "running", "error": None,
+                     "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "stages": {}}
+    try:
+        _run(cfg, out_dir, metrics)
+        metrics["status"] = "completed"
+        return metrics
+    except BaseException as exc:
+        metrics.update(status="failed", error=_one_line(exc))
+        if not isinstance(exc, ApproxrunError):
+            log.exception("run failed")
+        raise
+    finally:
+        metrics["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        atomic_write_json(out_dir / "metrics.json", metrics)
+
+
+def _run(cfg, out_dir: Path, metrics: dict) -> None:
+    # --- configuration: everything that can be wrong in the input is checked here ---
+    config = to_container(cfg)
+    stages = stage_configs(config)
+    _check_quant(config["quant"])
+    device = select_device(str(config.get("device", "auto")))
+    seed = int(config.get("seed", 0))
+    resolver = MultiplierResolver((config.get("evoapprox") or {}).get("root"))
+    multiplier = resolver.from_spec(config["multiplier"])
+    exact_power = float(config["energy"]["exact_power_mw"])
+    metrics.update(device=str(device), seed=seed, multiplier=_describe(multiplier, exact_power))
+
+    # --- data and model ---
+    seed_everything(seed)
+    data = build_data(config["dataset"], config["data_dir"])
+    ds = config["dataset"]
+    loaders = data.loaders(int(ds.get("batch_size", 128)), int(ds.get("eval_batch_size", 256)), seed,
+                           int(ds.get("num_workers", 0)))
+    model = build_model(config["model"]["name"], data.num_classes, data.in_channels, data.image_size)
+    quant = config["quant"]
+    approximate(model, skip=quant.get("skip") or [], multiplier=multiplier, bits_a=quant["bits_a"],
+                bits_b=quant["bits_b"], observer=quant["observer"], per_channel=quant["per_channel"],
+                grad=quant["grad"])
+    model.to(device)
+    if config.get("checkpoint"):
+        _load_checkpoint(config["checkpoint"], model)
+    opcounts = count_ops(model, data.train[0][0].unsqueeze(0).to(device))
+    shares = opcount_shares(opcounts)
+    atomic_write_text(out_dir / "config_resolved.yaml", OmegaConf.to_yaml(OmegaConf.create(config)))
+
+    # --- stages ---
+    cache = StageCache(Path(config["cache"]["dir"]) if config["cache"].get("enabled", True) else None)
+    model_cfg = {k: v for k, v in config["model"].items() if k != "train"}
+    key = _hash(approxrun.__version__, model_cfg, config["dataset"], seed, quant, config.get("checkpoint"))
+    ctx = StageContext(model=model, data=data, loaders=loaders, device=device, multiplier=multiplier,
+                       config=config, artifact_dir=out_dir, resolve_multiplier=resolver)
+    for stage in stages:
+        spec = stage_kind(stage["kind"])
+        key = _hash(key, stage, multiplier_fingerprint(multiplier) if spec.uses_multiplier else None)
+        record = _run_stage(ctx, stage, spec, key, cache, out_dir)
+        layer_multipliers = {name: layer.multiplier for name, layer in approx_layers(model)}
+        if spec.uses_multiplier:
+            record["relative_energy"] = relative_energy(shares, layer_multipliers, exact_power)
+            metrics["relative_energy"] = record["relative_energy"]
+        metrics["stages"][stage["name"]] = record
+        atomic_write_json(out_dir / "metrics.json", metrics)
+    _write_layers(out_dir / "layers.csv", model, opcounts, shares)
+    _print_summary(stages, metrics, out_dir)
+
+
+def _run_stage(ctx: StageContext, stage: dict, spec, key: str, cache: StageCache, out_dir: Path) -> dict:
+    name = stage["name"]
+    start = time.perf_counter()
+    cached = cache.load(name, key) if spec.cacheable else None
+    if cached is not None:
+        state, result, files = cached
+        ctx.model.load_state_dict(state)
+        ctx.state.update(result["state"])
+        for layer_name, multiplier_name in result["metrics"].get("multipliers", {}).items():
+            ctx.model.get_submodule(layer_name).set_multiplier(ctx.resolve_multiplier(multiplier_name))
+        if files.is_dir():
+            shutil.copytree(files, out_dir, dirs_exist_ok=True)
+        log.info("stage %s: reused from the stage cache (%s)", name, cache.entry(name, key))
+        record = dict(result["metrics"], cached=True)
+    else:
+        log.info("stage %s (%s): starting", name, stage["kind"])
+        with _artifact_dir(out_dir) as files:
+            ctx.artifact_dir = files
+            result: StageResult = spec.run(ctx, stage)
+            ctx.state.update(result.state)
+            if spec.cacheable:
+                cache.store(name, key, ctx.model.state_dict(),
+                            {"metrics": result.metrics, "state": result.state}, files)
+            shutil.copytree(files, out_dir, dirs_exist_ok=True)
+        record = dict(result.metrics, cached=False)
+    record.update(kind=stage["kind"], wall_time_s=round(time.perf_counter() - start, 3))
+    (out_dir / "checkpoints").mkdir(exist_ok=True)
+    atomic_torch_save(ctx.model.state_dict(), out_dir / "checkpoints" / f"{name}.pt")
+    if record.get("history"):
+        plot_training_curves(record["history"], f"stage {name}", out_dir / f"curves_{name}.png")
+    return record
+
+
+class _artifact_dir:
+    """A fresh temporary folder next to the run folder for one stage's files."""
+
+    def __init__(self, out_dir: Path):
+        self.path = out_dir / f".stage-{uuid.uuid4().hex}"
+
+    def __enter__(self) -> Path:
+        self.path.mkdir()
+        return self.path
+
+    def __exit__(self, *exc):
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _describe(multiplier: Multiplier, exact_power: float) -> dict:
+    cost = multiplier.cost
+    return {"name": multiplier.name, "domain_a": str(multiplier.domain_a), "domain_b": str(multiplier.domain_b),
+            "cost": None if cost is None else {"value": cost.value, "kind": cost.kind, "unit": cost.unit,
+                                               "source": cost.source},
+            "relative_cost": relative_cost(multiplier, exact_power), "metrics": multiplier.metrics.as_dict()}
+
+
+def _write_layers(path: Path, model, opcounts: dict, shares: dict) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["name", "type", "weight_shape", "opcount", "opcount_share", "fan_in", "multiplier", "sigma"])
+    for name, layer in approx_layers(model):
+        writer.writerow([name, type(layer).__name__, "x".join(map(str, layer.weight.shape)), opcounts[name],
+                         f"{shares.get(name, 0):.6f}", layer.fan_in, layer.multiplier.name,
+                         f"{layer.sigma.item():.6f}"])
+    atomic_write_text(path, buf.getvalue())
+
+
+def _print_summary(stages: list[dict], metrics: dict, out_dir: Path) -> None:
+    rows = [("stage", "test acc", "time s", "cached", "rel. energy")]
+    for stage in stages:
+        r = metrics["stages"][stage["name"]]
+        energy = r.get("relative_energy")
+        rows.append((stage["name"], f"{r['test_accuracy']:.4f}", f"{r['wall_time_s']:.1f}",
+                     "yes" if r["cached"] else "no", "-" if energy is None else f"{energy:.3f}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+    print("\n".join(lines) + f"\noutputs: {out_dir}", flush=True)

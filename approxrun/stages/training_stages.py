@@ -1,0 +1,86 @@
+"""The basic stages: FP32 baseline, quantization-aware training, approximate retraining, evaluation."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from approxrun.errors import ApproxrunError
+from approxrun.layers import approx_layers, set_mode, set_multiplier
+from approxrun.stages import StageContext, StageResult, register
+from approxrun.training import evaluate, train
+
+
+def _weights(ctx: StageContext):
+    """Trainable parameters except the noise scales (those train only in the gradient stage)."""
+    sigmas = {id(layer.sigma) for _, layer in approx_layers(ctx.model)}
+    return [p for p in ctx.model.parameters() if p.requires_grad and id(p) not in sigmas]
+
+
+def _train_and_test(ctx: StageContext, stage_cfg: Mapping, name: str, **kwargs) -> dict:
+    train_loader, val_loader, test_loader = ctx.loaders
+    history = train(ctx.model, train_loader, val_loader, stage_cfg, ctx.device, ctx.data.num_classes,
+                    params=kwargs.pop("params", _weights(ctx)), desc=name, **kwargs)
+    return _test(ctx, {"history": history, "epochs": len(history),
+                       "train_loss": history[-1]["train_loss"] if history else None})
+
+
+def _test(ctx: StageContext, metrics: dict) -> dict:
+    result = evaluate(ctx.model, ctx.loaders[2], ctx.device, ctx.data.num_classes)
+    metrics.update(test_accuracy=result["accuracy"], test_loss=result["loss"])
+    if "top5" in result:
+        metrics["test_top5"] = result["top5"]
+    return metrics
+
+
+@register("baseline")
+def baseline(ctx: StageContext, stage_cfg: Mapping) -> StageResult:
+    """FP32 training of the model as it is."""
+    set_mode(ctx.model, "float")
+    return StageResult(_train_and_test(ctx, stage_cfg, stage_cfg["name"]))
+
+
+@register("quant")
+def quant(ctx: StageContext, stage_cfg: Mapping) -> StageResult:
+    """Quantization-aware training with exact products (observers calibrate on the first batches)."""
+    set_mode(ctx.model, "quant")
+    return StageResult(_train_and_test(ctx, stage_cfg, stage_cfg["name"]))
+
+
+def apply_assignment(ctx: StageContext) -> dict:
+    """Set each layer's multiplier: the per-layer assignment of an earlier stage, else the uniform one.
+
+    Returns layer name -> multiplier.
+    """
+    assignment = ctx.state.get("assignment")
+    chosen = {}
+    for name, layer in approx_layers(ctx.model):
+        multiplier = ctx.resolve_multiplier(assignment[name]) if assignment else ctx.multiplier
+        layer.set_multiplier(multiplier)
+        chosen[name] = multiplier
+    return chosen
+
+
+@register("approx", uses_multiplier=True)
+def approx(ctx: StageContext, stage_cfg: Mapping) -> StageResult:
+    """Retraining with every product through the multiplier's LUT (per-layer after a selection)."""
+    chosen = apply_assignment(ctx)
+    set_mode(ctx.model, "approx")
+    metrics = _train_and_test(ctx, stage_cfg, stage_cfg["name"])
+    metrics["multipliers"] = {name: m.name for name, m in chosen.items()}
+    return StageResult(metrics)
+
+
+@register("eval", uses_multiplier=True, cacheable=False, trains=False)
+def evaluate_checkpoint(ctx: StageContext, stage_cfg: Mapping) -> StageResult:
+    """Test accuracy of the loaded checkpoint under the multiplier, without training."""
+    mode = stage_cfg.get("mode", "approx")
+    if mode not in ("float", "quant", "approx"):
+        raise ApproxrunError(f"schedule stage {stage_cfg['name']}: mode {mode!r}, expected float, quant or approx")
+    set_multiplier(ctx.model, ctx.multiplier)
+    set_mode(ctx.model, mode)
+    with torch.no_grad():
+        metrics = _test(ctx, {"epochs": 0, "mode": mode})
+    metrics["multipliers"] = {name: ctx.multiplier.name for name, _ in approx_layers(ctx.model)}
+    return StageResult(metrics)

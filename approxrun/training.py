@@ -1,0 +1,116 @@
+"""The training loop, evaluation, and optimizer/scheduler construction from a stage config."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from approxrun.errors import ApproxrunError
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULERS = ("none", "step", "multistep", "cosine")
+
+
+class TrainingDiverged(ApproxrunError):
+    """The loss became NaN or infinite; the stage stops."""
+
+
+def make_optimizer(params, cfg: Mapping) -> torch.optim.Optimizer:
+    name = cfg.get("name", "sgd")
+    lr, wd = float(cfg["lr"]), float(cfg.get("weight_decay", 0.0))
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=float(cfg.get("momentum", 0.9)), weight_decay=wd)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=wd)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+    raise ApproxrunError(f"optimizer.name: unknown optimizer {name!r}, expected one of {', '.join(OPTIMIZERS)}")
+
+
+def make_scheduler(optimizer, cfg: Mapping | None, epochs: int):
+    cfg = cfg or {}
+    name = cfg.get("name", "none")
+    if name == "none":
+        return None
+    if name == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, int(cfg["step_size"]), float(cfg.get("gamma", 0.1)))
+    if name == "multistep":
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, [int(m) for m in cfg["milestones"]],
+                                                    float(cfg.get("gamma", 0.1)))
+    if name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, epochs))
+    raise ApproxrunError(f"scheduler.name: unknown scheduler {name!r}, expected one of {', '.join(SCHEDULERS)}")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, num_classes: int) -> dict:
+    """Loss, top-1 accuracy (a fraction) and, with more than 10 classes, top-5 accuracy."""
+    model.eval()
+    total, loss_sum, correct1, correct5 = 0, 0.0, 0, 0
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        logits = model(x)
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        top = logits.topk(min(5, num_classes), dim=1).indices
+        correct1 += (top[:, 0] == y).sum().item()
+        correct5 += (top == y[:, None]).any(1).sum().item()
+        total += len(y)
+    result = {"loss": loss_sum / max(1, total), "accuracy": correct1 / max(1, total)}
+    if num_classes > 10:
+        result["top5"] = correct5 / max(1, total)
+    return result
+
+
+def train(model: nn.Module, train_loader, val_loader, stage_cfg: Mapping, device: torch.device,
+          num_classes: int, params=None, extra_loss: Callable[[], torch.Tensor] | None = None,
+          on_epoch_end: Callable[[int, dict], None] | None = None, desc: str = "") -> list[dict]:
+    """Train for ``stage_cfg['epochs']`` epochs; returns one dict per epoch (loss, accuracies, lr).
+
+    ``extra_loss`` is added to the cross-entropy at every step (e.g. the noise reward).
+    """
+    epochs = int(stage_cfg["epochs"])
+    params = list(params if params is not None else (p for p in model.parameters() if p.requires_grad))
+    optimizer = make_optimizer(params, stage_cfg["optimizer"])
+    scheduler = make_scheduler(optimizer, stage_cfg.get("scheduler"), epochs)
+    history = []
+    for epoch in range(epochs):
+        model.train()
+        start, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
+        bar = tqdm(train_loader, desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True,
+                   disable=None)
+        for x, y in bar:
+            x, y = x.to(device), y.to(device)
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            total = loss + extra_loss() if extra_loss is not None else loss
+            if not math.isfinite(total.item()):
+                raise TrainingDiverged(f"stage {desc}: loss became {total.item()} in epoch {epoch + 1}; "
+                                       "lower the learning rate")
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+            seen += len(y)
+            loss_sum += loss.item() * len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
+        record = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, seen), "train_accuracy": correct / max(1, seen),
+                  "lr": optimizer.param_groups[0]["lr"]}
+        if scheduler is not None:
+            scheduler.step()
+        val = evaluate(model, val_loader, device, num_classes)
+        record.update(val_loss=val["loss"], val_accuracy=val["accuracy"], seconds=time.perf_counter() - start)
+        history.append(record)
+        log.info("%s epoch %d/%d: loss %.4f, train acc %.4f, val acc %.4f (%.1f s)", desc, epoch + 1, epochs,
+                 record["train_loss"], record["train_accuracy"], record["val_accuracy"], record["seconds"])
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, record)
+    return history
