@@ -60,7 +60,11 @@ def resolve_multiplier(spec: Mapping, evoapprox_root: str | None = None) -> Mult
     if cost is not None:
         multiplier.cost = cost
     if spec.get("published"):
-        multiplier.extra["published"] = dict(spec["published"])
+        multiplier.extra["published"] = published = dict(spec["published"])
+        mismatch = evoapprox.published_disagreements(multiplier.metrics, published)
+        if mismatch:
+            log.warning("multiplier %r: LUT metrics disagree with the entry's published figures: %s",
+                        name, "; ".join(mismatch))
     return multiplier
 
 

@@ -1,0 +1,192 @@
+"""``approxrun-lut``: list, inspect, convert and plot multiplier LUTs.
+
+A multiplier is given by name (a built-in design, a catalogue entry of ``conf/multiplier/``, an
+EvoApproxLib circuit of the checkout in ``--root`` / ``EVOAPPROX_ROOT``) or by file (a LUT file or an
+EvoApproxLib ``.c`` model). Bad input prints one line on stderr and exits with status 2, writing nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+
+from approxrun.errors import ApproxrunError
+from approxrun.lut import code_to_index
+from approxrun.multipliers import (DESIGN_EXAMPLES, FORMATS, Multiplier, get_multiplier, resolve_multiplier,
+                                   save_lut)
+from approxrun.multipliers import evoapprox
+from approxrun.multipliers.designs import is_builtin
+from approxrun.utils.files import atomic_write_bytes
+
+PROG = "approxrun-lut"
+USAGE_ERROR = 2
+METRIC_ROWS = (("MAE", "mae"), ("MAE%", "mae_percent"), ("WCE", "wce"), ("WCE%", "wce_percent"),
+               ("MRE%", "mre_percent"), ("EP%", "ep_percent"), ("MSE", "mse"),
+               ("err.mean", "error_mean"), ("err.std", "error_std"))
+
+
+def _multiplier(spec: str, args) -> Multiplier:
+    """A name goes through its catalogue entry when there is one (published cost), as in a run."""
+    entry = evoapprox.catalogue_entries().get(spec)
+    if entry is not None and not entry.get("path"):
+        return resolve_multiplier({**entry, "signed": not args.unsigned} if args.unsigned else entry,
+                                  evoapprox_root=args.root)
+    return get_multiplier(spec, signed=not args.unsigned, evoapprox_root=args.root)
+
+
+def _wrapped(names, indent: str = "  ") -> str:
+    return textwrap.fill(" ".join(names), width=100, initial_indent=indent, subsequent_indent=indent)
+
+
+def cmd_list(args) -> None:
+    print("Built-in designs (numbers are parameters):")
+    print(_wrapped(DESIGN_EXAMPLES))
+    print("Catalogue (conf/multiplier):")
+    for name, entry in evoapprox.catalogue_entries().items():
+        cost = entry.get("cost")
+        if cost:
+            figure = f"{cost['value']} {cost['unit']} ({cost['kind']}; {cost['source']})"
+        else:
+            figure = "the design's cost proxy" if is_builtin(name) else "no cost given"
+        print(f"  {name:<16} {figure}")
+    try:
+        root = evoapprox.checkout_root(args.root)
+    except evoapprox.RootNotSetError:
+        print(f"EvoApproxLib: no checkout (pass --root or set {evoapprox.ROOT_ENV})")
+        return
+    groups: dict[str, list[str]] = {}
+    for name, paths in evoapprox.index_circuits(root).items():
+        groups.setdefault(paths[0].parent.parent.name, []).append(name)
+    print(f"EvoApproxLib circuits under {root}:" + ("" if groups else " none"))
+    for group, names in sorted(groups.items()):
+        print(f"  {group} ({len(names)}):")
+        print(_wrapped(sorted(names), "    "))
+
+
+def _format_number(value) -> str:
+    return "-" if value is None else f"{value:.6g}"
+
+
+def cmd_show(args) -> None:
+    m = _multiplier(args.multiplier, args)
+    header = m.extra.get("header_metrics", {})
+    published = m.extra.get("published", {})
+    print(f"{m.name}: {m.description}")
+    print(f"operands: A (activation) {m.domain_a}, B (weight) {m.domain_b}")
+    print(f"symmetric: {'yes' if m.is_symmetric else 'no'}; exact: {'yes' if m.is_exact else 'no'}")
+    columns = ["LUT"] + (["header"] if header else []) + (["published"] if published else [])
+    print(f"  {'metric':<12}" + "".join(f"{c:>14}" for c in columns))
+    metrics = m.metrics.as_dict()
+    for label, key in METRIC_ROWS:
+        row = [metrics[key]] + ([header.get(key)] if header else []) + ([published.get(key)] if published else [])
+        print(f"  {label:<12}" + "".join(f"{_format_number(v):>14}" for v in row))
+    if m.extra.get("header_mismatch"):
+        print("header disagrees with the LUT: " + "; ".join(m.extra["header_mismatch"]))
+    cost = m.cost
+    if cost is None:
+        print("cost: unknown")
+    else:
+        extras = [f"area {cost.area:g} um2" if cost.area is not None else "",
+                  f"delay {cost.delay:g} ns" if cost.delay is not None else ""]
+        print(f"cost: {cost.value:g} {cost.unit} ({cost.kind}), source: {cost.source}"
+              + "".join(f", {e}" for e in extras if e))
+
+
+def cmd_convert(args) -> None:
+    m = _multiplier(args.multiplier, args)
+    save_lut(m.lut, args.out, args.to, m.domain_a.signed, m.domain_b.signed)
+    print(f"wrote {args.out} ({args.to or Path(args.out).suffix.lstrip('.')}; {m.name}, "
+          f"A {m.domain_a}, B {m.domain_b})")
+
+
+def error_plane(m: Multiplier) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Operand values of A and B (numerical order) and the error (LUT - exact) over their plane."""
+    va, vb = m.domain_a.values(), m.domain_b.values()
+    return va, vb, m.error_table[np.ix_(code_to_index(va), code_to_index(vb))]
+
+
+def cmd_plot(args) -> None:
+    from matplotlib.colors import TwoSlopeNorm
+    from matplotlib.figure import Figure
+
+    m = _multiplier(args.multiplier, args)
+    out = Path(args.out or f"{m.name}_error.png")
+    va, vb, err = error_plane(m)
+    fig = Figure(figsize=(11, 4.5), layout="constrained")
+    heat, hist = fig.subplots(1, 2, width_ratios=[1.2, 1])
+    bound = max(float(np.abs(err).max()), 1.0)
+    image = heat.imshow(err, origin="lower", aspect="auto", cmap="RdBu_r", interpolation="nearest",
+                        norm=TwoSlopeNorm(0.0, -bound, bound),
+                        extent=(vb[0] - 0.5, vb[-1] + 0.5, va[0] - 0.5, va[-1] + 0.5))
+    heat.set_xlabel(f"B (weight, {m.domain_b})")
+    heat.set_ylabel(f"A (activation, {m.domain_a})")
+    heat.set_title(f"{m.name}: LUT - exact product")
+    fig.colorbar(image, ax=heat, label="error")
+    values, counts = np.unique(err, return_counts=True)
+    if values.size <= 64:
+        hist.bar(values, counts / err.size, width=0.8 * (np.diff(values).min() if values.size > 1 else 1.0))
+    else:
+        hist.hist(err.ravel(), bins=64, weights=np.full(err.size, 1.0 / err.size))
+    hist.set_xlabel("error")
+    hist.set_ylabel("share of operand pairs")
+    hist.set_title(f"MAE {m.metrics.mae:.4g}, WCE {m.metrics.wce:.4g}, EP {m.metrics.ep_percent:.4g} %")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    atomic_write_bytes(out, buf.getvalue())
+    print(f"wrote {out}")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes become one-line errors like any other bad input."""
+
+    def error(self, message):
+        raise ApproxrunError(f"{message} (see {PROG} --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description=__doc__.split("\n\n")[0])
+    common = _Parser(add_help=False)
+    common.add_argument("--root", default=None,
+                        help=f"EvoApproxLib checkout (default: ${evoapprox.ROOT_ENV})")
+    target = _Parser(add_help=False, parents=[common])
+    target.add_argument("multiplier", metavar="NAME|FILE",
+                        help="built-in design, catalogue entry, EvoApproxLib circuit, LUT file or .c model")
+    target.add_argument("--unsigned", action="store_true",
+                        help="unsigned operands (built-in designs and LUT files; EvoApproxLib names say it)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands.add_parser("list", parents=[common], help="built-in designs, catalogue, EvoApproxLib circuits")
+    commands.add_parser("show", parents=[target], help="domains, symmetry, error metrics, cost")
+    convert = commands.add_parser("convert", parents=[target], help="write the LUT as npy, txt or bin")
+    convert.add_argument("out", metavar="OUT")
+    convert.add_argument("--to", choices=FORMATS, default=None,
+                         help="npy: byte-indexed; txt: numerical order; bin: TFApprox uint16 (default: from OUT)")
+    plot = commands.add_parser("plot", parents=[target], help="PNG: error heatmap and error histogram")
+    plot.add_argument("--out", default=None, help="PNG file (default: NAME_error.png)")
+    return parser
+
+
+COMMANDS = {"list": cmd_list, "show": cmd_show, "convert": cmd_convert, "plot": cmd_plot}
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format=f"{PROG}: %(message)s")
+    try:
+        args = build_parser().parse_args(argv)
+        COMMANDS[args.command](args)
+    except ApproxrunError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+    except OSError as exc:
+        print(f"{PROG}: error: {exc.filename or ''}: {exc.strerror}", file=sys.stderr)
+        return USAGE_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
