@@ -3,6 +3,8 @@
 Phases: validate the config and build everything that can fail on bad input (multiplier, data,
 model, checkpoint) before any training; run the schedule's stages in order up to ``cfg.stage``,
 reusing stage results from the stage cache; write metrics, layer table, checkpoints and plots.
+At every stage and epoch end the run folder's ``resume.pt`` is rewritten; with ``resume: true`` a
+rerun into the same folder continues from it (completed stages are not rerun).
 Nothing here imports Hydra: call ``run`` from a notebook with an OmegaConf or plain mapping.
 """
 
@@ -17,6 +19,7 @@ import random
 import shutil
 import time
 import uuid
+import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import resources
@@ -37,10 +40,13 @@ from approxrun.multipliers import resolve_multiplier
 from approxrun.multipliers.multiplier import Multiplier
 from approxrun.quant import OBSERVERS
 from approxrun.stages import StageContext, StageResult, stage_kind
+from approxrun.training import epoch_checkpoints, rng_state, set_rng_state
 from approxrun.utils.files import atomic_torch_save, atomic_write_json, atomic_write_text
 from approxrun.utils.plots import plot_training_curves
 
 log = logging.getLogger("approxrun")
+
+RESUME_FILE = "resume.pt"
 
 
 def to_container(cfg) -> dict:
@@ -204,6 +210,60 @@ class StageCache:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+class RunCheckpoint:
+    """The run folder's resume point, rewritten atomically at every stage end and epoch end.
+
+    It holds the completed stages (name, stage-cache key, metrics record), the state stages pass
+    on, the model and random states at the end of the last completed stage, and the ``train``
+    state of the stage in progress (see :class:`approxrun.training.EpochCheckpoints`).
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.completed: list[dict] = []
+        self.state: dict = {}
+        self.model: dict | None = None
+        self.rng: dict | None = None
+
+    def load(self, keys: list[tuple[str, str]]) -> dict | None:
+        """Take over a saved resume point whose stages are these (name, key) pairs' first ones.
+
+        Returns the saved stage in progress, or None; a resume point from another configuration
+        (or an unreadable one) is ignored and the run starts over.
+        """
+        if not self.path.is_file():
+            return None
+        try:
+            saved = torch.load(self.path, map_location="cpu", weights_only=True)
+            done = [(entry["name"], entry["key"]) for entry in saved["completed"]]
+            in_progress = saved["in_progress"]
+        except Exception as exc:
+            log.warning("resume point %s is unreadable (%s); starting over", self.path, exc)
+            return None
+        pending = [] if in_progress is None else [(in_progress["name"], in_progress["key"])]
+        if done + pending != keys[:len(done) + len(pending)]:
+            log.warning("resume point %s belongs to another configuration; starting over", self.path)
+            return None
+        self.completed, self.state, self.model, self.rng = \
+            saved["completed"], saved["state"], saved["model"], saved["rng"]
+        return in_progress
+
+    def stage_done(self, name: str, key: str, record: dict, ctx: StageContext) -> None:
+        self.completed.append({"name": name, "key": key, "record": record})
+        self.state = dict(ctx.state)
+        self.model = {k: v.detach().to("cpu", copy=True) if isinstance(v, torch.Tensor) else v
+                      for k, v in ctx.model.state_dict().items()}
+        self.rng = rng_state(ctx.loaders[0].generator)
+        self._write(None)
+
+    def epoch_done(self, name: str, key: str, progress: dict) -> None:
+        self._write(dict(progress, name=name, key=key))
+
+    def _write(self, in_progress: dict | None) -> None:
+        atomic_torch_save({"completed": self.completed, "state": self.state, "model": self.model,
+                           "rng": self.rng, "in_progress": in_progress}, self.path)
+
+
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     message = text[0] if text else ""
@@ -215,7 +275,9 @@ def _load_checkpoint(path: str, model: torch.nn.Module) -> None:
     if not file.is_file():
         raise ApproxrunError(f"checkpoint {file}: no such file")
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about foreign pickle protocols: the error below says it
+            warnings.simplefilter("ignore")
+            state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise ApproxrunError(f"checkpoint {file}: not a readable weights-only torch checkpoint "
                              f"({type(exc).__name__})") from None
@@ -235,6 +297,8 @@ def run(cfg, out_dir: str | Path) -> dict:
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in out_dir.glob(_artifact_dir.PREFIX + "*"):  # a killed run's temporary stage folders
+        shutil.rmtree(leftover, ignore_errors=True)
     metrics: dict = {"status": "running", "error": None,
                      "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "stages": {}}
     try:
@@ -258,6 +322,9 @@ def _run(cfg, out_dir: Path, metrics: dict) -> None:
     _check_quant(config["quant"])
     device = select_device(str(config.get("device", "auto")))
     seed = int(config.get("seed", 0))
+    resume = config.get("resume", True)
+    if not isinstance(resume, bool):
+        raise ApproxrunError(f"resume={resume!r}: expected true or false")
     resolver = MultiplierResolver((config.get("evoapprox") or {}).get("root"))
     multiplier = resolver.from_spec(config["multiplier"])
     exact_power = float(config["energy"]["exact_power_mw"])
@@ -285,20 +352,58 @@ def _run(cfg, out_dir: Path, metrics: dict) -> None:
     cache = StageCache(Path(config["cache"]["dir"]) if config["cache"].get("enabled", True) else None)
     model_cfg = {k: v for k, v in config["model"].items() if k != "train"}
     key = _hash(approxrun.__version__, model_cfg, config["dataset"], seed, quant, config.get("checkpoint"))
+    keys = []
+    for stage in stages:
+        key = _hash(key, stage, multiplier_fingerprint(multiplier) if stage_kind(stage["kind"]).uses_multiplier
+                    else None)
+        keys.append((stage["name"], key))
     ctx = StageContext(model=model, data=data, loaders=loaders, device=device, multiplier=multiplier,
                        config=config, artifact_dir=out_dir, resolve_multiplier=resolver)
-    for stage in stages:
+    checkpoint = RunCheckpoint(out_dir / RESUME_FILE)
+    in_progress = checkpoint.load(keys) if resume else None
+    _restore_completed(ctx, checkpoint, metrics, in_progress)
+    for stage, (name, key) in list(zip(stages, keys))[len(checkpoint.completed):]:
         spec = stage_kind(stage["kind"])
-        key = _hash(key, stage, multiplier_fingerprint(multiplier) if spec.uses_multiplier else None)
-        record = _run_stage(ctx, stage, spec, key, cache, out_dir)
-        layer_multipliers = {name: layer.multiplier for name, layer in approx_layers(model)}
+        with epoch_checkpoints(lambda progress, name=name, key=key: checkpoint.epoch_done(name, key, progress),
+                               in_progress if in_progress is not None and in_progress["name"] == name else None):
+            record = _run_stage(ctx, stage, spec, key, cache, out_dir)
+        layer_multipliers = {layer_name: layer.multiplier for layer_name, layer in approx_layers(model)}
         if spec.uses_multiplier:
             record["relative_energy"] = relative_energy(shares, layer_multipliers, exact_power)
             metrics["relative_energy"] = record["relative_energy"]
-        metrics["stages"][stage["name"]] = record
+        metrics["stages"][name] = record
         atomic_write_json(out_dir / "metrics.json", metrics)
+        checkpoint.stage_done(name, key, record, ctx)
     _write_layers(out_dir / "layers.csv", model, opcounts, shares)
     _print_summary(stages, metrics, out_dir)
+
+
+def _restore_completed(ctx: StageContext, checkpoint: RunCheckpoint, metrics: dict,
+                       in_progress: dict | None) -> None:
+    """Bring the model, stage state, multipliers, random states and metrics to the resume point."""
+    if not checkpoint.completed and in_progress is None:
+        return
+    if checkpoint.model is not None:
+        ctx.model.load_state_dict(checkpoint.model)
+    ctx.state.update(checkpoint.state)
+    for entry in checkpoint.completed:
+        _apply_multipliers(ctx, entry["record"])
+        metrics["stages"][entry["name"]] = entry["record"]
+        if "relative_energy" in entry["record"]:
+            metrics["relative_energy"] = entry["record"]["relative_energy"]
+    if checkpoint.rng is not None:
+        set_rng_state(checkpoint.rng, ctx.loaders[0].generator)
+    where = f", stage {in_progress['name']} after epoch {in_progress['epoch']}" if in_progress else ""
+    metrics["resumed"] = {"completed_stages": [entry["name"] for entry in checkpoint.completed],
+                          "stage": in_progress["name"] if in_progress else None,
+                          "epoch": in_progress["epoch"] if in_progress else None}
+    log.info("resuming from %s: %d completed stage(s)%s", checkpoint.path, len(checkpoint.completed), where)
+
+
+def _apply_multipliers(ctx: StageContext, record: dict) -> None:
+    """Give each layer the multiplier a stage's metrics record names for it."""
+    for layer_name, multiplier_name in record.get("multipliers", {}).items():
+        ctx.model.get_submodule(layer_name).set_multiplier(ctx.resolve_multiplier(multiplier_name))
 
 
 def _run_stage(ctx: StageContext, stage: dict, spec, key: str, cache: StageCache, out_dir: Path) -> dict:
@@ -309,8 +414,7 @@ def _run_stage(ctx: StageContext, stage: dict, spec, key: str, cache: StageCache
         state, result, files = cached
         ctx.model.load_state_dict(state)
         ctx.state.update(result["state"])
-        for layer_name, multiplier_name in result["metrics"].get("multipliers", {}).items():
-            ctx.model.get_submodule(layer_name).set_multiplier(ctx.resolve_multiplier(multiplier_name))
+        _apply_multipliers(ctx, result["metrics"])
         if files.is_dir():
             shutil.copytree(files, out_dir, dirs_exist_ok=True)
         log.info("stage %s: reused from the stage cache (%s)", name, cache.entry(name, key))
@@ -335,10 +439,12 @@ def _run_stage(ctx: StageContext, stage: dict, spec, key: str, cache: StageCache
 
 
 class _artifact_dir:
-    """A fresh temporary folder next to the run folder for one stage's files."""
+    """A fresh temporary folder inside the run folder for one stage's files."""
+
+    PREFIX = ".stage-"
 
     def __init__(self, out_dir: Path):
-        self.path = out_dir / f".stage-{uuid.uuid4().hex}"
+        self.path = out_dir / f"{self.PREFIX}{uuid.uuid4().hex}"
 
     def __enter__(self) -> Path:
         self.path.mkdir()

@@ -1,12 +1,22 @@
-"""The training loop, evaluation, and optimizer/scheduler construction from a stage config."""
+"""The training loop, evaluation, and optimizer/scheduler construction from a stage config.
+
+Inside :func:`epoch_checkpoints` (the runner opens one around each stage), :func:`train` hands its
+complete state to a callback at every epoch end and, given the state of an interrupted run,
+continues from it; the resumed run is bit-identical to an uninterrupted one on the CPU.
+"""
 
 from __future__ import annotations
 
 import logging
 import math
+import random
 import time
-from typing import Callable, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Callable, Iterator, Mapping
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,6 +32,59 @@ SCHEDULERS = ("none", "step", "multistep", "cosine")
 
 class TrainingDiverged(ApproxrunError):
     """The loss became NaN or infinite; the stage stops."""
+
+
+def rng_state(loader_generator: torch.Generator | None) -> dict:
+    """Every random state a run draws from: python, numpy, torch (CPU, CUDA) and the loader's shuffling."""
+    bit_generator = np.random.get_state(legacy=False)
+    return {"python": random.getstate(),
+            "numpy": {**bit_generator, "state": {"key": bit_generator["state"]["key"].tolist(),
+                                                 "pos": bit_generator["state"]["pos"]}},
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
+            "loader": None if loader_generator is None else loader_generator.get_state()}
+
+
+def set_rng_state(state: Mapping, loader_generator: torch.Generator | None) -> None:
+    """Restore what :func:`rng_state` captured."""
+    random.setstate(state["python"])
+    numpy_state = dict(state["numpy"])
+    numpy_state["state"] = {"key": np.asarray(numpy_state["state"]["key"], dtype=np.uint32),
+                            "pos": numpy_state["state"]["pos"]}
+    np.random.set_state(numpy_state)
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if loader_generator is not None and state["loader"] is not None:
+        loader_generator.set_state(state["loader"])
+
+
+@dataclass
+class EpochCheckpoints:
+    """Epoch-end checkpointing of the :func:`train` calls inside one stage.
+
+    ``save`` receives a dict (``call``, ``epoch``, ``model``, ``optimizer``, ``scheduler``, ``rng``,
+    ``history``) at every epoch end; ``resume_from`` is such a dict from an interrupted run, used by
+    the train call with the same ``call`` number (a stage's first train call is 0).
+    """
+
+    save: Callable[[dict], None]
+    resume_from: dict | None = None
+    calls: int = 0
+
+
+_active_checkpoints: ContextVar[EpochCheckpoints | None] = ContextVar("approxrun_epoch_checkpoints", default=None)
+
+
+@contextmanager
+def epoch_checkpoints(save: Callable[[dict], None], resume_from: dict | None = None) -> Iterator[EpochCheckpoints]:
+    """Checkpoint (and resume) every :func:`train` call made inside the ``with`` block."""
+    checkpoints = EpochCheckpoints(save, resume_from)
+    token = _active_checkpoints.set(checkpoints)
+    try:
+        yield checkpoints
+    finally:
+        _active_checkpoints.reset(token)
 
 
 def make_optimizer(params, cfg: Mapping) -> torch.optim.Optimizer:
@@ -75,14 +138,30 @@ def train(model: nn.Module, train_loader, val_loader, stage_cfg: Mapping, device
           on_epoch_end: Callable[[int, dict], None] | None = None, desc: str = "") -> list[dict]:
     """Train for ``stage_cfg['epochs']`` epochs; returns one dict per epoch (loss, accuracies, lr).
 
-    ``extra_loss`` is added to the cross-entropy at every step (e.g. the noise reward).
+    ``extra_loss`` is added to the cross-entropy at every step (e.g. the noise reward);
+    ``on_epoch_end(epoch, record)`` may add entries to the epoch's record. Inside
+    :func:`epoch_checkpoints` the state is saved at every epoch end and an interrupted call resumes
+    (``on_epoch_end`` is not called again for the epochs it restores).
     """
     epochs = int(stage_cfg["epochs"])
     params = list(params if params is not None else (p for p in model.parameters() if p.requires_grad))
     optimizer = make_optimizer(params, stage_cfg["optimizer"])
     scheduler = make_scheduler(optimizer, stage_cfg.get("scheduler"), epochs)
-    history = []
-    for epoch in range(epochs):
+    loader_generator = getattr(train_loader, "generator", None)
+    checkpoints = _active_checkpoints.get()
+    history, first_epoch, call, resume = [], 0, None, None
+    if checkpoints is not None:
+        call, resume = checkpoints.calls, checkpoints.resume_from
+        checkpoints.calls += 1
+    if resume is not None and resume["call"] == call:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(resume["scheduler"])
+        set_rng_state(resume["rng"], loader_generator)
+        history, first_epoch = list(resume["history"]), int(resume["epoch"])
+        log.info("%s: resuming after epoch %d/%d", desc, first_epoch, epochs)
+    for epoch in range(first_epoch, epochs):
         model.train()
         start, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
         bar = tqdm(train_loader, desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True,
@@ -113,4 +192,9 @@ def train(model: nn.Module, train_loader, val_loader, stage_cfg: Mapping, device
                  record["train_loss"], record["train_accuracy"], record["val_accuracy"], record["seconds"])
         if on_epoch_end is not None:
             on_epoch_end(epoch, record)
+        if checkpoints is not None:
+            checkpoints.save({"call": call, "epoch": epoch + 1, "model": model.state_dict(),
+                              "optimizer": optimizer.state_dict(),
+                              "scheduler": None if scheduler is None else scheduler.state_dict(),
+                              "rng": rng_state(loader_generator), "history": history})
     return history
