@@ -108,6 +108,8 @@ class SweepSummary(Callback):
         failed = [r["job"] for r in rows if r["status"] != "completed"]
         if failed:
             _failures.append(f"failed jobs: {', '.join(failed)}")
+        if not rows:
+            _failures.append("no job of the sweep wrote metrics.json")
         print(f"sweep summary: {Path(config.hydra.sweep.dir) / 'summary.md'}", flush=True)
 
 

@@ -53,7 +53,13 @@ def _check_values(path, values: np.ndarray) -> np.ndarray:
     return values.astype(np.int64)
 
 
+NPY_MAGIC = b"\x93NUMPY"
+
+
 def _load_npy(path) -> np.ndarray:
+    with open(path, "rb") as f:
+        if f.read(len(NPY_MAGIC)) != NPY_MAGIC:
+            raise ApproxrunError(f"LUT file {path}: not a .npy file (no NumPy header)")
     try:
         values = np.load(path, allow_pickle=False)
     except ValueError as exc:
