@@ -11,8 +11,11 @@ Bias is always added in float after dequantization (and after the noise).
 from __future__ import annotations
 
 import fnmatch
+import logging
 import math
-from typing import Iterable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -24,10 +27,13 @@ from approxrun.ops import lut_conv2d, lut_matmul
 from approxrun.quant import ActivationQuantizer, WeightQuantizer, dequantize, zero_point_corrected
 
 MODES = ("float", "quant", "noise", "approx")
+log = logging.getLogger(__name__)
 
 
 class ApproxLayer:
     """Behaviour shared by :class:`ApproxLinear` and :class:`ApproxConv2d` (a mixin)."""
+
+    _recording: "_Recording | None" = None  # set inside :func:`record_operands`
 
     def _init_approx(self, multiplier: Multiplier | None, bits_a: int | None, bits_b: int | None,
                      observer: str, per_channel: bool, grad: str, initial_noise: float) -> None:
@@ -60,13 +66,19 @@ class ApproxLayer:
         return {"mode": self.mode, "multiplier": self.multiplier.name}
 
     def set_extra_state(self, state) -> None:
+        """Restores the mode; the multiplier is a choice of the caller (set it with set_multiplier)."""
         self.set_mode(state["mode"])
+        if state.get("multiplier") != self.multiplier.name:
+            log.debug("state saved with multiplier %s; this layer keeps %s until set_multiplier",
+                      state.get("multiplier"), self.multiplier.name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "float":
             return self._float_forward(x)
         codes_a, scale_a, zp_a = self.act_quant(x)
         codes_w, scale_w, zp_w = self.weight_quant(self.weight)
+        if self._recording is not None:
+            self._recording.add(self, codes_a, codes_w, scale_a, zp_a, scale_w, zp_w)
         if self.mode == "approx":
             y = self._approx_forward(codes_a, codes_w, scale_a, zp_a, scale_w, zp_w).to(x.dtype)
         else:
@@ -106,6 +118,10 @@ class ApproxLinear(ApproxLayer, nn.Linear):
 
     def _add_bias(self, y):
         return y if self.bias is None else y + self.bias
+
+    def _operand_matrices(self, codes_a, zp_a, codes_w):
+        """Activation rows [1, M, in] and weight columns [1, in, out]: the operands of each product."""
+        return codes_a.reshape(1, -1, self.in_features), codes_w.t().unsqueeze(0)
 
     def _approx_forward(self, codes_a, codes_w, scale_a, zp_a, scale_w, zp_w):
         lead = codes_a.shape[:-1]
@@ -159,6 +175,14 @@ class ApproxConv2d(ApproxLayer, nn.Conv2d):
             return F.pad(codes, pad, value=float(zero_code))
         return F.pad(codes, pad, mode=self.padding_mode)
 
+    def _operand_matrices(self, codes_a, zp_a, codes_w):
+        """Unfolded activation rows [G, B*L, fan_in] (padded like the approx path) and weight columns
+        [G, fan_in, O/G], grouped as :func:`approxrun.ops.lut_conv2d` multiplies them."""
+        cols = F.unfold(self._pad(codes_a, zp_a), self.kernel_size, dilation=self.dilation, stride=self.stride)
+        g, k = self.groups, self.fan_in
+        rows = cols.reshape(cols.shape[0], g, k, cols.shape[-1]).permute(1, 0, 3, 2).reshape(g, -1, k)
+        return rows, codes_w.reshape(g, -1, k).transpose(1, 2)
+
     def _approx_forward(self, codes_a, codes_w, scale_a, zp_a, scale_w, zp_w):
         padded = self._pad(codes_a, zp_a)
         acc = lut_conv2d(padded, codes_w, self.multiplier, self.stride, 0, self.dilation, self.groups,
@@ -172,7 +196,8 @@ class ApproxConv2d(ApproxLayer, nn.Conv2d):
         sum_w = codes_w.sum((1, 2, 3)).double().reshape(1, -1, 1, 1)
         zp_w = zp_w.double().reshape(1, -1, 1, 1) if zp_w.dim() else zp_w.double()
         exact = zero_point_corrected(acc, sum_a, sum_w, self.fan_in, zp_a.double(), zp_w)
-        return exact * (scale_a * self._channel_view(scale_w)).double()
+        scale_w = scale_w.reshape(1, -1, 1, 1) if scale_w.dim() else scale_w  # per output channel (dim 1)
+        return exact * (scale_a * scale_w).double()
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:
@@ -199,17 +224,17 @@ def approximate(model: nn.Module, skip: Iterable[str] = (), multiplier: Multipli
 
 
 def _convert(module: nn.Module, multiplier, kwargs) -> nn.Module | None:
-    device, dtype = module.weight.device if hasattr(module, "weight") else None, None
     if type(module) is nn.Linear:
         new = ApproxLinear(module.in_features, module.out_features, module.bias is not None,
-                           multiplier=multiplier, device=device, **kwargs)
+                           multiplier=multiplier, device=module.weight.device, dtype=module.weight.dtype,
+                           **kwargs)
     elif type(module) is nn.Conv2d:
         new = ApproxConv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride,
                            module.padding, module.dilation, module.groups, module.bias is not None,
-                           module.padding_mode, multiplier=multiplier, device=device, **kwargs)
+                           module.padding_mode, multiplier=multiplier, device=module.weight.device,
+                           dtype=module.weight.dtype, **kwargs)
     else:
         return None
-    del dtype
     with torch.no_grad():
         new.weight.copy_(module.weight)
         if module.bias is not None:
@@ -249,3 +274,58 @@ def count_ops(model: nn.Module, example: torch.Tensor) -> dict[str, int]:
     model(example)
     model.train(was_training)
     return {name: layer.opcount for name, layer in approx_layers(model)}
+
+
+@dataclass
+class OperandRecord:
+    """A layer's integer operands in one forward pass, grouped as the LUT GEMM multiplies them.
+
+    ``activations`` [G, M, fan_in] and ``weights`` [G, fan_in, N] hold codes (int16); output
+    element (m, n) of group g is sum_k activations[g, m, k] * weights[g, k, n] before the
+    zero-point correction. Scales and zero points are the quantizers' (per tensor or per channel).
+    """
+
+    activations: torch.Tensor
+    weights: torch.Tensor
+    scale_a: torch.Tensor
+    zp_a: torch.Tensor
+    scale_w: torch.Tensor
+    zp_w: torch.Tensor
+
+
+class _Recording:
+    def __init__(self, max_rows: int | None, generator: torch.Generator | None):
+        self.max_rows, self.generator = max_rows, generator
+        self.records: dict[ApproxLayer, list[OperandRecord]] = {}
+
+    @torch.no_grad()
+    def add(self, layer: ApproxLayer, codes_a, codes_w, scale_a, zp_a, scale_w, zp_w) -> None:
+        rows, columns = layer._operand_matrices(codes_a.detach(), zp_a, codes_w.detach())
+        if self.max_rows is not None and rows.shape[1] > self.max_rows:
+            keep = torch.randperm(rows.shape[1], generator=self.generator)[: self.max_rows]
+            rows = rows[:, keep.to(rows.device)]
+        self.records.setdefault(layer, []).append(OperandRecord(
+            rows.to(torch.int16).cpu(), columns.to(torch.int16).cpu(), scale_a.detach().cpu(),
+            zp_a.detach().cpu(), scale_w.detach().cpu(), zp_w.detach().cpu()))
+
+
+@contextmanager
+def record_operands(model: nn.Module, max_rows: int | None = None,
+                    generator: torch.Generator | None = None) -> Iterator[dict[str, list[OperandRecord]]]:
+    """Capture every approximate layer's operand codes during forward passes in a quantized mode.
+
+    Yields a dict, filled when the block ends: layer name -> one :class:`OperandRecord` per forward
+    pass. ``max_rows`` keeps that many random activation rows per pass (drawn with ``generator``)
+    to bound memory.
+    """
+    layers = approx_layers(model)
+    recording = _Recording(max_rows, generator)
+    result: dict[str, list[OperandRecord]] = {}
+    for _, layer in layers:
+        layer._recording = recording
+    try:
+        yield result
+    finally:
+        for name, layer in layers:
+            layer._recording = None
+            result[name] = recording.records.get(layer, [])

@@ -53,6 +53,8 @@ class OperandDomain:
 def code_to_index(codes):
     """Byte index of integer codes (numpy array, torch tensor or int): two's complement for negatives."""
     if isinstance(codes, torch.Tensor):
+        if codes.dtype in (torch.int8, torch.uint8):  # the byte is the index: no masking pass
+            return codes.view(torch.uint8).to(torch.int64)
         return codes.to(torch.int64) & 0xFF
     return np.asarray(codes, dtype=np.int64) & 0xFF
 

@@ -4,6 +4,10 @@ Every design is computed bit-exactly over all 256x256 operand pairs. Signed vers
 Baugh-Wooley partial-product array for array designs (truncated, BAM), two's complement for
 perforation and a sign-magnitude wrapper for the others (|-128| = 128 still fits 8 unsigned bits).
 
+Truncating a Baugh-Wooley array also drops its inverted sign cells in the removed columns, as the
+hardware would: signed ``truncated_k`` with k >= 8 and ``bam_h_v`` with h > 0 then give a constant
+offset even for 0 x 0 (a bias that retraining absorbs).
+
 Names usable as ``multiplier=<name>``: ``exact``, ``truncated_<k>``, ``truncated_<k>_c`` (with
 constant correction), ``bam_<hbl>_<vbl>``, ``mitchell``, ``drum_<k>``, ``kulkarni``,
 ``perforated_<j>_<m>``, ``roba``.

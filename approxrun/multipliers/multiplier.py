@@ -99,7 +99,7 @@ class Multiplier:
             raise ValueError(f"multiplier {self.name!r}: LUT dtype {lut.dtype}, expected integers")
         if lut.min() < INT32_MIN or lut.max() > INT32_MAX:
             raise ValueError(f"multiplier {self.name!r}: LUT values exceed the int32 range")
-        self.lut = np.ascontiguousarray(lut, dtype=np.int64)
+        self.lut = np.array(lut, dtype=np.int64, order="C")  # a copy: the caller's array stays writable
         self.lut.flags.writeable = False
 
     @classmethod

@@ -22,10 +22,13 @@ from torch.nn.modules.utils import _pair
 
 from approxrun.lut import LUT_SIZE, code_to_index
 from approxrun.multipliers.multiplier import Multiplier
+from approxrun.ops import cuda as cuda_backend
 from approxrun.ops.gather import depthwise_lut_gemm, grouped_lut_gemm
 from approxrun.ops.gradients import gradient_tables, grouped_lut_gemm_backward
+from approxrun.ops.lowrank import (get_strategy, set_strategy, try_lowrank_backward, try_lowrank_gemm,
+                                   use_strategy)
 
-__all__ = ["lut_matmul", "lut_conv2d", "GRAD_MODES"]
+__all__ = ["lut_matmul", "lut_conv2d", "GRAD_MODES", "set_strategy", "get_strategy", "use_strategy"]
 
 log = logging.getLogger(__name__)
 GRAD_MODES = ("ste", "lut")
@@ -62,8 +65,17 @@ def _check_grad(grad: str) -> None:
         raise ValueError(f"grad must be one of {GRAD_MODES}, got {grad!r}")
 
 
-def _index_gemm(a_idx: torch.Tensor, b_idx: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
-    """Grouped LUT GEMM on byte indices; one output per group (depthwise) takes the gather path."""
+def _index_gemm(a_idx: torch.Tensor, b_idx: torch.Tensor, lut: torch.Tensor,
+                strategy: str | None = None) -> torch.Tensor:
+    """Grouped LUT GEMM on byte indices; one output per group (depthwise) takes the gather path.
+
+    Low-rank LUTs run as dense GEMMs when ``strategy`` (default: :func:`set_strategy`) picks them.
+    """
+    lowrank_out = try_lowrank_gemm(a_idx, b_idx, lut, strategy)  # torch GEMMs, CPU or CUDA
+    if lowrank_out is not None:
+        return lowrank_out
+    if a_idx.is_cuda:  # CuPy LUT kernels; without CuPy, a one-line install error
+        return cuda_backend.index_gemm(a_idx, b_idx, lut)
     if b_idx.shape[2] == 1 and a_idx.shape[0] > 1:
         log.debug("lut gemm: depthwise gather path for %d groups", a_idx.shape[0])
         return depthwise_lut_gemm(a_idx, b_idx[:, :, 0], lut).unsqueeze(-1)
@@ -87,7 +99,12 @@ class _GroupedLutGemm(torch.autograd.Function):
         if da is None:  # straight-through: gradients of the exact product
             grad_out = grad_out.to(a.dtype)
             return grad_out @ b.transpose(1, 2), a.transpose(1, 2) @ grad_out, None, None, None
-        grad_a, grad_b = grouped_lut_gemm_backward(grad_out, code_to_index(a), code_to_index(b), da, db)
+        a_idx, b_idx = code_to_index(a), code_to_index(b)
+        grads = try_lowrank_backward(grad_out, a_idx, b_idx, da, db)  # torch GEMMs, CPU or CUDA
+        if grads is None:  # gradient-table gathers: CuPy kernels on CUDA
+            backward = cuda_backend.lut_gemm_backward if a.is_cuda else grouped_lut_gemm_backward
+            grads = backward(grad_out, a_idx, b_idx, da, db)
+        grad_a, grad_b = grads
         return grad_a.to(a.dtype), grad_b.to(b.dtype), None, None, None
 
 
@@ -136,7 +153,7 @@ def lut_conv2d(x: torch.Tensor, w: torch.Tensor, lut, stride=1, padding=0, dilat
     if ho <= 0 or wo <= 0:
         raise ValueError(f"lut_conv2d: input {height}x{width} is too small for kernel {kh}x{kw}")
     integer = not (x.is_floating_point() or w.is_floating_point())
-    work_dtype = torch.float64 if integer else x.dtype
+    work_dtype = torch.float64 if integer else (x.dtype if x.is_floating_point() else w.dtype)
     xp = F.pad(x.to(work_dtype), (padding[1], padding[1], padding[0], padding[0]), value=float(pad_value))
     k = group_channels * kh * kw
     wg = w.to(work_dtype).reshape(groups, out_channels // groups, k).transpose(1, 2)  # [G, K, O/G]
