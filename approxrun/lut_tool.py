@@ -21,6 +21,7 @@ from approxrun.lut import code_to_index
 from approxrun.multipliers import (DESIGN_EXAMPLES, FORMATS, Multiplier, get_multiplier, resolve_multiplier,
                                    save_lut)
 from approxrun.multipliers import evoapprox
+from approxrun.multipliers.catalogue import catalogue_entries
 from approxrun.multipliers.designs import is_builtin
 from approxrun.utils.files import atomic_write_bytes
 
@@ -33,7 +34,7 @@ METRIC_ROWS = (("MAE", "mae"), ("MAE%", "mae_percent"), ("WCE", "wce"), ("WCE%",
 
 def _multiplier(spec: str, args) -> Multiplier:
     """A name goes through its catalogue entry when there is one (published cost), as in a run."""
-    entry = evoapprox.catalogue_entries().get(spec)
+    entry = catalogue_entries().get(spec)
     if entry is not None and not entry.get("path"):
         return resolve_multiplier({**entry, "signed": not args.unsigned} if args.unsigned else entry,
                                   evoapprox_root=args.root)
@@ -48,7 +49,7 @@ def cmd_list(args) -> None:
     print("Built-in designs (numbers are parameters):")
     print(_wrapped(DESIGN_EXAMPLES))
     print("Catalogue (conf/multiplier):")
-    for name, entry in evoapprox.catalogue_entries().items():
+    for name, entry in catalogue_entries().items():
         cost = entry.get("cost")
         if cost:
             figure = f"{cost['value']} {cost['unit']} ({cost['kind']}; {cost['source']})"

@@ -22,7 +22,6 @@ import uuid
 import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from importlib import resources
 from pathlib import Path
 from typing import Mapping
 
@@ -37,6 +36,7 @@ from approxrun.errors import ApproxrunError
 from approxrun.layers import approx_layers, approximate, count_ops
 from approxrun.models import build_model
 from approxrun.multipliers import resolve_multiplier
+from approxrun.multipliers.catalogue import catalogue_entries
 from approxrun.multipliers.multiplier import Multiplier
 from approxrun.quant import OBSERVERS
 from approxrun.stages import StageContext, StageResult, stage_kind
@@ -139,11 +139,6 @@ class MultiplierResolver:
         self._cache: dict[str, Multiplier] = {}
         self._by_name: dict[str, Multiplier] = {}
 
-    @staticmethod
-    def catalogue_entry(name: str) -> dict | None:
-        entry = resources.files("approxrun.conf").joinpath("multiplier", f"{name}.yaml")
-        return OmegaConf.to_container(OmegaConf.create(entry.read_text())) if entry.is_file() else None
-
     def from_spec(self, spec: Mapping) -> Multiplier:
         key = json.dumps(spec, sort_keys=True, default=str)
         if key not in self._cache:
@@ -154,7 +149,7 @@ class MultiplierResolver:
     def __call__(self, name: str) -> Multiplier:
         """The multiplier of that name: one resolved before in this run, else the catalogue's or a design."""
         if name not in self._by_name:
-            self.from_spec(self.catalogue_entry(name) or {"name": name})
+            self.from_spec(catalogue_entries().get(name) or {"name": name})
         return self._by_name[name]
 
 

@@ -18,6 +18,7 @@ from approxrun.errors import ApproxrunError
 from approxrun.lut import OperandDomain, domain_grid, exact_lut
 from approxrun.multipliers import Cost, builtin_multiplier, get_multiplier, resolve_multiplier
 from approxrun.multipliers import evoapprox
+from approxrun.multipliers.catalogue import catalogue_entries
 from approxrun.multipliers.evoapprox import HeaderValue, evoapprox_multiplier, parse_header, parse_signature
 
 DATA = Path(__file__).parent / "data" / "evoapprox"
@@ -352,7 +353,7 @@ int16_t mul8s_1KV8(int8_t A, int8_t B) { return A * B; }
 
 
 def test_colliding_name_resolved_by_the_file_found(tmp_path, caplog):
-    entry = evoapprox.catalogue_entries()["mul8s_1KV8"]
+    entry = catalogue_entries()["mul8s_1KV8"]
     v2022 = checkout(tmp_path / "v2022", {"8x8_signed/pareto_pwr_mae/mul8s_1KV8.c": LIKE_1KVA})
     with caplog.at_level(logging.INFO):
         m = evoapprox_multiplier("mul8s_1KV8", v2022)
@@ -397,7 +398,7 @@ REFERENCE_TABLE = {  # name: (PWR, AREA, DELAY, MAE, WCE, MRE %, EP %, MSE), sha
 
 
 def test_catalogue_holds_the_published_figures():
-    entries = evoapprox.catalogue_entries()
+    entries = catalogue_entries()
     for name, (pwr, area, delay, mae, wce, mre, ep, mse) in REFERENCE_TABLE.items():
         entry = entries[name]
         assert (entry["name"], entry["signed"], entry["path"]) == (name, True, None)
@@ -406,7 +407,7 @@ def test_catalogue_holds_the_published_figures():
 
 
 def test_catalogue_entry_brings_published_cost_and_warns_on_other_figures(caplog):
-    entry = dict(evoapprox.catalogue_entries()["mul8s_1L2D"], signed=False)  # signed does not apply
+    entry = dict(catalogue_entries()["mul8s_1L2D"], signed=False)  # signed does not apply
     with caplog.at_level(logging.WARNING):
         m = resolve_multiplier(entry, evoapprox_root=DATA)  # the stand-in circuit, not EvoApproxLib's
     assert m.domain_a == S8 and m.cost.value == 0.2 and m.cost.source == "EvoApproxLib PDK45 (published)"

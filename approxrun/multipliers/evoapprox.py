@@ -15,7 +15,6 @@ checked against the metrics of the LUT. LUTs are cached under ``APPROXRUN_CACHE`
 from __future__ import annotations
 
 import difflib
-import functools
 import hashlib
 import io
 import json
@@ -27,15 +26,14 @@ import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
-import yaml
 
 from approxrun.errors import ApproxrunError
 from approxrun.lut import OperandDomain, domain_grid, exact_lut
+from approxrun.multipliers.catalogue import catalogue_entries
 from approxrun.multipliers.multiplier import Cost, ErrorMetrics, Multiplier
 from approxrun.utils.files import atomic_write_bytes
 
@@ -404,19 +402,6 @@ def published_disagreements(metrics: ErrorMetrics, published: Mapping) -> list[s
     figures = {key: HeaderValue(float(published[key]), repr(published[key]))
                for key in CHECKED_METRICS if published.get(key) is not None}
     return metric_disagreements(figures, metrics, "published")
-
-
-@functools.cache
-def catalogue_entries() -> dict[str, dict]:
-    """The packaged multiplier catalogue (``conf/multiplier/*.yaml``): name -> entry."""
-    folder = resources.files("approxrun.conf").joinpath("multiplier")
-    entries = {}
-    for item in sorted(folder.iterdir(), key=lambda i: i.name):
-        if item.name.endswith(".yaml"):
-            entry = yaml.safe_load(item.read_text()) or {}
-            name = entry.get("name")
-            entries[name if isinstance(name, str) and "${" not in name else item.name[:-5]] = entry
-    return entries
 
 
 def _matches_published(metrics: ErrorMetrics, published: Mapping) -> bool:

@@ -1,0 +1,21 @@
+"""The packaged multiplier catalogue: ``conf/multiplier/*.yaml`` (designs, LUT files, published circuits)."""
+
+from __future__ import annotations
+
+import functools
+from importlib import resources
+
+import yaml
+
+
+@functools.cache
+def catalogue_entries() -> dict[str, dict]:
+    """name -> config entry; an entry without a plain name (e.g. ``file``) is keyed by its file name."""
+    folder = resources.files("approxrun.conf").joinpath("multiplier")
+    entries = {}
+    for item in sorted(folder.iterdir(), key=lambda i: i.name):
+        if item.name.endswith(".yaml"):
+            entry = yaml.safe_load(item.read_text()) or {}
+            name = entry.get("name")
+            entries[name if isinstance(name, str) and "${" not in name else item.name[:-5]] = entry
+    return entries
