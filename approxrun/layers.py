@@ -79,14 +79,19 @@ class ApproxLayer:
         codes_w, scale_w, zp_w = self.weight_quant(self.weight)
         if self._recording is not None:
             self._recording.add(self, codes_a, codes_w, scale_a, zp_a, scale_w, zp_w)
+        if self.mode == "approx" and self.grad == "lut":  # LUT-derived gradients through the LUT op
+            return self._add_bias(self._approx_forward(codes_a, codes_w, scale_a, zp_a, scale_w, zp_w).to(x.dtype))
+        x_q = dequantize(codes_a, scale_a, zp_a)
+        w_q = dequantize(codes_w, self._channel_view(scale_w), self._channel_view(zp_w))
+        y = self._product(x_q, w_q)
         if self.mode == "approx":
-            y = self._approx_forward(codes_a, codes_w, scale_a, zp_a, scale_w, zp_w).to(x.dtype)
-        else:
-            x_q = dequantize(codes_a, scale_a, zp_a)
-            w_q = dequantize(codes_w, self._channel_view(scale_w), self._channel_view(zp_w))
-            y = self._product(x_q, w_q)
-            if self.mode == "noise" and self.training:
-                y = y + torch.randn_like(y) * y.std() * self.sigma
+            # straight-through: the LUT's value forward, the exact quantized product's gradient backward
+            # (y - y.detach() is exactly zero), without an autograd graph through the LUT op
+            with torch.no_grad():
+                y_lut = self._approx_forward(codes_a, codes_w, scale_a, zp_a, scale_w, zp_w).to(x.dtype)
+            y = y_lut + (y - y.detach())
+        elif self.mode == "noise" and self.training:
+            y = y + torch.randn_like(y) * y.std() * self.sigma
         return self._add_bias(y)
 
     def extra_repr(self) -> str:
