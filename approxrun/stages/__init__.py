@@ -71,3 +71,4 @@ def stage_kind(kind: str) -> StageKind:
 
 def _load_builtin_stages() -> None:
     from approxrun.stages import training_stages  # noqa: F401  (registers its stages)
+    from approxrun.stages import agn  # noqa: F401  (registers gradient and select)
