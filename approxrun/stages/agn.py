@@ -23,7 +23,7 @@ from approxrun.multipliers.multiplier import Multiplier
 from approxrun.selection import (LayerChoice, LayerSample, layer_sample, library_cost_kind, predicted_error_std,
                                  select_multipliers, tolerated_std)
 from approxrun.stages import StageContext, StageResult, register
-from approxrun.stages.training_stages import _test, _train_and_test
+from approxrun.stages.training_stages import with_test_metrics, train_and_test
 from approxrun.utils.files import atomic_write_text
 from approxrun.utils.plots import plt, save_figure
 
@@ -170,7 +170,7 @@ def gradient(ctx: StageContext, stage_cfg: Mapping) -> StageResult:
             ctx.log.info("gradient epoch %d | layer %s | sigma %+.4f", epoch + 1, name, value)
 
     params = [p for p in ctx.model.parameters() if p.requires_grad]  # weights and sigmas
-    metrics = _train_and_test(ctx, stage_cfg, stage_cfg["name"], params=params, on_epoch_end=log_sigma,
+    metrics = train_and_test(ctx, stage_cfg, stage_cfg["name"], params=params, on_epoch_end=log_sigma,
                               extra_loss=lambda: -lmbd * noise_reward(sigmas, shares, sigma_max))
     final = {name: sigma.item() for name, sigma in sigmas.items()}
     history = history or [final]
@@ -249,7 +249,7 @@ def select(ctx: StageContext, stage_cfg: Mapping) -> StageResult:
         layers[name].set_multiplier(multiplier)
     set_mode(ctx.model, "approx")
     with torch.no_grad():
-        metrics = _test(ctx, {"epochs": 0})
+        metrics = with_test_metrics(ctx, {"epochs": 0})
     assignment = {name: m.name for name, m in chosen.items()}
     metrics.update(library=library_name, relative_energy=network, multipliers=assignment,
                    layers={c.layer: {"share": c.share, "sigma": c.sigma, "tolerated_std": c.tolerated,

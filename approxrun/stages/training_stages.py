@@ -18,15 +18,17 @@ def _weights(ctx: StageContext):
     return [p for p in ctx.model.parameters() if p.requires_grad and id(p) not in sigmas]
 
 
-def _train_and_test(ctx: StageContext, stage_cfg: Mapping, name: str, **kwargs) -> dict:
+def train_and_test(ctx: StageContext, stage_cfg: Mapping, name: str, **kwargs) -> dict:
+    """Train for the stage's epochs (``kwargs`` go to :func:`train`), then add test metrics."""
     train_loader, val_loader, test_loader = ctx.loaders
     history = train(ctx.model, train_loader, val_loader, stage_cfg, ctx.device, ctx.data.num_classes,
                     params=kwargs.pop("params", _weights(ctx)), desc=name, **kwargs)
-    return _test(ctx, {"history": history, "epochs": len(history),
-                       "train_loss": history[-1]["train_loss"] if history else None})
+    return with_test_metrics(ctx, {"history": history, "epochs": len(history),
+                                   "train_loss": history[-1]["train_loss"] if history else None})
 
 
-def _test(ctx: StageContext, metrics: dict) -> dict:
+def with_test_metrics(ctx: StageContext, metrics: dict) -> dict:
+    """Adds test accuracy and loss (and top-5 with more than 10 classes) to ``metrics``."""
     result = evaluate(ctx.model, ctx.loaders[2], ctx.device, ctx.data.num_classes)
     metrics.update(test_accuracy=result["accuracy"], test_loss=result["loss"])
     if "top5" in result:
@@ -38,14 +40,14 @@ def _test(ctx: StageContext, metrics: dict) -> dict:
 def baseline(ctx: StageContext, stage_cfg: Mapping) -> StageResult:
     """FP32 training of the model as it is."""
     set_mode(ctx.model, "float")
-    return StageResult(_train_and_test(ctx, stage_cfg, stage_cfg["name"]))
+    return StageResult(train_and_test(ctx, stage_cfg, stage_cfg["name"]))
 
 
 @register("quant")
 def quant(ctx: StageContext, stage_cfg: Mapping) -> StageResult:
     """Quantization-aware training with exact products (observers calibrate on the first batches)."""
     set_mode(ctx.model, "quant")
-    return StageResult(_train_and_test(ctx, stage_cfg, stage_cfg["name"]))
+    return StageResult(train_and_test(ctx, stage_cfg, stage_cfg["name"]))
 
 
 def apply_assignment(ctx: StageContext) -> dict:
@@ -67,7 +69,7 @@ def approx(ctx: StageContext, stage_cfg: Mapping) -> StageResult:
     """Retraining with every product through the multiplier's LUT (per-layer after a selection)."""
     chosen = apply_assignment(ctx)
     set_mode(ctx.model, "approx")
-    metrics = _train_and_test(ctx, stage_cfg, stage_cfg["name"])
+    metrics = train_and_test(ctx, stage_cfg, stage_cfg["name"])
     metrics["multipliers"] = {name: m.name for name, m in chosen.items()}
     return StageResult(metrics)
 
@@ -81,6 +83,6 @@ def evaluate_checkpoint(ctx: StageContext, stage_cfg: Mapping) -> StageResult:
     set_multiplier(ctx.model, ctx.multiplier)
     set_mode(ctx.model, mode)
     with torch.no_grad():
-        metrics = _test(ctx, {"epochs": 0, "mode": mode})
+        metrics = with_test_metrics(ctx, {"epochs": 0, "mode": mode})
     metrics["multipliers"] = {name: ctx.multiplier.name for name, _ in approx_layers(ctx.model)}
     return StageResult(metrics)
