@@ -23,7 +23,7 @@ from torch import nn
 
 from approxrun.lut import OperandDomain
 from approxrun.multipliers.multiplier import Multiplier
-from approxrun.ops import lut_conv2d, lut_matmul
+from approxrun.ops import grouped_columns, grouped_rows, lut_conv2d, lut_matmul
 from approxrun.quant import ActivationQuantizer, WeightQuantizer, dequantize, zero_point_corrected
 
 MODES = ("float", "quant", "noise", "approx")
@@ -183,10 +183,8 @@ class ApproxConv2d(ApproxLayer, nn.Conv2d):
     def _operand_matrices(self, codes_a, zp_a, codes_w):
         """Unfolded activation rows [G, B*L, fan_in] (padded like the approx path) and weight columns
         [G, fan_in, O/G], grouped as :func:`approxrun.ops.lut_conv2d` multiplies them."""
-        cols = F.unfold(self._pad(codes_a, zp_a), self.kernel_size, dilation=self.dilation, stride=self.stride)
-        g, k = self.groups, self.fan_in
-        rows = cols.reshape(cols.shape[0], g, k, cols.shape[-1]).permute(1, 0, 3, 2).reshape(g, -1, k)
-        return rows, codes_w.reshape(g, -1, k).transpose(1, 2)
+        rows = grouped_rows(self._pad(codes_a, zp_a), self.kernel_size, self.stride, self.dilation, self.groups)
+        return rows, grouped_columns(codes_w, self.groups)
 
     def _approx_forward(self, codes_a, codes_w, scale_a, zp_a, scale_w, zp_w):
         padded = self._pad(codes_a, zp_a)

@@ -43,9 +43,8 @@ def collect(sweep_dir: Path) -> tuple[list[str], list[dict]]:
             if name not in stage_names:
                 stage_names.append(name)
             row[f"acc_{name}"] = stage.get("test_accuracy")
-        row["final_accuracy"] = row.get(f"acc_{stage_names[-1]}") if stage_names and metrics.get("stages") else None
-        if metrics.get("stages"):
-            row["final_accuracy"] = list(metrics["stages"].values())[-1].get("test_accuracy")
+        stages = list((metrics.get("stages") or {}).values())
+        row["final_accuracy"] = stages[-1].get("test_accuracy") if stages else None
         rows.append(row)
     return stage_names, rows
 

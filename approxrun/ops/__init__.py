@@ -132,6 +132,18 @@ def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
+def grouped_rows(x: torch.Tensor, kernel_size, stride, dilation, groups: int) -> torch.Tensor:
+    """im2col of an already padded input [B, C, H, W] into GEMM rows [G, B*L, C/G*kh*kw] per group."""
+    cols = F.unfold(x, kernel_size, dilation=dilation, stride=stride)  # [B, C*kh*kw, L]
+    batch, k, positions = cols.shape[0], cols.shape[1] // groups, cols.shape[2]
+    return cols.reshape(batch, groups, k, positions).permute(1, 0, 3, 2).reshape(groups, batch * positions, k)
+
+
+def grouped_columns(w: torch.Tensor, groups: int) -> torch.Tensor:
+    """Conv weights [O, C/G, kh, kw] as GEMM columns [G, C/G*kh*kw, O/G] per group."""
+    return w.reshape(groups, w.shape[0] // groups, -1).transpose(1, 2)
+
+
 def lut_conv2d(x: torch.Tensor, w: torch.Tensor, lut, stride=1, padding=0, dilation=1, groups: int = 1,
                pad_value: int = 0, grad: str = "ste") -> torch.Tensor:
     """Exact LUT convolution of codes x [B, C, H, W] with codes w [O, C/groups, kh, kw].
@@ -155,17 +167,15 @@ def lut_conv2d(x: torch.Tensor, w: torch.Tensor, lut, stride=1, padding=0, dilat
     integer = not (x.is_floating_point() or w.is_floating_point())
     work_dtype = torch.float64 if integer else (x.dtype if x.is_floating_point() else w.dtype)
     xp = F.pad(x.to(work_dtype), (padding[1], padding[1], padding[0], padding[0]), value=float(pad_value))
-    k = group_channels * kh * kw
-    wg = w.to(work_dtype).reshape(groups, out_channels // groups, k).transpose(1, 2)  # [G, K, O/G]
+    wg = grouped_columns(w.to(work_dtype), groups)  # [G, K, O/G]
     if integer:
         wg = wg.to(torch.int64)
     positions = ho * wo
     chunk = max(1, UNFOLD_ELEMENTS // max(1, channels * kh * kw * positions))
     outs = []
     for b0 in range(0, batch, chunk):
-        cols = F.unfold(xp[b0:b0 + chunk], (kh, kw), dilation=dilation, stride=stride)  # [b, C*kh*kw, L]
-        nb = cols.shape[0]
-        a = cols.reshape(nb, groups, k, positions).permute(1, 0, 3, 2).reshape(groups, nb * positions, k)
+        a = grouped_rows(xp[b0:b0 + chunk], (kh, kw), stride, dilation, groups)  # [G, b*L, K]
+        nb = a.shape[1] // positions
         if integer:
             a = a.to(torch.int64)
         out = _grouped_gemm(a, wg, lut, grad)  # [G, b*L, O/G]
