@@ -85,17 +85,29 @@ class ApproxLayer:
         w_q = dequantize(codes_w, self._channel_view(scale_w), self._channel_view(zp_w))
         y = self._product(x_q, w_q)
         if self.mode == "approx":
-            # straight-through: the LUT's value forward, the exact quantized product's gradient backward
-            # (y - y.detach() is exactly zero), without an autograd graph through the LUT op
+            # straight-through: the LUT's value forward, the exact quantized product's gradient
+            # backward, without an autograd graph through the LUT op
             with torch.no_grad():
-                y_lut = self._approx_forward(codes_a, codes_w, scale_a, zp_a, scale_w, zp_w).to(x.dtype)
-            y = y_lut + (y - y.detach())
+                y_lut = self._approx_forward(codes_a, codes_w, scale_a, zp_a, scale_w, zp_w)
+            y = _StraightThrough.apply(y, y_lut)
         elif self.mode == "noise" and self.training:
             y = y + torch.randn_like(y) * y.std() * self.sigma
         return self._add_bias(y)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, mode={self.mode}, multiplier={self.multiplier.name}"
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: ``value`` in the dtype of ``carrier``; backward: the gradient flows to ``carrier``."""
+
+    @staticmethod
+    def forward(ctx, carrier: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        return value.to(carrier.dtype, copy=True)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
 
 
 class ApproxLinear(ApproxLayer, nn.Linear):
@@ -134,7 +146,7 @@ class ApproxLinear(ApproxLayer, nn.Linear):
         acc = lut_matmul(a, codes_w.t(), self.multiplier, grad=self.grad)  # float64 [M, O]
         exact = zero_point_corrected(acc, a.sum(1, keepdim=True).double(), codes_w.sum(1).double(),
                                      self.in_features, zp_a.double(), zp_w.double())
-        return (exact * (scale_a * scale_w).double()).reshape(*lead, self.out_features)
+        return exact.mul_((scale_a * scale_w).double()).reshape(*lead, self.out_features)
 
 
 class ApproxConv2d(ApproxLayer, nn.Conv2d):
@@ -186,21 +198,33 @@ class ApproxConv2d(ApproxLayer, nn.Conv2d):
         rows = grouped_rows(self._pad(codes_a, zp_a), self.kernel_size, self.stride, self.dilation, self.groups)
         return rows, grouped_columns(codes_w, self.groups)
 
+    def _window_sums(self, padded: torch.Tensor) -> torch.Tensor:
+        """Sum of the (padded) activation codes under each window, per group: [B, G, Ho, Wo]; exact
+        (integer sums below 2**24 in float32)."""
+        batch, channels, height, width = padded.shape
+        if self.dilation == (1, 1):  # a sum pool over the channel sums: much cheaper than a conv
+            per_group = padded.reshape(batch, self.groups, channels // self.groups, height, width).sum(2)
+            return F.avg_pool2d(per_group, self.kernel_size, self.stride, divisor_override=1)
+        ones = torch.ones(self.groups, channels // self.groups, *self.kernel_size, dtype=padded.dtype,
+                          device=padded.device)
+        return F.conv2d(padded, ones, stride=self.stride, dilation=self.dilation, groups=self.groups)
+
     def _approx_forward(self, codes_a, codes_w, scale_a, zp_a, scale_w, zp_w):
         padded = self._pad(codes_a, zp_a)
         acc = lut_conv2d(padded, codes_w, self.multiplier, self.stride, 0, self.dilation, self.groups,
                          grad=self.grad)
         self._count_ops(acc)
-        # sum of the activation codes under each window, per group
-        ones = torch.ones(self.groups, self.in_channels // self.groups, *self.kernel_size,
-                          dtype=padded.dtype, device=padded.device)
-        sum_a = F.conv2d(padded, ones, stride=self.stride, dilation=self.dilation, groups=self.groups)
-        sum_a = sum_a.repeat_interleave(self.out_channels // self.groups, dim=1).double()
-        sum_w = codes_w.sum((1, 2, 3)).double().reshape(1, -1, 1, 1)
-        zp_w = zp_w.double().reshape(1, -1, 1, 1) if zp_w.dim() else zp_w.double()
-        exact = zero_point_corrected(acc, sum_a, sum_w, self.fan_in, zp_a.double(), zp_w)
-        scale_w = scale_w.reshape(1, -1, 1, 1) if scale_w.dim() else scale_w  # per output channel (dim 1)
-        return exact * (scale_a * scale_w).double()
+        sum_a = self._window_sums(padded)
+        batch, _, height, width = acc.shape
+        by_group = (batch, self.groups, self.out_channels // self.groups, height, width)
+        per_channel = (1, *by_group[1:3], 1, 1)  # output channel o = (group, index in group)
+
+        def channels(t: torch.Tensor) -> torch.Tensor:  # per-tensor or per-output-channel value
+            return t.double().expand(self.out_channels).reshape(per_channel)
+
+        exact = zero_point_corrected(acc.reshape(by_group), sum_a.double().unsqueeze(2),
+                                     channels(codes_w.sum((1, 2, 3))), self.fan_in, zp_a.double(), channels(zp_w))
+        return exact.mul_(channels(scale_a * scale_w)).reshape(acc.shape)
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:

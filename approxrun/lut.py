@@ -50,12 +50,17 @@ class OperandDomain:
         return f"{'int' if self.signed else 'uint'}{self.bits}"
 
 
-def code_to_index(codes):
-    """Byte index of integer codes (numpy array, torch tensor or int): two's complement for negatives."""
+def code_to_index(codes, out: torch.Tensor | None = None):
+    """Byte index of integer codes (numpy array, torch tensor or int): two's complement for negatives.
+
+    ``out``: an int32 or int64 tensor of the codes' shape to write the indices into (tensor codes).
+    """
     if isinstance(codes, torch.Tensor):
         if codes.dtype in (torch.int8, torch.uint8):  # the byte is the index: no masking pass
-            return codes.view(torch.uint8).to(torch.int64)
-        return codes.to(torch.int64) & 0xFF
+            return codes.view(torch.uint8).to(torch.int64) if out is None else out.copy_(codes.view(torch.uint8))
+        if out is None:
+            return codes.to(torch.int64) & 0xFF
+        return out.copy_(codes).bitwise_and_(0xFF)
     return np.asarray(codes, dtype=np.int64) & 0xFF
 
 

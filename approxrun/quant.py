@@ -53,9 +53,10 @@ def zero_point_corrected(acc: torch.Tensor, sum_a: torch.Tensor, sum_w: torch.Te
     """sum_k (a - za)(w - zw) from the multiplier's sum_k a*w and the operand sums, exactly.
 
     sum (a - za)(w - zw) = sum a*w - zw * sum a - za * sum w + k * za * zw; ``acc`` is what the
-    multiplier produced for sum a*w, so approximation errors pass through unchanged.
+    multiplier produced for sum a*w, so approximation errors pass through unchanged. Computed in
+    place in ``acc`` (an accumulator the caller owns; no full-size temporaries) and returned.
     """
-    return acc - zw * sum_a - za * sum_w + k * za * zw
+    return acc.addcmul_(sum_a, zw, value=-1).sub_(za * (sum_w - k * zw))
 
 
 class Observer(nn.Module):

@@ -1,7 +1,8 @@
 """Seconds per training epoch of LeNet5 in each mode (float, quant, approx) on CPU.
 
-approx uses a random full-range LUT (no structure to exploit). Target: approx epoch <= 4x quant.
-Run: python benchmarks/bench_training.py [--fashion-samples N] [--threads T]
+approx runs twice: with a random full-range LUT (no structure to exploit: the gather path; target
+<= 4x the quant epoch) and with a rank-2 multiplier (DRUM-4: exact low-rank int8 GEMMs; target <= 2x).
+Run: python benchmarks/bench_training.py [--fashion-samples N] [--threads T] [--low-rank NAME]
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from approxrun import approximate, set_mode, set_multiplier
 from approxrun.data import build_data
 from approxrun.lut import OperandDomain
 from approxrun.models import build_model
-from approxrun.multipliers import Multiplier
+from approxrun.multipliers import Multiplier, get_multiplier
+from approxrun.ops.lowrank import factorize_lut
 from approxrun.training import make_optimizer
 import torch.nn.functional as F
 
@@ -38,6 +40,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fashion-samples", type=int, default=20000, help="training images of Fashion-MNIST per epoch")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--low-rank", default="drum_4", help="the low-rank multiplier of the second approx run")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
@@ -45,8 +48,12 @@ def main() -> None:
                      OperandDomain(True))
     setups = [("digits", {"name": "digits", "image_size": 28}, 32, None),
               ("fashion_mnist", {"name": "fashion_mnist", "val_size": 5000}, 128, args.fashion_samples)]
-    print(f"threads: {args.threads}")
-    print(f"{'dataset':<14} {'samples':>7} {'float s':>8} {'quant s':>8} {'approx s':>9} {'approx/quant':>12}")
+    low_rank = get_multiplier(args.low_rank)
+    table = factorize_lut(low_rank)
+    print(f"threads: {args.threads}; approx: random full-range LUT; approx-lr: {low_rank.name} "
+          f"(error rank {'above the limit' if table is None else table.rank})")
+    print(f"{'dataset':<14} {'samples':>7} {'float s':>8} {'quant s':>8} {'approx s':>9} {'approx/quant':>12} "
+          f"{'approx-lr s':>11} {'approx-lr/quant':>15}")
     for name, cfg, batch, samples in setups:
         data = build_data(cfg, "~/.cache/approxrun/data")
         train = data.train if samples is None else Subset(data.train, range(min(samples, len(data.train))))
@@ -54,13 +61,14 @@ def main() -> None:
         torch.manual_seed(0)
         model = approximate(build_model("lenet5", data.num_classes, data.in_channels, data.image_size))
         times = {}
-        for mode in ("float", "quant", "approx"):
-            if mode == "approx":
-                set_multiplier(model, lut)
-            set_mode(model, mode)
+        for mode in ("float", "quant", "approx", "approx-lr"):
+            if mode.startswith("approx"):
+                set_multiplier(model, lut if mode == "approx" else low_rank)
+            set_mode(model, mode.removesuffix("-lr"))
             times[mode] = epoch_seconds(model, loader)
         print(f"{name:<14} {len(train):>7} {times['float']:>8.2f} {times['quant']:>8.2f} {times['approx']:>9.2f} "
-              f"{times['approx'] / times['quant']:>12.2f}")
+              f"{times['approx'] / times['quant']:>12.2f} {times['approx-lr']:>11.2f} "
+              f"{times['approx-lr'] / times['quant']:>15.2f}")
 
 
 if __name__ == "__main__":

@@ -112,12 +112,15 @@ def _centred_conv(codes_a, za, codes_w, zw, layer):
                     dilation=layer.dilation, groups=layer.groups)
 
 
-@pytest.mark.parametrize("case", ["zeros", "reflect", "groups", "depthwise-x2-reflect"])
-def test_conv_approx_mode_matches_an_independent_oracle(rng, case):
-    """approx = scale * (LUT conv - exact conv + centred exact conv), with an asymmetric random LUT."""
+@pytest.mark.parametrize("case", ["zeros", "reflect", "groups", "depthwise-x2-reflect", "circular",
+                                  "replicate-stride"])
+@pytest.mark.parametrize("lut_kind", ["random", "drum_4", "truncated_4"])
+def test_conv_approx_mode_matches_an_independent_oracle(rng, case, lut_kind):
+    """approx = scale * (LUT conv - exact conv + centred exact conv), with an asymmetric random LUT
+    (the gather) or low-rank designs (map-then-conv, int8 GEMMs)."""
     torch.manual_seed(2)
-    lut = random_lut(rng, -(2**14), 2**14)
-    layer = ApproxConv2d(**CONV_LAYERS[case], multiplier=Multiplier("random", lut))
+    lut = random_lut(rng, -(2**14), 2**14) if lut_kind == "random" else get_multiplier(lut_kind).lut
+    layer = ApproxConv2d(**CONV_LAYERS[case], multiplier=Multiplier(lut_kind, lut))
     x = _shifted_input(2, layer.in_channels, 7, 6)
     _calibrated(layer, x).set_mode("approx")
     with torch.no_grad():
@@ -138,10 +141,11 @@ def test_conv_approx_mode_matches_an_independent_oracle(rng, case):
     np.testing.assert_allclose(y.double().numpy(), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_linear_approx_mode_matches_an_independent_oracle(rng):
+@pytest.mark.parametrize("lut_kind", ["random", "drum_4", "kulkarni"])
+def test_linear_approx_mode_matches_an_independent_oracle(rng, lut_kind):
     torch.manual_seed(3)
-    lut = random_lut(rng, -(2**14), 2**14)
-    layer = ApproxLinear(23, 5, multiplier=Multiplier("random-u", lut, OperandDomain(False), OperandDomain(False)),
+    lut = random_lut(rng, -(2**14), 2**14) if lut_kind == "random" else get_multiplier(lut_kind, False).lut
+    layer = ApproxLinear(23, 5, multiplier=Multiplier(lut_kind, lut, OperandDomain(False), OperandDomain(False)),
                          per_channel=True)
     x = _shifted_input(4, 23)
     _calibrated(layer, x).set_mode("approx")

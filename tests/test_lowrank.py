@@ -98,6 +98,8 @@ def only_path(monkeypatch):
         candidates = lowrank.candidate_plans
         monkeypatch.setattr(lowrank, "candidate_plans",
                             lambda *args: [p for p in candidates(*args) if p.dtype == dtype])
+        monkeypatch.setattr(lowrank, "_by_content", type(lowrank._by_content)())  # fresh tables:
+        monkeypatch.setattr(lowrank, "_by_tensor", {})  # no plans cached from other tests
     return restrict
 
 
@@ -138,20 +140,53 @@ def test_plans_keep_every_partial_sum_exact():
     assert plans[torch.float32].k_chunk * drum.term_bound < 2**24 and plans[torch.float32].k_chunk < 4096
     assert plans[torch.float64].k_chunk == 4096
     if lowrank.int8_gemm_is_exact():
-        assert all(plans[torch.int8].k_chunk * bound < 2**31 for bound in drum.int8_digits.bounds)
+        assert plans[torch.int8].k_chunk * drum.int8.bound < 2**31
     rational = lowrank.factorize_lut(low_rank_lut(5, seed=5))
     assert rational.denominator > 1  # random factors are rational: the digits hold D * lut
     assert lowrank.plan_gemm(rational, 1, 64, 4096, 64, torch.device("cpu")) is not None
 
 
-@pytest.mark.parametrize("name, signed", [("drum_4", False), ("drum_6", True), ("bam_2_6", True)])
-def test_int8_digits_reproduce_the_table(name, signed):
-    table = lowrank.factorize_lut(get_multiplier(name, signed))
-    digits = table.int8_digits
-    total = sum((digits.x.astype(np.int64) @ y.T.astype(np.int64)) << (8 * s)
-                for s, y in zip(digits.scales, digits.y))
-    assert np.array_equal(total, get_multiplier(name, signed).lut * table.denominator)
-    assert digits.x.dtype == np.int8 and (signed or len(digits.scales) > 1)  # unsigned codes need 2 digits
+@pytest.mark.parametrize("name, signed, width, code_gemm", [
+    ("drum_4", True, 4, False),  # the whole LUT is rank 1, u(a) u(b), split into int8 columns
+    ("drum_4", False, 4, False), ("bam_2_6", True, 8, False),
+    ("truncated_4", True, 4, True),  # exact product from the codes themselves, 4 error columns
+    ("exact", False, 4, False)])  # unsigned operands: centred columns and an offset
+def test_int8_maps_reproduce_the_table(name, signed, width, code_gemm):
+    multiplier = get_multiplier(name, signed)
+    maps = lowrank.factorize_lut(multiplier).int8
+    assert maps.x.dtype == maps.y.dtype == np.int8 and maps.width == width
+    assert bool(maps.code_scale) == code_gemm
+    values = np.arange(256, dtype=np.uint8).view(np.int8).astype(np.int64)  # a byte read as int8
+    total = (maps.x.astype(np.int64) @ maps.y.T.astype(np.int64) + maps.offset[None, :]
+             + maps.code_scale * np.outer(values, values))
+    assert np.array_equal(total, multiplier.lut * maps.denominator)
+    assert maps.bound == (np.abs(maps.x.astype(np.int64)) @ np.abs(maps.y.T.astype(np.int64))).max()
+
+
+@pytest.mark.parametrize("name, signed", [("drum_4", True), ("truncated_4", True), ("kulkarni", False),
+                                          ("exact", False)])
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float32, torch.int64])
+def test_int8_plan_matches_oracle_for_code_dtypes_and_blocks(name, signed, dtype, monkeypatch, only_path,
+                                                             lowrank_log):
+    """int8/uint8 codes with an even K gather byte pairs; other dtypes and odd K one code at a
+    time; small blocks and int32 limits force several row blocks and K chunks."""
+    only_path(torch.int8)
+    rng = np.random.default_rng(14)
+    multiplier = get_multiplier(name, signed)
+    lo, hi = (-128, 128) if signed else (0, 256)
+    dtype = torch.uint8 if dtype == torch.int8 and not signed else dtype
+    for m, k, n in ((37, 150, 16), (23, 151, 5), (1, 2, 1), (9, 7, 1), (64, 700, 3)):
+        a, b = codes(rng, (m, k), lo, hi), codes(rng, (k, n), lo, hi)
+        expected = matmul_oracle(a, b, multiplier.lut)
+        for map_bytes, int32_limit in ((lowrank.MAP_BYTES, lowrank.INT32_EXACT), (4096, 2**22)):
+            monkeypatch.setattr(lowrank, "MAP_BYTES", map_bytes)
+            monkeypatch.setattr(lowrank, "INT32_EXACT", int32_limit)
+            with use_strategy("lowrank"):
+                out = lut_matmul(a.to(dtype), b.to(dtype), multiplier)
+                transposed = lut_matmul(a.to(dtype), b.to(dtype).t().contiguous().t(), multiplier)
+            assert np.array_equal(out.numpy(), expected), (m, k, n, map_bytes)
+            assert np.array_equal(transposed.numpy(), expected)
+    assert "int8 GEMMs" in lowrank_log.text
 
 
 @pytest.mark.parametrize("name, signed", [("drum_4", False), ("truncated_6_c", True), ("kulkarni", True)])
@@ -178,7 +213,7 @@ def test_no_exact_plan_falls_back_to_gather():
     rng = np.random.default_rng(4)
     lut = exact_lut() + rng.integers(-2**14, 2**14, (256, 3)) @ rng.integers(-2**14, 2**14, (256, 3)).T
     table = lowrank.factorize_lut(lut)
-    assert table.rank == 3 and table.int8_digits is None
+    assert table.rank == 3 and table.int8 is None
     assert lowrank.plan_gemm(table, 1, 3, 4096, 2, torch.device("cpu")) is None
     assert lowrank.plan_gemm(table, 1, 3, 256, 2, torch.device("cpu")).dtype == torch.float64
     a, b = codes(rng, (3, 4096)), codes(rng, (4096, 2))
@@ -214,6 +249,80 @@ def test_conv_paths_match_oracle(path, only_path, lowrank_log):
         out = lut_conv2d(x, w, lut, stride=2, padding=2, groups=2, pad_value=200)
     assert PATH_LOG[path] in lowrank_log.text
     assert np.array_equal(out.numpy(), conv_oracle(x.numpy(), w.numpy(), lut, 2, 2, 1, 2, 200))
+
+
+@pytest.fixture
+def conv_route(monkeypatch):
+    """Count the convolution routes taken; ``only(route)`` disables the routes tried before it:
+    "map" (map-then-conv), "int8" (im2col of packed int8 maps) or "unfold" (unfold, then GEMMs)."""
+    taken = {"map": 0, "int8": 0}
+
+    def spy(route, fn):
+        def run(*args):
+            out = fn(*args)
+            taken[route] += out is not None
+            return out
+        return run
+
+    monkeypatch.setattr(lowrank, "map_conv2d", spy("map", lowrank.map_conv2d))
+    monkeypatch.setattr(lowrank, "int8_conv2d", spy("int8", lowrank.int8_conv2d))
+
+    def only(route):
+        if route in ("int8", "unfold"):
+            monkeypatch.setattr(lowrank, "map_conv2d", lambda *args: None)
+        if route == "unfold":
+            monkeypatch.setattr(lowrank, "int8_conv2d", lambda *args: None)
+    return taken, only
+
+
+@pytest.mark.parametrize("route", ["map", "int8", "unfold"])
+@pytest.mark.parametrize("name, signed", [("drum_4", True), ("kulkarni", False), ("truncated_4", True)])
+@pytest.mark.parametrize("stride, padding, dilation, groups, pad_value", [
+    (1, 2, 1, 1, -3), (2, 1, 2, 2, 5), (1, 1, 1, 6, 0)])
+def test_conv_routes_match_oracle(route, name, signed, stride, padding, dilation, groups, pad_value,
+                                  conv_route, only_path):
+    taken, only = conv_route
+    only(route)
+    if route == "int8":
+        only_path(torch.int8)
+    rng = np.random.default_rng(15)
+    multiplier = get_multiplier(name, signed)
+    lo, hi = (-128, 128) if signed else (0, 256)
+    pad_value = pad_value & 0xFF if not signed else pad_value
+    x, w = codes(rng, (3, 6, 11, 9), lo, hi), codes(rng, (12, 6 // groups, 3, 2), lo, hi)
+    expected = conv_oracle(x.numpy(), w.numpy(), multiplier.lut, stride, padding, dilation, groups, pad_value)
+    for dtype in (torch.float32, torch.int64):
+        with use_strategy("lowrank"):
+            out = lut_conv2d(x.to(dtype), w.to(dtype), multiplier, stride, padding, dilation, groups,
+                             pad_value=pad_value)
+        assert np.array_equal(out.numpy(), expected)
+    code_gemm = lowrank.factorize_lut(multiplier).int8.code_scale != 0  # not an int8 conv: unfold instead
+    assert taken["map"] == (2 if route == "map" else 0)
+    assert taken["int8"] == (2 if route == "int8" and not code_gemm else 0)
+
+
+def test_map_conv_refuses_unproven_cases(monkeypatch, conv_route, only_path):
+    """Sums that could reach 2**24, or a conv backend that might use Winograd/FFT: no map-then-conv,
+    and the int8 route gives the same exact result."""
+    taken, _ = conv_route
+    only_path(torch.int8)
+    rng = np.random.default_rng(16)
+    multiplier = get_multiplier("drum_4")
+    table = lowrank.factorize_lut(multiplier)
+    x, w = codes(rng, (2, 100, 6, 6)), codes(rng, (3, 100, 3, 3))
+    assert 100 * 9 * table.conv_maps.bound >= 2**24
+    expected = conv_oracle(x.numpy(), w.numpy(), multiplier.lut, 1, 1, 1, 1, 4)
+    with use_strategy("lowrank"):
+        assert np.array_equal(lut_conv2d(x, w, multiplier, padding=1, pad_value=4).numpy(), expected)
+    assert taken == {"map": 0, "int8": 1}
+    small_x, small_w = x[:, :4], w[:, :4]
+    with use_strategy("lowrank"):
+        lut_conv2d(small_x, small_w, multiplier, padding=1, pad_value=4)
+        assert taken["map"] == 1
+        monkeypatch.setattr(torch._C, "_select_conv_backend", lambda *args: "_ConvBackend.NnpackSpatial")
+        out = lut_conv2d(small_x, small_w, multiplier, padding=1, pad_value=4)
+    assert taken == {"map": 1, "int8": 2}
+    assert np.array_equal(out.numpy(), conv_oracle(small_x.numpy(), small_w.numpy(), multiplier.lut, 1, 1, 1, 1, 4))
 
 
 @pytest.mark.parametrize("strategy", ["lowrank", "auto"])

@@ -25,8 +25,8 @@ from approxrun.multipliers.multiplier import Multiplier
 from approxrun.ops import cuda as cuda_backend
 from approxrun.ops.gather import depthwise_lut_gemm, grouped_lut_gemm
 from approxrun.ops.gradients import gradient_tables, grouped_lut_gemm_backward
-from approxrun.ops.lowrank import (get_strategy, set_strategy, try_lowrank_backward, try_lowrank_gemm,
-                                   use_strategy)
+from approxrun.ops.lowrank import (get_strategy, set_strategy, try_lowrank_backward, try_lowrank_conv2d,
+                                   try_lowrank_gemm, use_strategy)
 
 __all__ = ["lut_matmul", "lut_conv2d", "GRAD_MODES", "set_strategy", "get_strategy", "use_strategy"]
 
@@ -65,15 +65,15 @@ def _check_grad(grad: str) -> None:
         raise ValueError(f"grad must be one of {GRAD_MODES}, got {grad!r}")
 
 
-def _index_gemm(a_idx: torch.Tensor, b_idx: torch.Tensor, lut: torch.Tensor,
-                strategy: str | None = None) -> torch.Tensor:
-    """Grouped LUT GEMM on byte indices; one output per group (depthwise) takes the gather path.
+def _code_gemm(a: torch.Tensor, b: torch.Tensor, lut: torch.Tensor, strategy: str | None = None) -> torch.Tensor:
+    """Grouped LUT GEMM of code tensors; one output per group (depthwise) takes the gather path.
 
     Low-rank LUTs run as dense GEMMs when ``strategy`` (default: :func:`set_strategy`) picks them.
     """
-    lowrank_out = try_lowrank_gemm(a_idx, b_idx, lut, strategy)  # torch GEMMs, CPU or CUDA
+    lowrank_out = try_lowrank_gemm(a, b, lut, strategy)  # torch GEMMs, CPU or CUDA
     if lowrank_out is not None:
         return lowrank_out
+    a_idx, b_idx = code_to_index(a), code_to_index(b)
     if a_idx.is_cuda:  # CuPy LUT kernels; without CuPy, a one-line install error
         return cuda_backend.index_gemm(a_idx, b_idx, lut)
     if b_idx.shape[2] == 1 and a_idx.shape[0] > 1:
@@ -87,7 +87,7 @@ class _GroupedLutGemm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a, b, lut, da, db):
-        out = _index_gemm(code_to_index(a), code_to_index(b), lut)
+        out = _code_gemm(a, b, lut)
         ctx.save_for_backward(a, b)
         ctx.tables = (da, db)
         return out
@@ -113,7 +113,7 @@ def _grouped_gemm(a: torch.Tensor, b: torch.Tensor, lut, grad: str) -> torch.Ten
     integer = not (a.is_floating_point() or b.is_floating_point())
     tables = _tables(lut, a.device, with_gradients=grad == "lut" and not integer)
     if integer:
-        return _index_gemm(code_to_index(a), code_to_index(b), tables[0]).round().to(torch.int64)
+        return _code_gemm(a, b, tables[0]).round_().to(torch.int64)
     return _GroupedLutGemm.apply(a, b, *tables)
 
 
@@ -165,6 +165,12 @@ def lut_conv2d(x: torch.Tensor, w: torch.Tensor, lut, stride=1, padding=0, dilat
     if ho <= 0 or wo <= 0:
         raise ValueError(f"lut_conv2d: input {height}x{width} is too small for kernel {kh}x{kw}")
     integer = not (x.is_floating_point() or w.is_floating_point())
+    needs_graph = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
+    if not needs_graph and (integer or grad == "ste"):  # int8 low-rank maps gathered before the unfold
+        xp = F.pad(x, (padding[1], padding[1], padding[0], padding[0]), value=pad_value) if any(padding) else x
+        out = try_lowrank_conv2d(xp, w, _tables(lut, x.device, False)[0], stride, dilation, groups)
+        if out is not None:
+            return out.round_().to(torch.int64) if integer else out
     work_dtype = torch.float64 if integer else (x.dtype if x.is_floating_point() else w.dtype)
     xp = F.pad(x.to(work_dtype), (padding[1], padding[1], padding[0], padding[0]), value=float(pad_value))
     wg = grouped_columns(w.to(work_dtype), groups)  # [G, K, O/G]

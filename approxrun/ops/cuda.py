@@ -330,7 +330,7 @@ def gemm_codes(a_t: torch.Tensor, b: torch.Tensor, m: int, image: LutImage, runn
 
 
 def index_gemm(a_idx: torch.Tensor, b_idx: torch.Tensor, lut: torch.Tensor, runner: Runner | None = None):
-    """The ops' ``_index_gemm`` on the GPU: a_idx [G, M, K], b_idx [G, K, N] byte indices -> float64 [G, M, N]."""
+    """The ops' gather GEMM on the GPU: a_idx [G, M, K], b_idx [G, K, N] byte indices -> float64 [G, M, N]."""
     runner = runner or runner_for(a_idx.device)
     b = b_idx.to(torch.uint8).contiguous()
     return gemm_codes(transposed_codes(a_idx), b, a_idx.shape[1], lut_image(lut), runner)

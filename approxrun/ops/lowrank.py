@@ -13,10 +13,15 @@ byte indices (not only a multiplier's domain), so every code gives the LUT's own
 
 Exactness is proven per call, never hoped for:
 
-- int8 path (CPU): the integer factors split into balanced base-256 digits (-128..127); each power
-  of 256 is one int8 GEMM whose int32 sums stay below 2**31 (K is chunked when needed), added into
-  int64. Used once a self-test shows that torch's int8 GEMM is exact on this machine (pre-VNNI
-  kernels can saturate); with AMX/VNNI it is many times faster than float32.
+- int8 path (CPU): the factors become int8 columns (a column out of range is centred, its centre
+  moving into a per-``b`` offset, or split into base-``s`` digits or an int8 part and the rest), at
+  most 8, packed so that one operand's maps are one int32/int64 word: one gather per index (per two
+  indices for int8/uint8 codes: a byte pair indexes a 65536-word table), then one int8 GEMM whose
+  int32 sums stay below 2**31 (K is chunked when needed). The factorization with the narrowest word
+  wins: the table's own, one of the whole LUT (DRUM's is ``u(a) u(b)``, rank 1), or the error alone
+  with the signed exact product as an int8 GEMM of the codes themselves. Used once a self-test
+  shows that torch's int8 GEMM is exact here (pre-VNNI kernels can saturate); with VNNI/AMX the
+  GEMM is nearly free and the gathers set the pace.
 - float32 path: every partial sum of a GEMM over ``chunk`` columns of K is an integer of magnitude at
   most ``chunk * term_bound < 2**24``, hence exact in any summation order; the chunks are summed in
   float64 (exact below 2**53) and divided by ``D`` (an exact integer quotient).
@@ -24,6 +29,11 @@ Exactness is proven per call, never hoped for:
   rounding error ``(2u + gamma_n) * K * term_bound / D`` (``n = K (r + 1)``, ``u = 2**-53``) stays
   below 0.5.
 - float32 GEMMs count only while torch computes them in IEEE float32 (no TF32/bf16 matmul settings).
+
+Convolutions gather the maps once per input element, not per unfolded one: map-then-conv (one
+float32 ``conv2d`` of the maps, exact under the same 2**24 argument when torch's backend is a
+direct or im2col convolution, checked per call; see :func:`map_conv2d`), else an im2col of the
+packed int8 words and the int8 GEMM, else unfold and the GEMM paths above.
 
 When no exact plan exists, the rank exceeds :data:`MAX_FACTOR_RANK`, or the operation-count model says
 the gather is cheaper, the caller keeps the gather path. The strategy is a process-wide setting:
@@ -39,6 +49,8 @@ import functools
 import hashlib
 import logging
 import math
+import sys
+import threading
 import weakref
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -49,14 +61,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from approxrun.lut import LUT_SIZE, exact_lut, index_values
+from approxrun.lut import LUT_SIZE, code_to_index, exact_lut, index_values
 from approxrun.multipliers.multiplier import Multiplier
 from approxrun.ops.gather import FLOAT32_EXACT
 
-__all__ = ["STRATEGIES", "LowRankTable", "Int8Digits", "GemmPlan", "set_strategy", "get_strategy",
+__all__ = ["STRATEGIES", "LowRankTable", "ConvMaps", "Int8Maps", "GemmPlan", "set_strategy", "get_strategy",
            "use_strategy", "modular_rank", "factorize_lut", "factorize_table", "int8_gemm_is_exact",
-           "candidate_plans", "plan_gemm", "choose_plan", "lowrank_gemm", "try_lowrank_gemm",
-           "try_lowrank_backward"]
+           "candidate_plans", "plan_gemm", "choose_plan", "lowrank_gemm", "map_conv2d", "int8_conv2d", "try_lowrank_gemm",
+           "try_lowrank_conv2d", "try_lowrank_backward"]
 
 log = logging.getLogger(__name__)
 
@@ -68,19 +80,24 @@ FLOAT64_EXACT = 2**53
 INT32_EXACT = 2**31  # int8 GEMMs sum in int32
 UNIT_ROUNDOFF = 2.0**-53
 
-# Operation-count model, in units of one float32 multiply-add of a dense GEMM. Fitted to best-of-9
-# single-thread timings on a shared AVX-512/AMX core: ~0.02 ns per float32 multiply-add, ~0.35 ns
-# per lookup of the tiled gather, ~1.3 ns per gathered float map entry, ~4 ns per index gathered into
-# its int8 digit row. Low rank wins where N is well above the rank (its maps hold r + 1 entries per
-# index, the gather's tables N); the gather wins for depthwise GEMMs (N = 1) and high ranks.
-LOOKUP_COST = 18.0  # one LUT product of the gather path; raise it to prefer low rank
+# Operation-count model, in units of one float32 multiply-add of a dense GEMM (~0.02 ns), fitted to
+# best-of timings with 2 threads on an AVX-512/AMX machine: ~0.12 ns per lookup of the tiled gather
+# plus ~1 ns per row (m, k) it walks, ~1.3 ns per gathered float map entry, ~0.6 ns per index
+# gathered into its packed int8 word, ~0.002 ns per int8 multiply-add (AMX), ~20 us per int8 GEMM
+# call. Low rank wins for nearly every shape; the gather for depthwise GEMMs (N = 1 per group:
+# one small GEMM per group) and where no exact plan exists.
+LOOKUP_COST = 6.0  # one LUT product of the gather path; raise it to prefer low rank
+GATHER_ROW_LOOKUPS = 8.0  # the gather's cost per row (m, k), in lookups
 MAP_COST = 64.0  # one gathered float factor-map entry
 FLOAT64_COST = 2.0  # a float64 multiply-add or map entry, relative to float32
 INT8_MAC_COST = 0.1  # an int8 multiply-add (CPU int8 GEMMs: VNNI/AMX)
-INT8_MAP_COST = 200.0  # one index gathered into its row of int8 digits
+INT8_INDEX_COST = 30.0  # one operand index gathered into its packed word of int8 maps
+INT8_CALL_COST = 1e6  # one int8 GEMM call (the int8 plan makes one per group and row block)
 ACCUMULATE_COST = 4.0  # one float64/int64 output update per GEMM chunk
+BACKWARD_GATHER_FACTOR = 100.0  # the gradient-table gathers of a backward, per lookup (measured 150-300x)
 
 MAP_ELEMENTS = 1 << 22  # gathered map entries per GEMM block (16 MB of float32)
+MAP_BYTES = 1 << 23  # gathered int8 maps per block of the int8 plan (scratch memory, reused)
 PRIME = 2**31 - 1  # modulus of the rank lower bound (products stay below 2**62)
 CACHE_SIZE = 64  # factorizations kept by table content
 
@@ -245,6 +262,7 @@ class LowRankTable:
     term_bound: int
     exact_part: tuple[bool, bool] | None = None
     _device_maps: dict = field(default_factory=dict, repr=False)
+    _plans: dict = field(default_factory=dict, repr=False)
 
     @property
     def width(self) -> int:
@@ -256,8 +274,21 @@ class LowRankTable:
         return self.width - (self.exact_part is not None)
 
     @functools.cached_property
-    def int8_digits(self) -> "Int8Digits | None":
-        return _int8_digits(self)
+    def conv_maps(self) -> "ConvMaps | None":
+        """The narrowest integer factorization (fewest columns, then smallest bound), for
+        map-then-conv in float32; None when every one has a term above 2**24."""
+        best = None
+        for x, y, denominator in _factorizations(self):
+            bound = int(_exact_matmul(np.abs(x), np.abs(y).T).max(initial=0))
+            if bound < FLOAT32_EXACT and (best is None or (x.shape[1], bound) < (best.width, best.bound)):
+                best = ConvMaps(np.asarray(x, dtype=np.float32), np.asarray(y, dtype=np.float32), denominator, bound)
+        return best
+
+    @functools.cached_property
+    def int8(self) -> "Int8Maps | None":
+        """The int8 form for int8 GEMMs: from this factorization or, for a LUT, from a factorization
+        of the whole table (DRUM's is one column, ``u(a) u(b)``), whichever is narrower."""
+        return _int8_maps(self)
 
     def maps(self, device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y) on ``device``: integer x for float32, ``x / denominator`` for float64."""
@@ -271,59 +302,174 @@ class LowRankTable:
 
 
 @dataclass(eq=False)
-class Int8Digits:
-    """``denominator * table == sum_s 256**scales[s] * x @ y[s].T`` with int8 entries: the balanced
-    base-256 digits (-128..127) of the integer factors, so that int8 GEMMs with int32 sums compute the
-    table's GEMM exactly. ``bounds[s]`` is the largest sum one K step adds to GEMM ``s``."""
+class ConvMaps:
+    """``denominator * table == x @ y.T`` with integer-valued float32 factors (exact: entries below
+    2**24); ``bound`` is the largest ``sum_i |x[a, i] y[b, i]|``."""
 
     x: np.ndarray
-    y: tuple[np.ndarray, ...]
-    scales: tuple[int, ...]
-    bounds: tuple[int, ...]
+    y: np.ndarray
+    denominator: int
+    bound: int
     _device_maps: dict = field(default_factory=dict, repr=False)
 
-    def maps(self, device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    @property
+    def width(self) -> int:
+        return self.x.shape[1]
+
+    def tensors(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         key = str(device)
         if key not in self._device_maps:
-            self._device_maps[key] = (torch.as_tensor(self.x, device=device),
-                                      [torch.as_tensor(y, device=device) for y in self.y])
+            self._device_maps[key] = (torch.as_tensor(self.x, device=device), torch.as_tensor(self.y, device=device))
         return self._device_maps[key]
 
 
-def _balanced_digits(column: np.ndarray) -> list[np.ndarray]:
-    """Base-256 digits in -128..127, least significant first: column == sum_d digits[d] * 256**d."""
-    digits, rest = [], column.astype(np.int64)
-    while rest.any() or not digits:
-        digit = (rest + 128) % 256 - 128
-        digits.append(digit)
-        rest = (rest - digit) // 256
-    return digits
+@dataclass(eq=False)
+class Int8Maps:
+    """``denominator * table[a, b] == sum_i x[a, i] y[b, i] + offset[b] + code_scale * a' b'`` with
+    int8 ``x`` and ``y``, where ``a'``, ``b'`` are the bytes read as int8 (the signed product, an
+    int8 GEMM of the codes themselves; none when ``code_scale`` is 0).
+
+    The width is 4 or 8 (zero columns pad it), so an operand's row of maps is one int32 or int64
+    word and one gather per operand index fetches all of it. ``bound`` is the largest
+    ``sum_i |x[a, i] y[b, i]|``: the most one K step adds to the int8 GEMM's int32 sums.
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    offset: np.ndarray
+    denominator: int
+    bound: int
+    code_scale: int = 0
+    _device_maps: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def width(self) -> int:
+        return self.x.shape[1]
+
+    @functools.cached_property
+    def sum_bound(self) -> int:
+        """The most one K step adds to a result, offset included (results stay below K times it)."""
+        return self.bound + int(np.abs(self.offset).max(initial=0)) + abs(self.code_scale) * 128 * 128
+
+    def pair_words(self, device) -> torch.Tensor:
+        """int64 [65536] for width 4: the x words of two codes, indexed by the pair's two bytes read
+        as one little-endian uint16 (the even K column's byte low): one gather per two indices."""
+        key = (str(device), "pairs")
+        if key not in self._device_maps:
+            words = np.ascontiguousarray(self.x).view(np.uint32)[:, 0].astype(np.uint64)
+            pairs = (words[None, :] | (words[:, None] << np.uint64(32))).reshape(-1)  # [high byte, low byte]
+            self._device_maps[key] = torch.as_tensor(pairs.view(np.int64), device=device)
+        return self._device_maps[key]
+
+    def tensors(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x words, y words, offset) on ``device``: row ``a`` of ``x`` packed into one word, etc."""
+        key = str(device)
+        if key not in self._device_maps:
+            word = np.int32 if self.width == 4 else np.int64
+            self._device_maps[key] = tuple(torch.as_tensor(t, device=device) for t in (
+                np.ascontiguousarray(self.x).view(word)[:, 0], np.ascontiguousarray(self.y).view(word)[:, 0],
+                self.offset))
+        return self._device_maps[key]
 
 
-def _int8_digits(table: LowRankTable) -> Int8Digits | None:
-    """The digit form of a table's integer factors (x digit columns pair with the y digits of the same
-    factor; the pair of digits d, e lands in the GEMM of scale d + e), or None when the factors exceed
-    int64 (no digits are worth it then)."""
-    if table.x.dtype == object or table.y.dtype == object or table.term_bound >= 2**62:
+def _factorizations(table: LowRankTable):
+    """Exact ``(x, y, denominator)`` factorizations of the table: its own and, for a LUT, one of the
+    whole table (no exact-product column; verified here)."""
+    yield table.x, table.y, table.denominator
+    if table.exact_part is None:
+        return
+    values = _exact_matmul(table.x, table.y.T) // table.denominator
+    factors = _rank_factorization(np.asarray(values, dtype=np.int64), table.width)
+    if factors is not None and np.array_equal(_exact_matmul(factors[0], factors[1].T),
+                                              np.asarray(values, dtype=object) * factors[2]):
+        yield factors
+
+
+def _fits_int8(column: np.ndarray) -> bool:
+    return column.min() >= -128 and column.max() <= 127
+
+
+def _int8_pairs(x: np.ndarray, y: np.ndarray, limit: int):
+    """Int8 columns (u, v) and an offset with ``x @ y.T == u @ v.T + offset[None, :]``, or None
+    beyond ``limit`` columns.
+
+    A factor column out of int8 range is centred when its range allows: ``u = u' + c`` moves
+    ``c * v(b)`` into the offset, ``v = v' + c`` moves ``c * u(a)`` into an a-only column (paired
+    with ones, handled last). Otherwise the larger column splits into balanced base-``s`` digits,
+    ``u = lo + s * hi``, paired with ``v`` and ``s * v`` (``s * |v| <= 127``), or, when the other
+    column is too large for that, into its int8 clip and the rest.
+    """
+    if max(np.abs(x).max(initial=0), np.abs(y).max(initial=0)) >= 2**31:
         return None
-    x_digits = [_balanced_digits(column) for column in table.x.T]
-    y_digits = [_balanced_digits(column) for column in table.y.T]
-    columns = [(i, d) for i, digits in enumerate(x_digits) for d in range(len(digits))]
-    x = np.stack([x_digits[i][d] for i, d in columns], axis=1)
-    zero = np.zeros(LUT_SIZE, dtype=np.int64)
-    ys, scales, bounds, total = [], [], [], np.zeros((LUT_SIZE, LUT_SIZE), dtype=np.int64)
-    for scale in range(max(len(xd) + len(yd) - 1 for xd, yd in zip(x_digits, y_digits))):
-        y = np.stack([y_digits[i][scale - d] if 0 <= scale - d < len(y_digits[i]) else zero
-                      for i, d in columns], axis=1)
-        if y.any():
-            ys.append(y.astype(np.int8))
-            scales.append(scale)
-            bounds.append(int((np.abs(x) @ np.abs(y).T).max()))
-            total += (x @ y.T) << (8 * scale)
-    if not np.array_equal(total, table.x @ table.y.T):
-        log.warning("int8 digits failed their exact check; float GEMMs stay in use")
+    work = [(x[:, i].astype(np.int64), y[:, i].astype(np.int64)) for i in range(x.shape[1])]
+    pairs, offset = [], np.zeros(LUT_SIZE, dtype=np.int64)
+    a_only, ones = np.zeros(LUT_SIZE, dtype=np.int64), np.ones(LUT_SIZE, dtype=np.int64)
+    while work or a_only.any():
+        if not work:
+            work.append((a_only, ones))
+            a_only = np.zeros(LUT_SIZE, dtype=np.int64)
+        u, v = work.pop()
+        if not (u.any() and v.any()):
+            continue
+        if len(pairs) + len(work) + 1 + bool(a_only.any()) > limit:
+            return None
+        if _fits_int8(u) and _fits_int8(v):
+            pairs.append((u, v))
+        elif not _fits_int8(u) and np.ptp(u) <= 255:
+            centre = int(u.min()) + 128
+            work.append((u - centre, v))
+            offset += centre * v
+        elif not _fits_int8(v) and np.ptp(v) <= 255:
+            centre = int(v.min()) + 128
+            work.append((u, v - centre))
+            a_only += centre * u
+        else:
+            swap = np.abs(v).max() > np.abs(u).max()
+            big, small = (v, u) if swap else (u, v)
+            base = 127 // int(np.abs(small).max())
+            if base >= 2:
+                low = (big + base // 2) % base - base // 2
+                parts = [(low, small), ((big - low) // base, base * small)]
+            else:  # both sides too large for base digits: the int8 part and the rest, separately
+                clipped = np.clip(big, -127, 127)
+                parts = [(clipped, small), (big - clipped, small)]
+            work += [(q, p) for p, q in parts] if swap else parts
+    return pairs, offset
+
+
+def _int8_candidates(table: LowRankTable):
+    """(x, y, denominator, code_scale) factorizations to convert to int8: the table's own ones and,
+    when its column 0 is the signed x signed exact product, the rest with that product left to an
+    int8 GEMM of the codes themselves (``code_scale`` times it; no gather)."""
+    for x, y, denominator in _factorizations(table):
+        yield x, y, denominator, 0
+    if table.exact_part == (True, True):
+        yield table.x[:, 1:], table.y[:, 1:], table.denominator, table.denominator
+
+
+def _int8_maps(table: LowRankTable) -> Int8Maps | None:
+    """The int8 form with the narrowest packed word (then: no code GEMM, fewest columns), at most 8
+    columns, verified in integer arithmetic."""
+    best = None
+    for x, y, denominator, code_scale in _int8_candidates(table):
+        converted = _int8_pairs(x, y, limit=8)
+        if converted is None:
+            continue
+        key = (len(converted[0]) > 4, code_scale != 0, len(converted[0]))
+        if best is None or key < best[0]:
+            best = (key, converted, x, y, denominator, code_scale)
+    if best is None:
         return None
-    return Int8Digits(x.astype(np.int8), tuple(ys), tuple(scales), tuple(bounds))
+    _, (pairs, offset), x, y, denominator, code_scale = best
+    width = 4 if len(pairs) <= 4 else 8
+    u, v = np.zeros((LUT_SIZE, width), dtype=np.int64), np.zeros((LUT_SIZE, width), dtype=np.int64)
+    for i, (p, q) in enumerate(pairs):
+        u[:, i], v[:, i] = p, q
+    if not np.array_equal((u @ v.T + offset[None, :]).astype(object), _exact_matmul(x, y.T)):
+        log.warning("int8 maps failed their exact check; float GEMMs stay in use")
+        return None
+    bound = int((np.abs(u) @ np.abs(v).T).max(initial=0))
+    return Int8Maps(u.astype(np.int8), v.astype(np.int8), offset, denominator, bound, code_scale)
 
 
 @functools.lru_cache(maxsize=None)
@@ -510,12 +656,12 @@ def candidate_plans(table: LowRankTable, groups: int, m: int, k: int, n: int,
     maps = (m * k + k * n) * width * MAP_COST
     macs = m * k * n * width
     accumulable = k * table.term_bound < FLOAT64_EXACT  # chunk sums add up exactly in float64/int64
-    digits = table.int8_digits
-    if device.type == "cpu" and digits is not None and accumulable and int8_gemm_is_exact():
-        chunk = min((INT32_EXACT - 1) // max(1, bound) for bound in digits.bounds)
-        gemms = len(digits.scales) * -(-k // chunk)
-        cost = (m * k * n * digits.x.shape[1] * len(digits.scales) * INT8_MAC_COST
-                + (m * k + k * n * len(digits.scales)) * INT8_MAP_COST + gemms * m * n * ACCUMULATE_COST)
+    int8 = table.int8
+    if (device.type == "cpu" and int8 is not None and int8_gemm_is_exact()
+            and k * int8.sum_bound < FLOAT64_EXACT):
+        chunk = (INT32_EXACT - 1) // max(1, int8.bound, 128 * 128 if int8.code_scale else 0)
+        cost = ((m * k + k * n) * INT8_INDEX_COST + m * k * n * int8.width * INT8_MAC_COST
+                + -(-k // chunk) * (m * n * ACCUMULATE_COST + INT8_CALL_COST))
         plans.append(GemmPlan(torch.int8, min(chunk, k), groups * cost))
     chunk = (FLOAT32_EXACT - 1) // max(1, table.term_bound)
     if _float32_matmul_is_ieee(device) and chunk >= 1 and accumulable:
@@ -528,15 +674,23 @@ def candidate_plans(table: LowRankTable, groups: int, m: int, k: int, n: int,
 
 def plan_gemm(table: LowRankTable, groups: int, m: int, k: int, n: int,
               device: torch.device) -> GemmPlan | None:
-    """The cheapest exact plan for a [G, M, K] x [G, K, N] LUT GEMM, or None when none is exact."""
-    return min(candidate_plans(table, groups, m, k, n, device), key=lambda p: p.cost, default=None)
+    """The cheapest exact plan for a [G, M, K] x [G, K, N] LUT GEMM, or None when none is exact
+    (kept per shape, device and float32 matmul setting: training repeats the same shapes)."""
+    key = (groups, m, k, n, str(device), _float32_matmul_is_ieee(device))
+    if key not in table._plans:
+        if len(table._plans) >= CACHE_SIZE:
+            table._plans.clear()
+        table._plans[key] = min(candidate_plans(table, groups, m, k, n, device), key=lambda p: p.cost,
+                                default=None)
+    return table._plans[key]
 
 
-def lowrank_gemm(a_idx: torch.Tensor, b_idx: torch.Tensor, table: LowRankTable,
-                 plan: GemmPlan) -> torch.Tensor:
-    """out[g, m, n] = sum_k table[a_idx[g, m, k], b_idx[g, k, n]], exact, as float64 (see the module)."""
+def lowrank_gemm(a: torch.Tensor, b: torch.Tensor, table: LowRankTable, plan: GemmPlan) -> torch.Tensor:
+    """out[g, m, n] = sum_k table[byte(a[g, m, k]), byte(b[g, k, n])] of code tensors, exact, as
+    float64 (see the module)."""
     if plan.dtype == torch.int8:
-        return _int8_gemm(a_idx, b_idx, table, plan.k_chunk)
+        return _int8_gemm(a, b, table.int8, plan.k_chunk)
+    a_idx, b_idx = code_to_index(a), code_to_index(b)
     groups, m, k = a_idx.shape
     n = b_idx.shape[2]
     width = table.width
@@ -560,32 +714,129 @@ def lowrank_gemm(a_idx: torch.Tensor, b_idx: torch.Tensor, table: LowRankTable,
     return out.div_(table.denominator) if table.denominator != 1 else out
 
 
-def _int8_gemm(a_idx: torch.Tensor, b_idx: torch.Tensor, table: LowRankTable, chunk: int) -> torch.Tensor:
-    """The int8 plan: per K chunk and scale s, an int8 GEMM of digit maps (int32 sums below 2**31),
-    added times 256**s into int64, then divided by the denominator (an exact integer quotient)."""
-    groups, m, k = a_idx.shape
-    n = b_idx.shape[2]
-    digits = table.int8_digits
-    x, ys = digits.maps(a_idx.device)
-    columns = x.shape[1]
-    ybs = []
-    for y in ys:  # fresh tensors: _int_mm misreads the strides of size-1 dims that views may carry
-        yb = torch.empty(groups, k * columns, n, dtype=torch.int8, device=a_idx.device)
-        yb.view(groups, k, columns, n).copy_(F.embedding(b_idx, y).transpose(2, 3))
-        ybs.append(yb)
-    out = torch.zeros(groups, m, n, dtype=torch.int64, device=a_idx.device)
-    rows = max(1, MAP_ELEMENTS // (chunk * columns))
-    for m0 in range(0, m, rows):
-        m1 = min(m, m0 + rows)
-        for k0 in range(0, k, chunk):
-            k1 = min(k, k0 + chunk)
-            xa = F.embedding(a_idx[:, m0:m1, k0:k1], x).reshape(groups, m1 - m0, (k1 - k0) * columns)
-            for g in range(groups):
-                for scale, yb in zip(digits.scales, ybs):
-                    part = torch._int_mm(xa[g], yb[g, k0 * columns:k1 * columns]).to(torch.int64)
-                    out[g, m0:m1] += part << (8 * scale) if scale else part
-    result = out.to(torch.float64)
-    return result.div_(table.denominator) if table.denominator != 1 else result
+_workspace = threading.local()
+_PAIRS_READABLE = sys.byteorder == "little" and hasattr(torch, "uint16")  # two int8 codes as one uint16
+
+
+def _buffer(name: str, shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """A reusable scratch tensor (per thread, grown on demand): the int8 plan's blocks repeat every
+    call, and touching fresh memory costs as much as the gathers themselves on some machines."""
+    numel = math.prod(shape)
+    buffers = _workspace.__dict__.setdefault("buffers", {})
+    key = (name, dtype, str(device))
+    if key not in buffers or buffers[key].numel() < numel:
+        buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buffers[key][:numel].view(shape)
+
+
+def _gather_words(words: torch.Tensor, codes: torch.Tensor, name: str) -> torch.Tensor:
+    """``words[byte(codes)]`` (uint16 codes: byte pairs, ``words[codes]``) flattened, into scratch
+    memory: int8 maps [codes.numel() * bytes per word]."""
+    index = _buffer(name + " index", codes.shape, torch.int32, codes.device)
+    index = index.copy_(codes) if codes.dtype == torch.uint16 else code_to_index(codes, out=index)
+    out = _buffer(name + " words", (codes.numel(),), words.dtype, codes.device)
+    return torch.index_select(words, 0, index.view(-1), out=out).view(torch.int8)
+
+
+def _int8_columns(b: torch.Tensor, maps: Int8Maps) -> tuple[torch.Tensor, torch.Tensor]:
+    """B-side operands of the int8 plan: int8 [G, K * width, N] (row (k, i) = y_i(b[k, :])) and
+    the offset summed over K, int64 [G, N]."""
+    _, y_words, offset = maps.tensors(b.device)
+    b_idx = code_to_index(b)
+    groups, k, n = b_idx.shape
+    y = y_words.index_select(0, b_idx.reshape(-1)).view(torch.int8).view(groups, k, n, maps.width)
+    offset = offset.index_select(0, b_idx.reshape(-1)).view(groups, k, n).sum(1)
+    return y.permute(0, 1, 3, 2).reshape(groups, k * maps.width, n), offset
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """Row-major with canonical strides, size-1 dims included (``torch._int_mm`` misreads the
+    arbitrary strides that a contiguous view may carry on them)."""
+    if not t.is_contiguous():
+        return t.contiguous()
+    strides = [1] * t.dim()
+    for d in range(t.dim() - 2, -1, -1):
+        strides[d] = strides[d + 1] * t.shape[d + 1]
+    return t.as_strided(t.shape, strides)
+
+
+def _int8_words_gemm(x: torch.Tensor, y: torch.Tensor, chunk: int, width: int) -> torch.Tensor:
+    """int8 GEMM of gathered maps x [rows, K * width] with y [K * width, N]: int32 sums over
+    ``chunk`` K columns (exact below 2**31), as int32 (one chunk) or int64."""
+    k = x.shape[1] // width
+    if chunk >= k:
+        return torch._int_mm(_dense(x), _dense(y))
+    total = torch.zeros(x.shape[0], y.shape[1], dtype=torch.int64, device=x.device)
+    for k0 in range(0, k, chunk):
+        k1 = min(k, k0 + chunk)
+        total += torch._int_mm(_dense(x[:, k0 * width:k1 * width]), _dense(y[k0 * width:k1 * width]))
+    return total
+
+
+def _int8_gemm(a: torch.Tensor, b: torch.Tensor, maps: Int8Maps, chunk: int) -> torch.Tensor:
+    """The int8 plan: per block of rows, one gather of packed int8 maps per index and int8 GEMMs
+    (int32 sums over ``chunk`` K columns), plus the offset, divided by the denominator (an exact
+    integer quotient). Row blocks keep the maps in cache and memory bounded."""
+    groups, m, k = a.shape
+    y, offset = _int8_columns(b, maps)
+    b_bytes = _code_bytes(b, "gemm columns") if maps.code_scale else None
+    out = torch.empty(groups, m, b.shape[2], dtype=torch.float64, device=a.device)
+    x_words, gathered = maps.tensors(a.device)[0], a
+    if _PAIRS_READABLE and maps.width == 4 and a.dtype in (torch.int8, torch.uint8) and k % 2 == 0:
+        a = a.contiguous()
+        x_words, gathered = maps.pair_words(a.device), a.view(torch.uint16)  # byte pairs: half the gathers
+    rows = max(1, MAP_BYTES // (k * maps.width))
+    for g in range(groups):
+        for m0 in range(0, m, rows):
+            x = _gather_words(x_words, gathered[g, m0:m0 + rows], "gemm rows").view(-1, k * maps.width)
+            block = out[g, m0:m0 + rows]
+            block.copy_(_int8_words_gemm(x, y[g], chunk, maps.width))
+            if maps.code_scale:
+                a_bytes = _code_bytes(a[g, m0:m0 + rows], "gemm row codes")
+                block.add_(_int8_words_gemm(a_bytes, b_bytes[g], chunk, 1), alpha=maps.code_scale)
+        out[g] += offset[g]
+    return out.div_(maps.denominator) if maps.denominator != 1 else out
+
+
+def _code_bytes(codes: torch.Tensor, name: str) -> torch.Tensor:
+    """The codes' bytes read as int8 (their signed values; contiguous, scratch memory for other
+    dtypes): the operands of the code GEMM."""
+    if codes.dtype in (torch.int8, torch.uint8):
+        return codes.contiguous().view(torch.int8)
+    index = code_to_index(codes, out=_buffer(name + " index", codes.shape, torch.int32, codes.device))
+    return _buffer(name + " bytes", codes.shape, torch.uint8, codes.device).copy_(index).view(torch.int8)
+
+
+def int8_conv2d(x: torch.Tensor, w: torch.Tensor, table: LowRankTable, chunk: int, stride, dilation,
+                groups: int) -> torch.Tensor:
+    """LUT convolution of padded codes x [B, C, H, W] with codes w [O, C/G, kh, kw] on the int8
+    plan, float64 [B, O, Ho, Wo]: the maps are gathered once per input element (not per unfolded
+    one) and the packed words are unfolded, in batch blocks."""
+    maps = table.int8
+    batch, channels, height, width = x.shape
+    out_channels, group_channels, kh, kw = w.shape
+    ho = (height - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (width - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    k = group_channels * kh * kw
+    y, offset = _int8_columns(w.reshape(groups, out_channels // groups, k).transpose(1, 2), maps)
+    words = _gather_words(maps.tensors(x.device)[0], x, "conv input").view(-1, maps.width)
+    words = words.view(maps.tensors(x.device)[0].dtype).view(batch, groups, group_channels, height, width)
+    s_b, s_g, s_c, s_h, s_w = words.stride()
+    out = torch.empty(batch, out_channels, ho, wo, dtype=torch.float64, device=x.device)
+    by_group = out.view(batch, groups, out_channels // groups, ho * wo)
+    block = max(1, MAP_BYTES // (ho * wo * k * maps.width))
+    for b0 in range(0, batch, block):
+        nb = min(batch, b0 + block) - b0
+        windows = words[b0:b0 + nb].as_strided(  # [B, G, ho, wo, C/G, kh, kw], a view
+            (nb, groups, ho, wo, group_channels, kh, kw),
+            (s_b, s_g, stride[0] * s_h, stride[1] * s_w, s_c, dilation[0] * s_h, dilation[1] * s_w))
+        for g in range(groups):
+            rows = _buffer("conv rows", (nb, ho, wo, group_channels, kh, kw), words.dtype, x.device)
+            rows = rows.copy_(windows[:, g]).view(nb * ho * wo, k).view(torch.int8)
+            product = _int8_words_gemm(rows, y[g], chunk, maps.width).view(nb, ho * wo, -1)
+            by_group[b0:b0 + nb, g].copy_(product.transpose(1, 2))
+    by_group += offset[None, :, :, None]
+    return out.div_(maps.denominator) if maps.denominator != 1 else out
 
 
 def _resolve(strategy: str | None) -> str:
@@ -596,7 +847,7 @@ def _resolve(strategy: str | None) -> str:
 
 
 def _gather_cost(groups: int, m: int, k: int, n: int) -> float:
-    return groups * m * k * n * _settings["lookup_cost"]
+    return groups * m * k * (n + GATHER_ROW_LOOKUPS) * _settings["lookup_cost"]
 
 
 def choose_plan(table: LowRankTable | None, groups: int, m: int, k: int, n: int, device: torch.device,
@@ -616,17 +867,89 @@ def choose_plan(table: LowRankTable | None, groups: int, m: int, k: int, n: int,
     return plan, f"low rank {table.rank}, {plan}"
 
 
-def try_lowrank_gemm(a_idx: torch.Tensor, b_idx: torch.Tensor, lut: torch.Tensor,
-                     strategy: str | None = None) -> torch.Tensor | None:
-    """The LUT GEMM through low-rank maps when the strategy picks it, else None (use the gather)."""
-    groups, m, k = a_idx.shape
-    n = b_idx.shape[2]
+def _lowrank_plan(lut: torch.Tensor, groups: int, m: int, k: int, n: int, device: torch.device,
+                  strategy: str | None, what: str):
+    """(factorized table, plan) when the strategy picks low rank for this GEMM shape, else None."""
     if _resolve(strategy) == "gather" or groups * m * k * n == 0:
         return None
     table = factorize_lut(lut)
-    plan, reason = choose_plan(table, groups, m, k, n, a_idx.device, strategy)
-    log.debug("lut gemm: %s, shape G=%d M=%d K=%d N=%d", reason, groups, m, k, n)
-    return None if plan is None else lowrank_gemm(a_idx, b_idx, table, plan)
+    plan, reason = choose_plan(table, groups, m, k, n, device, strategy)
+    log.debug("lut %s: %s, shape G=%d M=%d K=%d N=%d", what, reason, groups, m, k, n)
+    return None if plan is None else (table, plan)
+
+
+def try_lowrank_gemm(a: torch.Tensor, b: torch.Tensor, lut: torch.Tensor,
+                     strategy: str | None = None) -> torch.Tensor | None:
+    """The LUT GEMM of codes a [G, M, K] and b [G, K, N] through low-rank maps when the strategy
+    picks it, else None (use the gather)."""
+    groups, m, k = a.shape
+    chosen = _lowrank_plan(lut, groups, m, k, b.shape[2], a.device, strategy, "gemm")
+    return None if chosen is None else lowrank_gemm(a, b, *chosen)
+
+
+_EXACT_CONV_BACKENDS = ("Mkldnn", "Slow2d", "SlowDilated2d")  # direct or im2col + GEMM: no Winograd/FFT
+
+
+def _float32_conv_is_exact(x: torch.Tensor, w: torch.Tensor, stride, dilation, groups: int) -> bool:
+    """Whether torch computes this float32 conv2d as plain sums of products (then integer operands
+    with every partial sum below 2**24 give the exact result): a CPU backend that is direct (oneDNN's
+    ``convolution_direct``, which torch always asks for) or im2col + GEMM, at IEEE float32
+    precision. NNPACK's or cuDNN's Winograd/FFT algorithms would round."""
+    select = getattr(torch._C, "_select_conv_backend", None)
+    if x.device.type != "cpu" or select is None:
+        return False
+    mkldnn = torch.backends.mkldnn
+    precisions = (getattr(mkldnn, "fp32_precision", "none"), getattr(getattr(mkldnn, "conv", None), "fp32_precision", "none"))
+    if any(p not in ("none", "ieee") for p in precisions):
+        return False
+    try:
+        backend = select(x, w, None, list(stride), [0, 0], list(dilation), False, [0, 0], groups, None)
+    except (RuntimeError, TypeError):
+        return False
+    return str(backend).rsplit(".", 1)[-1] in _EXACT_CONV_BACKENDS
+
+
+def map_conv2d(x: torch.Tensor, w: torch.Tensor, table: LowRankTable, stride, dilation,
+               groups: int) -> torch.Tensor | None:
+    """Map-then-conv: one float32 conv2d of the factor maps of padded codes x [B, C, H, W] with
+    those of codes w [O, C/G, kh, kw] (channel (c, i) holds map i of channel c), float64
+    [B, O, Ho, Wo]; None unless provably exact (see :func:`_float32_conv_is_exact`, and every
+    partial sum is an integer below K * bound < 2**24)."""
+    maps = table.conv_maps
+    out_channels, group_channels, kh, kw = w.shape
+    if maps is None or group_channels * kh * kw * maps.bound >= FLOAT32_EXACT:
+        return None
+    x_map, y_map = maps.tensors(x.device)
+    rank = x_map.shape[1]
+    batch, channels, height, width = x.shape
+    xm = F.embedding(code_to_index(x), x_map).permute(0, 1, 4, 2, 3).reshape(batch, channels * rank, height, width)
+    ym = F.embedding(code_to_index(w), y_map).permute(0, 1, 4, 2, 3).reshape(out_channels, group_channels * rank,
+                                                                             kh, kw)
+    if not _float32_conv_is_exact(xm, ym, stride, dilation, groups):
+        return None
+    out = F.conv2d(xm, ym, stride=stride, dilation=dilation, groups=groups).double()
+    return out.div_(maps.denominator) if maps.denominator != 1 else out
+
+
+def try_lowrank_conv2d(x: torch.Tensor, w: torch.Tensor, lut: torch.Tensor, stride, dilation, groups: int,
+                       strategy: str | None = None) -> torch.Tensor | None:
+    """The LUT convolution of padded codes x and codes w when the strategy picks low rank for the
+    convolution's GEMM and the maps can be gathered before the unfold: map-then-conv
+    (:func:`map_conv2d`) or the int8 plan's im2col of packed maps; else None (unfold, then
+    :func:`try_lowrank_gemm` or the gather)."""
+    batch, _, height, width = x.shape
+    out_channels, group_channels, kh, kw = w.shape
+    positions = (((height - dilation[0] * (kh - 1) - 1) // stride[0] + 1)
+                 * ((width - dilation[1] * (kw - 1) - 1) // stride[1] + 1))
+    chosen = _lowrank_plan(lut, groups, batch * positions, group_channels * kh * kw, out_channels // groups,
+                           x.device, strategy, "conv2d")
+    if chosen is None:
+        return None
+    table, plan = chosen
+    out = map_conv2d(x, w, table, stride, dilation, groups)
+    if out is None and plan.dtype == torch.int8 and not table.int8.code_scale:
+        out = int8_conv2d(x, w, table, plan.k_chunk, stride, dilation, groups)
+    return out
 
 
 def try_lowrank_backward(grad_out: torch.Tensor, a_idx: torch.Tensor, b_idx: torch.Tensor,
@@ -647,7 +970,7 @@ def try_lowrank_backward(grad_out: torch.Tensor, a_idx: torch.Tensor, b_idx: tor
         return None
     width = fa.width + fb.width
     cost = groups * FLOAT64_COST * (m * k * n * width + (m * k + k * n) * width * MAP_COST)
-    gather_cost = 2 * _gather_cost(groups, m, k, n)
+    gather_cost = BACKWARD_GATHER_FACTOR * _gather_cost(groups, m, k, n)
     if strategy == "auto" and cost >= gather_cost:
         log.debug("lut backward: gather (low rank costs %.3g > %.3g)", cost, gather_cost)
         return None
