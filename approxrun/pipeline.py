@@ -113,6 +113,17 @@ def _check_quant(quant: dict) -> None:
         raise ApproxrunError(f"quant.grad={quant.get('grad')!r}: expected one of {', '.join(approxrun.ops.GRAD_MODES)}")
 
 
+def _lut_strategy(lut: dict):
+    """The run's LUT GEMM strategy (``lut.strategy``, ``lut.lookup_cost``), restored afterwards."""
+    strategy, lookup_cost = lut.get("strategy", "auto"), lut.get("lookup_cost")
+    if strategy not in approxrun.ops.STRATEGIES:
+        raise ApproxrunError(f"lut.strategy={strategy!r}: expected one of {', '.join(approxrun.ops.STRATEGIES)}")
+    if lookup_cost is not None and (isinstance(lookup_cost, bool) or not isinstance(lookup_cost, (int, float))
+                                    or not lookup_cost > 0):
+        raise ApproxrunError(f"lut.lookup_cost={lookup_cost!r}: expected null or a number > 0")
+    return approxrun.ops.use_strategy(strategy, lookup_cost)
+
+
 def select_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -297,7 +308,8 @@ def run(cfg, out_dir: str | Path) -> dict:
     metrics: dict = {"status": "running", "error": None,
                      "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "stages": {}}
     try:
-        _run(cfg, out_dir, metrics)
+        with _lut_strategy(to_container(cfg).get("lut") or {}):
+            _run(cfg, out_dir, metrics)
         metrics["status"] = "completed"
         return metrics
     except BaseException as exc:

@@ -25,10 +25,10 @@ from approxrun.multipliers.multiplier import Multiplier
 from approxrun.ops import cuda as cuda_backend
 from approxrun.ops.gather import depthwise_lut_gemm, grouped_lut_gemm
 from approxrun.ops.gradients import gradient_tables, grouped_lut_gemm_backward
-from approxrun.ops.lowrank import (get_strategy, set_strategy, try_lowrank_backward, try_lowrank_conv2d,
-                                   try_lowrank_gemm, use_strategy)
+from approxrun.ops.lowrank import (STRATEGIES, get_strategy, set_strategy, try_lowrank_backward,
+                                   try_lowrank_conv2d, try_lowrank_gemm, use_strategy)
 
-__all__ = ["lut_matmul", "lut_conv2d", "GRAD_MODES", "set_strategy", "get_strategy", "use_strategy"]
+__all__ = ["lut_matmul", "lut_conv2d", "GRAD_MODES", "STRATEGIES", "set_strategy", "get_strategy", "use_strategy"]
 
 log = logging.getLogger(__name__)
 GRAD_MODES = ("ste", "lut")

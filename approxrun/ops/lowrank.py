@@ -715,7 +715,19 @@ def lowrank_gemm(a: torch.Tensor, b: torch.Tensor, table: LowRankTable, plan: Ge
 
 
 _workspace = threading.local()
-_PAIRS_READABLE = sys.byteorder == "little" and hasattr(torch, "uint16")  # two int8 codes as one uint16
+
+
+@functools.lru_cache(maxsize=None)
+def _byte_pairs_readable() -> bool:
+    """Whether two int8 codes read as one uint16 give ``low | high << 8`` (a little-endian machine,
+    and a torch with uint16 views and copies)."""
+    if sys.byteorder != "little" or not hasattr(torch, "uint16"):
+        return False
+    try:
+        pair = torch.tensor([1, 2], dtype=torch.uint8).view(torch.uint16)
+        return int(torch.empty(1, dtype=torch.int32).copy_(pair)) == 0x0201
+    except (RuntimeError, TypeError):
+        return False
 
 
 def _buffer(name: str, shape, dtype: torch.dtype, device) -> torch.Tensor:
@@ -782,7 +794,7 @@ def _int8_gemm(a: torch.Tensor, b: torch.Tensor, maps: Int8Maps, chunk: int) -> 
     b_bytes = _code_bytes(b, "gemm columns") if maps.code_scale else None
     out = torch.empty(groups, m, b.shape[2], dtype=torch.float64, device=a.device)
     x_words, gathered = maps.tensors(a.device)[0], a
-    if _PAIRS_READABLE and maps.width == 4 and a.dtype in (torch.int8, torch.uint8) and k % 2 == 0:
+    if maps.width == 4 and a.dtype in (torch.int8, torch.uint8) and k % 2 == 0 and _byte_pairs_readable():
         a = a.contiguous()
         x_words, gathered = maps.pair_words(a.device), a.view(torch.uint16)  # byte pairs: half the gathers
     rows = max(1, MAP_BYTES // (k * maps.width))
@@ -819,17 +831,18 @@ def int8_conv2d(x: torch.Tensor, w: torch.Tensor, table: LowRankTable, chunk: in
     wo = (width - dilation[1] * (kw - 1) - 1) // stride[1] + 1
     k = group_channels * kh * kw
     y, offset = _int8_columns(w.reshape(groups, out_channels // groups, k).transpose(1, 2), maps)
-    words = _gather_words(maps.tensors(x.device)[0], x, "conv input").view(-1, maps.width)
-    words = words.view(maps.tensors(x.device)[0].dtype).view(batch, groups, group_channels, height, width)
-    s_b, s_g, s_c, s_h, s_w = words.stride()
+    x_words = maps.tensors(x.device)[0]
     out = torch.empty(batch, out_channels, ho, wo, dtype=torch.float64, device=x.device)
     by_group = out.view(batch, groups, out_channels // groups, ho * wo)
     block = max(1, MAP_BYTES // (ho * wo * k * maps.width))
     for b0 in range(0, batch, block):
         nb = min(batch, b0 + block) - b0
-        windows = words[b0:b0 + nb].as_strided(  # [B, G, ho, wo, C/G, kh, kw], a view
+        words = _gather_words(x_words, x[b0:b0 + nb], "conv input").view(-1, maps.width).view(x_words.dtype)
+        s_c, s_h, s_w = height * width, width, 1
+        windows = words.as_strided(  # [B, G, ho, wo, C/G, kh, kw], a view
             (nb, groups, ho, wo, group_channels, kh, kw),
-            (s_b, s_g, stride[0] * s_h, stride[1] * s_w, s_c, dilation[0] * s_h, dilation[1] * s_w))
+            (channels * s_c, group_channels * s_c, stride[0] * s_h, stride[1] * s_w, s_c, dilation[0] * s_h,
+             dilation[1] * s_w))
         for g in range(groups):
             rows = _buffer("conv rows", (nb, ho, wo, group_channels, kh, kw), words.dtype, x.device)
             rows = rows.copy_(windows[:, g]).view(nb * ho * wo, k).view(torch.int8)
