@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 from approxrun.utils.files import atomic_write_text
@@ -38,7 +39,7 @@ def collect(sweep_dir: Path) -> tuple[list[str], list[dict]]:
             metrics = {"status": "failed", "error": f"unreadable metrics.json ({exc})", "stages": {}}
         row = {"job": job.name, "overrides": _overrides(job), "status": metrics.get("status", "unknown"),
                "error": metrics.get("error") or "", "relative_energy": metrics.get("relative_energy"),
-               "multiplier": (metrics.get("multiplier") or {}).get("name", "")}
+               "multiplier": multipliers_used(metrics)}
         for name, stage in (metrics.get("stages") or {}).items():
             if name not in stage_names:
                 stage_names.append(name)
@@ -47,6 +48,18 @@ def collect(sweep_dir: Path) -> tuple[list[str], list[dict]]:
         row["final_accuracy"] = stages[-1].get("test_accuracy") if stages else None
         rows.append(row)
     return stage_names, rows
+
+
+def multipliers_used(metrics: dict) -> str:
+    """The multipliers of a job's last stage that assigned them per layer: one name, or e.g.
+    ``drum_4 x2 + exact`` for a heterogeneous assignment; otherwise the run's multiplier."""
+    for stage in reversed(list((metrics.get("stages") or {}).values())):
+        if stage.get("multipliers"):
+            counts = Counter(stage["multipliers"].values())
+            if len(counts) == 1:
+                return next(iter(counts))
+            return " + ".join(name if n == 1 else f"{name} x{n}" for name, n in counts.items())
+    return (metrics.get("multiplier") or {}).get("name", "")
 
 
 def _job_order(name: str):
