@@ -85,6 +85,10 @@ def stage_configs(cfg: dict) -> list[dict]:
         spec = stage_kind(kind)
         merged = _deep_merge((cfg["model"].get("train") or {}).get(kind, {}), entry) if spec.trains else entry
         merged.update(name=name, kind=kind)
+        unknown = sorted(set(merged) - set(spec.accepted))
+        if unknown:
+            raise ApproxrunError(f"schedule.stages.{name}.{unknown[0]}: not a setting of a {kind} stage "
+                                 f"(expected: {', '.join(spec.accepted[2:]) or 'none'})")
         if spec.trains:
             _check_training(merged)
         result.append(merged)

@@ -106,6 +106,8 @@ CASES = {
     "unknown_dataset": (["dataset=imagenet_22k"], ["dataset=imagenet_22k", "unknown dataset"]),
     "bits_zero": (["quant.bits_b=0"], ["quant.bits_b=0", "from 2 to 8"]),
     "negative_schedule_epochs": (["++schedule.stages.approx.epochs=-4"], ["stage approx", "epochs=-4"]),
+    "misspelt_stage_setting": (["schedule=agn", "++schedule.stages.gradient.lmdb=0.5"],
+                               ["schedule.stages.gradient.lmdb", "not a setting of a gradient stage", "lmbd"]),
     "unknown_lut_strategy": (["lut.strategy=fastest"], ["lut.strategy='fastest'", "auto, gather, lowrank"]),
     "negative_lookup_cost": (["lut.lookup_cost=-2"], ["lut.lookup_cost=-2", "a number > 0"]),
     "c_model_does_not_compile": (["multiplier=mul8s_BAD"], [f"{{corpus}}/{C_MODEL}", "does not compile"]),

@@ -43,21 +43,32 @@ class StageResult:
     state: dict = field(default_factory=dict)
 
 
+TRAINING_SETTINGS = ("epochs", "optimizer", "scheduler")
+
+
 @dataclass(frozen=True)
 class StageKind:
     run: Callable[[StageContext, Mapping], StageResult]
     uses_multiplier: bool  # the multiplier is part of the stage's cache key
     cacheable: bool = True
     trains: bool = True  # needs epochs/optimizer settings
+    settings: tuple[str, ...] = ()  # the stage's own config keys, besides kind, name and training
+
+    @property
+    def accepted(self) -> tuple[str, ...]:
+        """Every key a stage entry of this kind may hold (any other is a typo)."""
+        return ("kind", "name", *(TRAINING_SETTINGS if self.trains else ()), *self.settings)
 
 
 STAGE_KINDS: dict[str, StageKind] = {}
 
 
-def register(kind: str, uses_multiplier: bool = False, cacheable: bool = True, trains: bool = True):
-    """Decorator adding a stage function to the registry under ``kind``."""
+def register(kind: str, uses_multiplier: bool = False, cacheable: bool = True, trains: bool = True,
+             settings: tuple[str, ...] = ()):
+    """Decorator adding a stage function to the registry under ``kind``; ``settings`` lists the
+    stage's own config keys, so that a misspelt one is refused before any stage runs."""
     def wrap(fn):
-        STAGE_KINDS[kind] = StageKind(fn, uses_multiplier, cacheable, trains)
+        STAGE_KINDS[kind] = StageKind(fn, uses_multiplier, cacheable, trains, tuple(settings))
         return fn
     return wrap
 

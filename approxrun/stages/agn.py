@@ -142,7 +142,8 @@ def multiplier_fit(samples: Mapping[str, LayerSample], sigmas: Mapping[str, floa
     return report
 
 
-@register("gradient", uses_multiplier=True)
+@register("gradient", uses_multiplier=True,
+          settings=("lmbd", "sigma_max", "initial_noise", "sample_size", "rows"))
 def gradient(ctx: StageContext, stage_cfg: Mapping) -> StageResult:
     """Noise-aware training with a learnable noise scale sigma per layer (agn-approx gradient search).
 
@@ -205,7 +206,7 @@ def _check_domains(library: str, candidates: list[Multiplier], ctx: StageContext
                                      f"{ctx.multiplier.name})")
 
 
-@register("select", trains=False)
+@register("select", trains=False, settings=("library", "exact_power_mw", "sample_size", "rows"))
 def select(ctx: StageContext, stage_cfg: Mapping) -> StageResult:
     """Per layer, the cheapest ``library`` multiplier whose predicted error std fits the learned tolerance.
 

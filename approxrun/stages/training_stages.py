@@ -74,7 +74,7 @@ def approx(ctx: StageContext, stage_cfg: Mapping) -> StageResult:
     return StageResult(metrics)
 
 
-@register("eval", uses_multiplier=True, cacheable=False, trains=False)
+@register("eval", uses_multiplier=True, cacheable=False, trains=False, settings=("mode",))
 def evaluate_checkpoint(ctx: StageContext, stage_cfg: Mapping) -> StageResult:
     """Test accuracy of the loaded checkpoint under the multiplier, without training."""
     mode = stage_cfg.get("mode", "approx")
