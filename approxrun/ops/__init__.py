@@ -25,6 +25,7 @@ from approxrun.multipliers.multiplier import Multiplier
 from approxrun.ops import cuda as cuda_backend
 from approxrun.ops.gather import depthwise_lut_gemm, grouped_lut_gemm
 from approxrun.ops.gradients import gradient_tables, grouped_lut_gemm_backward
+from approxrun.ops.im2col import conv_output_size, grouped_columns, grouped_rows, scratch
 from approxrun.ops.lowrank import (STRATEGIES, get_strategy, set_strategy, try_lowrank_backward,
                                    try_lowrank_conv2d, try_lowrank_gemm, use_strategy)
 
@@ -32,7 +33,7 @@ __all__ = ["lut_matmul", "lut_conv2d", "GRAD_MODES", "STRATEGIES", "set_strategy
 
 log = logging.getLogger(__name__)
 GRAD_MODES = ("ste", "lut")
-UNFOLD_ELEMENTS = 1 << 23  # batch chunk of an unfolded convolution input (64 MB of int64)
+UNFOLD_ELEMENTS = 1 << 21  # batch block of an unfolded convolution input (8 MB of int32 codes)
 
 _tensor_cache: "weakref.WeakKeyDictionary[Multiplier, dict]" = weakref.WeakKeyDictionary()
 
@@ -73,13 +74,12 @@ def _code_gemm(a: torch.Tensor, b: torch.Tensor, lut: torch.Tensor, strategy: st
     lowrank_out = try_lowrank_gemm(a, b, lut, strategy)  # torch GEMMs, CPU or CUDA
     if lowrank_out is not None:
         return lowrank_out
-    a_idx, b_idx = code_to_index(a), code_to_index(b)
-    if a_idx.is_cuda:  # CuPy LUT kernels; without CuPy, a one-line install error
-        return cuda_backend.index_gemm(a_idx, b_idx, lut)
-    if b_idx.shape[2] == 1 and a_idx.shape[0] > 1:
-        log.debug("lut gemm: depthwise gather path for %d groups", a_idx.shape[0])
-        return depthwise_lut_gemm(a_idx, b_idx[:, :, 0], lut).unsqueeze(-1)
-    return grouped_lut_gemm(a_idx, b_idx, lut)
+    if a.is_cuda:  # CuPy LUT kernels; without CuPy, a one-line install error
+        return cuda_backend.index_gemm(code_to_index(a), code_to_index(b), lut)
+    if b.shape[2] == 1 and a.shape[0] > 1:
+        log.debug("lut gemm: depthwise gather path for %d groups", a.shape[0])
+        return depthwise_lut_gemm(code_to_index(a), code_to_index(b)[:, :, 0], lut).unsqueeze(-1)
+    return grouped_lut_gemm(a, b, lut)  # takes the bytes of a chunk by chunk
 
 
 class _GroupedLutGemm(torch.autograd.Function):
@@ -128,28 +128,13 @@ def lut_matmul(a: torch.Tensor, b: torch.Tensor, lut, grad: str = "ste") -> torc
     return _grouped_gemm(a.unsqueeze(0), b.unsqueeze(0), lut, grad)[0]
 
 
-def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
-
-
-def grouped_rows(x: torch.Tensor, kernel_size, stride, dilation, groups: int) -> torch.Tensor:
-    """im2col of an already padded input [B, C, H, W] into GEMM rows [G, B*L, C/G*kh*kw] per group."""
-    cols = F.unfold(x, kernel_size, dilation=dilation, stride=stride)  # [B, C*kh*kw, L]
-    batch, k, positions = cols.shape[0], cols.shape[1] // groups, cols.shape[2]
-    return cols.reshape(batch, groups, k, positions).permute(1, 0, 3, 2).reshape(groups, batch * positions, k)
-
-
-def grouped_columns(w: torch.Tensor, groups: int) -> torch.Tensor:
-    """Conv weights [O, C/G, kh, kw] as GEMM columns [G, C/G*kh*kw, O/G] per group."""
-    return w.reshape(groups, w.shape[0] // groups, -1).transpose(1, 2)
-
-
 def lut_conv2d(x: torch.Tensor, w: torch.Tensor, lut, stride=1, padding=0, dilation=1, groups: int = 1,
                pad_value: int = 0, grad: str = "ste") -> torch.Tensor:
     """Exact LUT convolution of codes x [B, C, H, W] with codes w [O, C/groups, kh, kw].
 
-    Padded positions hold the code ``pad_value``. The input is unfolded (im2col) in batch chunks
-    that keep memory bounded, and each group is a LUT GEMM.
+    Padded positions hold the code ``pad_value``. Without an autograd graph, low-rank LUTs gather
+    their maps before any unfold (:func:`approxrun.ops.lowrank.try_lowrank_conv2d`); otherwise the
+    input is unfolded (im2col) in batch blocks that keep memory bounded, and each group is a LUT GEMM.
     """
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
     if x.dim() != 4 or w.dim() != 4:
@@ -165,26 +150,51 @@ def lut_conv2d(x: torch.Tensor, w: torch.Tensor, lut, stride=1, padding=0, dilat
     if ho <= 0 or wo <= 0:
         raise ValueError(f"lut_conv2d: input {height}x{width} is too small for kernel {kh}x{kw}")
     integer = not (x.is_floating_point() or w.is_floating_point())
-    needs_graph = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
-    if not needs_graph and (integer or grad == "ste"):  # int8 low-rank maps gathered before the unfold
-        xp = F.pad(x, (padding[1], padding[1], padding[0], padding[0]), value=pad_value) if any(padding) else x
-        out = try_lowrank_conv2d(xp, w, _tables(lut, x.device, False)[0], stride, dilation, groups)
-        if out is not None:
-            return out.round_().to(torch.int64) if integer else out
-    work_dtype = torch.float64 if integer else (x.dtype if x.is_floating_point() else w.dtype)
-    xp = F.pad(x.to(work_dtype), (padding[1], padding[1], padding[0], padding[0]), value=float(pad_value))
-    wg = grouped_columns(w.to(work_dtype), groups)  # [G, K, O/G]
-    if integer:
-        wg = wg.to(torch.int64)
-    positions = ho * wo
-    chunk = max(1, UNFOLD_ELEMENTS // max(1, channels * kh * kw * positions))
+    pad = (padding[1], padding[1], padding[0], padding[0])
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+        return _differentiable_conv2d(F.pad(x, pad, value=float(pad_value)), w, lut, stride, dilation, groups, grad)
+    xp = F.pad(x, pad, value=pad_value if not x.is_floating_point() else float(pad_value)) if any(padding) else x
+    lut_values = _tables(lut, x.device, False)[0]
+    out = try_lowrank_conv2d(xp, w, lut_values, stride, dilation, groups)  # maps gathered before any unfold
+    if out is None:
+        out = _unfolded_conv2d(xp, w, lut_values, stride, dilation, groups)
+    return out.round_().to(torch.int64) if integer else out
+
+
+def _unfolded_conv2d(xp: torch.Tensor, w: torch.Tensor, lut: torch.Tensor, stride, dilation,
+                     groups: int) -> torch.Tensor:
+    """The convolution as LUT GEMMs of window rows, unfolded as int32 codes into scratch memory in
+    batch blocks (no autograd graph): float64 [B, O, Ho, Wo]."""
+    batch, channels, height, width = xp.shape
+    out_channels, _, kh, kw = w.shape
+    ho = conv_output_size(height, kh, stride[0], 0, dilation[0])
+    wo = conv_output_size(width, kw, stride[1], 0, dilation[1])
+    columns = grouped_columns(w, groups)  # [G, K, O/G]
+    out = torch.empty(batch, out_channels, ho, wo, dtype=torch.float64, device=xp.device)
+    by_group = out.view(batch, groups, out_channels // groups, ho * wo)
+    block = max(1, UNFOLD_ELEMENTS // (channels * kh * kw * ho * wo))
+    for b0 in range(0, batch, block):
+        nb = min(batch, b0 + block) - b0
+        rows = grouped_rows(xp[b0:b0 + nb], (kh, kw), stride, dilation, groups,
+                            out=scratch("lut conv rows", (nb * channels * kh * kw * ho * wo,), torch.int32, xp.device))
+        product = _code_gemm(rows, columns, lut)  # [G, nb*L, O/G]
+        by_group[b0:b0 + nb].copy_(product.view(groups, nb, ho * wo, -1).permute(1, 0, 3, 2))
+    return out
+
+
+def _differentiable_conv2d(xp: torch.Tensor, w: torch.Tensor, lut, stride, dilation, groups: int,
+                           grad: str) -> torch.Tensor:
+    """The convolution through the differentiable grouped LUT GEMM, in batch chunks."""
+    batch = xp.shape[0]
+    out_channels, _, kh, kw = w.shape
+    ho = conv_output_size(xp.shape[2], kh, stride[0], 0, dilation[0])
+    wo = conv_output_size(xp.shape[3], kw, stride[1], 0, dilation[1])
+    columns = grouped_columns(w.to(xp.dtype), groups)
+    chunk = max(1, UNFOLD_ELEMENTS // (xp.shape[1] * kh * kw * ho * wo))
     outs = []
     for b0 in range(0, batch, chunk):
-        a = grouped_rows(xp[b0:b0 + chunk], (kh, kw), stride, dilation, groups)  # [G, b*L, K]
-        nb = a.shape[1] // positions
-        if integer:
-            a = a.to(torch.int64)
-        out = _grouped_gemm(a, wg, lut, grad)  # [G, b*L, O/G]
-        outs.append(out.reshape(groups, nb, positions, -1).permute(1, 0, 3, 2)
-                    .reshape(nb, out_channels, ho, wo))
+        rows = grouped_rows(xp[b0:b0 + chunk], (kh, kw), stride, dilation, groups)  # [G, b*L, K]
+        out = _grouped_gemm(rows, columns, lut, grad)  # [G, b*L, O/G]
+        nb = rows.shape[1] // (ho * wo)
+        outs.append(out.reshape(groups, nb, ho * wo, -1).permute(1, 0, 3, 2).reshape(nb, out_channels, ho, wo))
     return torch.cat(outs) if len(outs) > 1 else outs[0]

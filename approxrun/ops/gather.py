@@ -24,13 +24,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from approxrun.lut import code_to_index
+
 FLOAT32_EXACT = 2**24
 TABLE_BYTES = 1 << 21  # one table tile: about the L2 cache, gathered from by every row chunk
 CHUNK_INDICES = 1 << 20  # index elements per embedding_bag call (fewer, larger calls amortise their overhead)
 MAX_TILE_K = 64  # deeper tiles of narrow rows fall out of L2 while the row chunks gather from them
 WIDE_ROW = 64  # table columns per tile; wider rows gather more products per index
 TRANSPOSE_BLOCK = 64  # columns per block of a transposing copy
-DIRECT_ROWS = 96  # below this many rows on both outer sides, building tables costs more than it saves
+DIRECT_ROWS = 192  # below this many rows on both outer sides, building tables costs more than it saves
 
 
 def _peak(lut: torch.Tensor) -> int:
@@ -76,44 +78,46 @@ def _use_direct(m: int, n: int) -> bool:
     return max(m, n) < DIRECT_ROWS or min(m, n) == 1
 
 
-def grouped_lut_gemm(a_idx: torch.Tensor, b_idx: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
-    """out[g, m, n] = sum_k lut[a_idx[g, m, k], b_idx[g, k, n]], exact, as float64.
+def grouped_lut_gemm(a: torch.Tensor, b: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+    """out[g, m, n] = sum_k lut[byte(a[g, m, k]), byte(b[g, k, n])], exact, as float64.
 
-    ``a_idx`` [G, M, K] and ``b_idx`` [G, K, N] hold LUT byte indices (int64); ``lut`` is the
-    [256, 256] table (any real dtype with integer values).
+    ``a`` [G, M, K] and ``b`` [G, K, N] hold integer codes (any integer or float dtype; byte
+    indices are codes too); ``lut`` is the [256, 256] table (any real dtype with integer values).
+    The table strategy reads the rows side chunk by chunk, taking its bytes on the way.
     """
-    groups, m, k = a_idx.shape
-    n = b_idx.shape[2]
+    groups, m, k = a.shape
+    n = b.shape[2]
     if k == 0 or m == 0 or n == 0:
-        return torch.zeros(groups, m, n, dtype=torch.float64, device=a_idx.device)
+        return torch.zeros(groups, m, n, dtype=torch.float64, device=a.device)
     peak = _peak(lut)
     if _use_direct(m, n):
-        return _direct_gemm(a_idx, b_idx, lut, peak)
+        return _direct_gemm(code_to_index(a), code_to_index(b), lut, peak)
     if m < n:  # out^T = b^T (x) a^T with the transposed table: the table goes on the M side
-        return _table_gemm(b_idx.transpose(1, 2), a_idx.transpose(1, 2), lut.t(), peak).transpose(1, 2)
-    return _table_gemm(a_idx, b_idx, lut, peak)
+        return _table_gemm(b.transpose(1, 2), code_to_index(a).transpose(1, 2), lut.t(), peak).transpose(1, 2)
+    return _table_gemm(a, code_to_index(b), lut, peak)
 
 
-def _table_gemm(a_idx: torch.Tensor, b_idx: torch.Tensor, lut: torch.Tensor, peak: int) -> torch.Tensor:
-    """The table strategy: per tile of k, tables for every tile of n, then row sums by embedding_bag."""
-    groups, m, k = a_idx.shape
+def _table_gemm(a: torch.Tensor, b_idx: torch.Tensor, lut: torch.Tensor, peak: int) -> torch.Tensor:
+    """The table strategy: per tile of k, tables for every tile of n, then row sums by embedding_bag
+    (``a``: codes, ``b_idx``: byte indices)."""
+    groups, m, k = a.shape
     n = b_idx.shape[2]
     kc, nc, table_dtype = _tile_sizes(k, n, peak)
     values = lut.to(table_dtype).contiguous()
-    out = torch.empty(groups, m, n, dtype=_exact_dtype(peak, k), device=a_idx.device)
+    out = torch.empty(groups, m, n, dtype=_exact_dtype(peak, k), device=a.device)
     rows_per_call = max(1, min(m, CHUNK_INDICES // kc))
     # one reused int32 buffer for the embedding_bag rows: no index copy of the whole of a
-    row_buffer = torch.empty(rows_per_call * kc, dtype=torch.int32, device=a_idx.device)
+    row_buffer = torch.empty(rows_per_call * kc, dtype=torch.int32, device=a.device)
     for g in range(groups):
         for k0 in range(0, k, kc):
             k1 = min(k, k0 + kc)
-            offsets = torch.arange(k1 - k0, dtype=torch.int32, device=a_idx.device)
+            offsets = torch.arange(k1 - k0, dtype=torch.int32, device=a.device)
             # T[(v, k), n] = values[v, b[k, n]]: row v * tile_k + k, one table per tile of n
             tables = [(n0, _table(values, b_idx[g, k0:k1, n0:n0 + nc])) for n0 in range(0, n, nc)]
             for m0 in range(0, m, rows_per_call):
                 m1 = min(m, m0 + rows_per_call)
                 rows = row_buffer[:(m1 - m0) * (k1 - k0)].view(m1 - m0, k1 - k0)
-                rows.copy_(a_idx[g, m0:m1, k0:k1])
+                code_to_index(a[g, m0:m1, k0:k1], out=rows)
                 torch.add(offsets, rows, alpha=k1 - k0, out=rows)
                 for n0, table in tables:
                     partial = F.embedding_bag(rows, table, mode="sum")

@@ -50,7 +50,6 @@ import hashlib
 import logging
 import math
 import sys
-import threading
 import weakref
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -64,6 +63,7 @@ import torch.nn.functional as F
 from approxrun.lut import LUT_SIZE, code_to_index, exact_lut, index_values
 from approxrun.multipliers.multiplier import Multiplier
 from approxrun.ops.gather import FLOAT32_EXACT
+from approxrun.ops.im2col import conv_output_size, grouped_columns, grouped_rows, scratch
 
 __all__ = ["STRATEGIES", "LowRankTable", "ConvMaps", "Int8Maps", "GemmPlan", "set_strategy", "get_strategy",
            "use_strategy", "modular_rank", "factorize_lut", "factorize_table", "int8_gemm_is_exact",
@@ -714,9 +714,6 @@ def lowrank_gemm(a: torch.Tensor, b: torch.Tensor, table: LowRankTable, plan: Ge
     return out.div_(table.denominator) if table.denominator != 1 else out
 
 
-_workspace = threading.local()
-
-
 @functools.lru_cache(maxsize=None)
 def _byte_pairs_readable() -> bool:
     """Whether two int8 codes read as one uint16 give ``low | high << 8`` (a little-endian machine,
@@ -730,23 +727,12 @@ def _byte_pairs_readable() -> bool:
         return False
 
 
-def _buffer(name: str, shape, dtype: torch.dtype, device) -> torch.Tensor:
-    """A reusable scratch tensor (per thread, grown on demand): the int8 plan's blocks repeat every
-    call, and touching fresh memory costs as much as the gathers themselves on some machines."""
-    numel = math.prod(shape)
-    buffers = _workspace.__dict__.setdefault("buffers", {})
-    key = (name, dtype, str(device))
-    if key not in buffers or buffers[key].numel() < numel:
-        buffers[key] = torch.empty(numel, dtype=dtype, device=device)
-    return buffers[key][:numel].view(shape)
-
-
 def _gather_words(words: torch.Tensor, codes: torch.Tensor, name: str) -> torch.Tensor:
     """``words[byte(codes)]`` (uint16 codes: byte pairs, ``words[codes]``) flattened, into scratch
     memory: int8 maps [codes.numel() * bytes per word]."""
-    index = _buffer(name + " index", codes.shape, torch.int32, codes.device)
+    index = scratch(name + " index", codes.shape, torch.int32, codes.device)
     index = index.copy_(codes) if codes.dtype == torch.uint16 else code_to_index(codes, out=index)
-    out = _buffer(name + " words", (codes.numel(),), words.dtype, codes.device)
+    out = scratch(name + " words", (codes.numel(),), words.dtype, codes.device)
     return torch.index_select(words, 0, index.view(-1), out=out).view(torch.int8)
 
 
@@ -815,8 +801,8 @@ def _code_bytes(codes: torch.Tensor, name: str) -> torch.Tensor:
     dtypes): the operands of the code GEMM."""
     if codes.dtype in (torch.int8, torch.uint8):
         return codes.contiguous().view(torch.int8)
-    index = code_to_index(codes, out=_buffer(name + " index", codes.shape, torch.int32, codes.device))
-    return _buffer(name + " bytes", codes.shape, torch.uint8, codes.device).copy_(index).view(torch.int8)
+    index = code_to_index(codes, out=scratch(name + " index", codes.shape, torch.int32, codes.device))
+    return scratch(name + " bytes", codes.shape, torch.uint8, codes.device).copy_(index).view(torch.int8)
 
 
 def int8_conv2d(x: torch.Tensor, w: torch.Tensor, table: LowRankTable, chunk: int, stride, dilation,
@@ -827,26 +813,21 @@ def int8_conv2d(x: torch.Tensor, w: torch.Tensor, table: LowRankTable, chunk: in
     maps = table.int8
     batch, channels, height, width = x.shape
     out_channels, group_channels, kh, kw = w.shape
-    ho = (height - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    wo = (width - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    k = group_channels * kh * kw
-    y, offset = _int8_columns(w.reshape(groups, out_channels // groups, k).transpose(1, 2), maps)
+    y, offset = _int8_columns(grouped_columns(w, groups), maps)
     x_words = maps.tensors(x.device)[0]
+    ho = conv_output_size(height, kh, stride[0], 0, dilation[0])
+    wo = conv_output_size(width, kw, stride[1], 0, dilation[1])
     out = torch.empty(batch, out_channels, ho, wo, dtype=torch.float64, device=x.device)
     by_group = out.view(batch, groups, out_channels // groups, ho * wo)
-    block = max(1, MAP_BYTES // (ho * wo * k * maps.width))
+    k = group_channels * kh * kw
+    block = max(1, MAP_BYTES // (ho * wo * channels * kh * kw * maps.width))
     for b0 in range(0, batch, block):
         nb = min(batch, b0 + block) - b0
-        words = _gather_words(x_words, x[b0:b0 + nb], "conv input").view(-1, maps.width).view(x_words.dtype)
-        s_c, s_h, s_w = height * width, width, 1
-        windows = words.as_strided(  # [B, G, ho, wo, C/G, kh, kw], a view
-            (nb, groups, ho, wo, group_channels, kh, kw),
-            (channels * s_c, group_channels * s_c, stride[0] * s_h, stride[1] * s_w, s_c, dilation[0] * s_h,
-             dilation[1] * s_w))
+        words = _gather_words(x_words, x[b0:b0 + nb], "conv input").view(x_words.dtype).view(nb, channels, height, width)
+        rows = grouped_rows(words, (kh, kw), stride, dilation, groups,
+                            out=scratch("conv rows", (groups * nb * ho * wo * k,), words.dtype, x.device))
         for g in range(groups):
-            rows = _buffer("conv rows", (nb, ho, wo, group_channels, kh, kw), words.dtype, x.device)
-            rows = rows.copy_(windows[:, g]).view(nb * ho * wo, k).view(torch.int8)
-            product = _int8_words_gemm(rows, y[g], chunk, maps.width).view(nb, ho * wo, -1)
+            product = _int8_words_gemm(rows[g].view(torch.int8), y[g], chunk, maps.width).view(nb, ho * wo, -1)
             by_group[b0:b0 + nb, g].copy_(product.transpose(1, 2))
     by_group += offset[None, :, :, None]
     return out.div_(maps.denominator) if maps.denominator != 1 else out
@@ -952,8 +933,8 @@ def try_lowrank_conv2d(x: torch.Tensor, w: torch.Tensor, lut: torch.Tensor, stri
     :func:`try_lowrank_gemm` or the gather)."""
     batch, _, height, width = x.shape
     out_channels, group_channels, kh, kw = w.shape
-    positions = (((height - dilation[0] * (kh - 1) - 1) // stride[0] + 1)
-                 * ((width - dilation[1] * (kw - 1) - 1) // stride[1] + 1))
+    positions = (conv_output_size(height, kh, stride[0], 0, dilation[0])
+                 * conv_output_size(width, kw, stride[1], 0, dilation[1]))
     chosen = _lowrank_plan(lut, groups, batch * positions, group_channels * kh * kw, out_channels // groups,
                            x.device, strategy, "conv2d")
     if chosen is None:

@@ -1,0 +1,63 @@
+"""im2col for the LUT convolutions, on any dtype, and reusable scratch memory.
+
+A LUT convolution is a grouped GEMM of window rows [G, B*Ho*Wo, C/G*kh*kw] (the K order is
+(channel, kernel row, kernel column), as ``conv2d`` weights flatten) with weight columns
+[G, C/G*kh*kw, O/G]. The windows are a strided view of the (already padded) input; one copy turns
+them into rows. Scratch tensors are kept per thread and reused: on some machines touching fresh
+memory costs as much as the gathers that fill it.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import torch
+
+__all__ = ["conv_output_size", "windows", "grouped_rows", "grouped_columns", "scratch"]
+
+_workspace = threading.local()
+
+
+def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def windows(x: torch.Tensor, kernel_size, stride, dilation, groups: int) -> torch.Tensor:
+    """The windows of a padded input [B, C, H, W] as a view [G, B, Ho, Wo, C/G, kh, kw]."""
+    x = x.contiguous()
+    batch, channels, height, width = x.shape
+    (kh, kw), (sh, sw), (dh, dw) = kernel_size, stride, dilation
+    ho, wo = conv_output_size(height, kh, sh, 0, dh), conv_output_size(width, kw, sw, 0, dw)
+    s_b, s_c, s_h, s_w = x.stride()
+    per_group = channels // groups
+    return x.as_strided((groups, batch, ho, wo, per_group, kh, kw),
+                        (per_group * s_c, s_b, sh * s_h, sw * s_w, s_c, dh * s_h, dw * s_w))
+
+
+def grouped_rows(x: torch.Tensor, kernel_size, stride, dilation, groups: int,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+    """Window rows [G, B*Ho*Wo, C/G*kh*kw] of a padded input [B, C, H, W] (differentiable), copied
+    into ``out`` when given (a tensor of that many elements)."""
+    view = windows(x, kernel_size, stride, dilation, groups)
+    groups_, batch, ho, wo, per_group, kh, kw = view.shape
+    shape = (groups_, batch * ho * wo, per_group * kh * kw)
+    if out is None:
+        return view.reshape(shape)
+    return out.view(view.shape).copy_(view).view(shape)
+
+
+def grouped_columns(w: torch.Tensor, groups: int) -> torch.Tensor:
+    """Conv weights [O, C/G, kh, kw] as GEMM columns [G, C/G*kh*kw, O/G] per group."""
+    return w.reshape(groups, w.shape[0] // groups, -1).transpose(1, 2)
+
+
+def scratch(name: str, shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """A reusable scratch tensor (per thread and name, grown on demand): its contents last until
+    the next request under the same name."""
+    numel = math.prod(shape)
+    buffers = _workspace.__dict__.setdefault("buffers", {})
+    key = (name, dtype, str(device))
+    if key not in buffers or buffers[key].numel() < numel:
+        buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buffers[key][:numel].view(shape)
