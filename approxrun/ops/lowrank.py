@@ -67,8 +67,8 @@ from approxrun.ops.im2col import conv_output_size, grouped_columns, grouped_rows
 
 __all__ = ["STRATEGIES", "LowRankTable", "ConvMaps", "Int8Maps", "GemmPlan", "set_strategy", "get_strategy",
            "use_strategy", "modular_rank", "factorize_lut", "factorize_table", "int8_gemm_is_exact",
-           "candidate_plans", "plan_gemm", "choose_plan", "lowrank_gemm", "map_conv2d", "int8_conv2d", "try_lowrank_gemm",
-           "try_lowrank_conv2d", "try_lowrank_backward"]
+           "candidate_plans", "plan_gemm", "choose_plan", "lowrank_gemm", "map_conv2d", "int8_conv2d",
+           "try_lowrank_gemm", "try_lowrank_conv2d", "try_lowrank_backward"]
 
 log = logging.getLogger(__name__)
 
@@ -823,7 +823,8 @@ def int8_conv2d(x: torch.Tensor, w: torch.Tensor, table: LowRankTable, chunk: in
     block = max(1, MAP_BYTES // (ho * wo * channels * kh * kw * maps.width))
     for b0 in range(0, batch, block):
         nb = min(batch, b0 + block) - b0
-        words = _gather_words(x_words, x[b0:b0 + nb], "conv input").view(x_words.dtype).view(nb, channels, height, width)
+        words = _gather_words(x_words, x[b0:b0 + nb], "conv input").view(x_words.dtype)
+        words = words.view(nb, channels, height, width)
         rows = grouped_rows(words, (kh, kw), stride, dilation, groups,
                             out=scratch("conv rows", (groups * nb * ho * wo * k,), words.dtype, x.device))
         for g in range(groups):
@@ -893,7 +894,8 @@ def _float32_conv_is_exact(x: torch.Tensor, w: torch.Tensor, stride, dilation, g
     if x.device.type != "cpu" or select is None:
         return False
     mkldnn = torch.backends.mkldnn
-    precisions = (getattr(mkldnn, "fp32_precision", "none"), getattr(getattr(mkldnn, "conv", None), "fp32_precision", "none"))
+    precisions = (getattr(mkldnn, "fp32_precision", "none"),
+                  getattr(getattr(mkldnn, "conv", None), "fp32_precision", "none"))
     if any(p not in ("none", "ieee") for p in precisions):
         return False
     try:
