@@ -77,10 +77,10 @@ def bench(multiplier, shape, repeats: int, generator: torch.Generator):
     b = torch.randint(-128, 128, (k, n), dtype=torch.int8, generator=generator)
     table = lowrank.factorize_lut(multiplier)
     cpu = torch.device("cpu")
-    plan, _ = lowrank.choose_plan(table, 1, m, k, n, cpu, "auto")
+    plan, _ = lowrank.choose_plan(table, 1, m, k, n, cpu, "auto", byte_codes=True)
     choice = "gather" if plan is None else f"lr-{str(plan.dtype).removeprefix('torch.')}"
     gather = run_with("gather", multiplier, a, b)
-    if lowrank.choose_plan(table, 1, m, k, n, cpu, "lowrank")[0] is None:
+    if lowrank.choose_plan(table, 1, m, k, n, cpu, "lowrank", byte_codes=True)[0] is None:
         return choice, m * k * n / alternating_best([gather], repeats)[0] / 1e9, None
     low = run_with("lowrank", multiplier, a, b)
     if not torch.equal(low(), gather()):

@@ -240,7 +240,9 @@ def test_conv_matches_oracle(rank, stride, padding, dilation, groups, pad_value,
 
 
 @pytest.mark.parametrize("path", [torch.int8, torch.float32, torch.float64])
-def test_conv_paths_match_oracle(path, only_path, lowrank_log):
+def test_conv_paths_match_oracle(path, only_path, conv_route, lowrank_log):
+    """Every GEMM plan inside a convolution (unfolded rows: the maps-first routes are off)."""
+    conv_route[1]("unfold")
     only_path(path)
     rng = np.random.default_rng(13)
     lut = get_multiplier("drum_4", signed=False).lut

@@ -81,18 +81,21 @@ INT32_EXACT = 2**31  # int8 GEMMs sum in int32
 UNIT_ROUNDOFF = 2.0**-53
 
 # Operation-count model, in units of one float32 multiply-add of a dense GEMM (~0.02 ns), fitted to
-# best-of timings with 2 threads on an AVX-512/AMX machine: ~0.12 ns per lookup of the tiled gather
-# plus ~1 ns per row (m, k) it walks, ~1.3 ns per gathered float map entry, ~0.6 ns per index
-# gathered into its packed int8 word, ~0.002 ns per int8 multiply-add (AMX), ~20 us per int8 GEMM
-# call. Low rank wins for nearly every shape; the gather for depthwise GEMMs (N = 1 per group:
-# one small GEMM per group) and where no exact plan exists.
-LOOKUP_COST = 6.0  # one LUT product of the gather path; raise it to prefer low rank
-GATHER_ROW_LOOKUPS = 8.0  # the gather's cost per row (m, k), in lookups
+# best-of timings with 2 threads on an AVX-512/AMX machine: ~0.1 ns per lookup of the tiled gather
+# plus ~0.5 ns per row (m, k) it walks and 256 lookups' worth per table column it builds, ~1.3 ns
+# per gathered float map entry, ~1.2 ns per index of the int8 plan (gather into its packed word,
+# int8 GEMM, output; ~0.6 ns for byte pairs), ~10 us per int8 GEMM call. Low rank wins where N is large enough to amortise its per-index work; the
+# gather for small N (depthwise GEMMs: one small GEMM per group) and where no exact plan exists.
+# Convolutions gather maps per input element, not per unfolded one: map-then-conv is costed apart.
+LOOKUP_COST = 5.0  # one LUT product of the gather path; raise it to prefer low rank
+GATHER_ROW_LOOKUPS = 5.0  # the gather's cost per row (m, k), in lookups
+GATHER_TABLE_LOOKUPS = 256  # its tables per k and column of the smaller outer side, in lookups
 MAP_COST = 64.0  # one gathered float factor-map entry
 FLOAT64_COST = 2.0  # a float64 multiply-add or map entry, relative to float32
 INT8_MAC_COST = 0.1  # an int8 multiply-add (CPU int8 GEMMs: VNNI/AMX)
-INT8_INDEX_COST = 30.0  # one operand index gathered into its packed word of int8 maps
-INT8_CALL_COST = 1e6  # one int8 GEMM call (the int8 plan makes one per group and row block)
+INT8_INDEX_COST = 60.0  # one operand index gathered into its packed word of int8 maps
+INT8_PAIRED_INDEX_COST = 30.0  # the same, for int8/uint8 codes gathered in byte pairs
+INT8_CALL_COST = 5e5  # one int8 GEMM call (the int8 plan makes one per group and row block)
 ACCUMULATE_COST = 4.0  # one float64/int64 output update per GEMM chunk
 BACKWARD_GATHER_FACTOR = 100.0  # the gradient-table gathers of a backward, per lookup (measured 150-300x)
 
@@ -648,9 +651,10 @@ def _float64_error_bound(table: LowRankTable, k: int) -> float:
     return (2 * UNIT_ROUNDOFF + gamma * (1 + 2 * UNIT_ROUNDOFF)) * magnitude * (1 + 1e-9)
 
 
-def candidate_plans(table: LowRankTable, groups: int, m: int, k: int, n: int,
-                    device: torch.device) -> list[GemmPlan]:
-    """Every exact plan for a [G, M, K] x [G, K, N] LUT GEMM, with its modelled cost."""
+def candidate_plans(table: LowRankTable, groups: int, m: int, k: int, n: int, device: torch.device,
+                    byte_codes: bool = False) -> list[GemmPlan]:
+    """Every exact plan for a [G, M, K] x [G, K, N] LUT GEMM, with its modelled cost (``byte_codes``:
+    the rows side holds int8/uint8 codes, which the int8 plan can gather in pairs)."""
     plans = []
     width = table.width
     maps = (m * k + k * n) * width * MAP_COST
@@ -660,7 +664,9 @@ def candidate_plans(table: LowRankTable, groups: int, m: int, k: int, n: int,
     if (device.type == "cpu" and int8 is not None and int8_gemm_is_exact()
             and k * int8.sum_bound < FLOAT64_EXACT):
         chunk = (INT32_EXACT - 1) // max(1, int8.bound, 128 * 128 if int8.code_scale else 0)
-        cost = ((m * k + k * n) * INT8_INDEX_COST + m * k * n * int8.width * INT8_MAC_COST
+        paired = byte_codes and k % 2 == 0 and int8.width == 4 and _byte_pairs_readable()
+        index_cost = INT8_PAIRED_INDEX_COST if paired else INT8_INDEX_COST
+        cost = (m * k * index_cost + k * n * INT8_INDEX_COST + m * k * n * int8.width * INT8_MAC_COST
                 + -(-k // chunk) * (m * n * ACCUMULATE_COST + INT8_CALL_COST))
         plans.append(GemmPlan(torch.int8, min(chunk, k), groups * cost))
     chunk = (FLOAT32_EXACT - 1) // max(1, table.term_bound)
@@ -672,16 +678,16 @@ def candidate_plans(table: LowRankTable, groups: int, m: int, k: int, n: int,
     return plans
 
 
-def plan_gemm(table: LowRankTable, groups: int, m: int, k: int, n: int,
-              device: torch.device) -> GemmPlan | None:
+def plan_gemm(table: LowRankTable, groups: int, m: int, k: int, n: int, device: torch.device,
+              byte_codes: bool = False) -> GemmPlan | None:
     """The cheapest exact plan for a [G, M, K] x [G, K, N] LUT GEMM, or None when none is exact
     (kept per shape, device and float32 matmul setting: training repeats the same shapes)."""
-    key = (groups, m, k, n, str(device), _float32_matmul_is_ieee(device))
+    key = (groups, m, k, n, str(device), byte_codes, _float32_matmul_is_ieee(device))
     if key not in table._plans:
         if len(table._plans) >= CACHE_SIZE:
             table._plans.clear()
-        table._plans[key] = min(candidate_plans(table, groups, m, k, n, device), key=lambda p: p.cost,
-                                default=None)
+        table._plans[key] = min(candidate_plans(table, groups, m, k, n, device, byte_codes),
+                                key=lambda p: p.cost, default=None)
     return table._plans[key]
 
 
@@ -842,18 +848,19 @@ def _resolve(strategy: str | None) -> str:
 
 
 def _gather_cost(groups: int, m: int, k: int, n: int) -> float:
-    return groups * m * k * (n + GATHER_ROW_LOOKUPS) * _settings["lookup_cost"]
+    lookups = m * k * (n + GATHER_ROW_LOOKUPS) + GATHER_TABLE_LOOKUPS * k * min(m, n)
+    return groups * lookups * _settings["lookup_cost"]
 
 
 def choose_plan(table: LowRankTable | None, groups: int, m: int, k: int, n: int, device: torch.device,
-                strategy: str | None = None) -> tuple[GemmPlan | None, str]:
+                strategy: str | None = None, byte_codes: bool = False) -> tuple[GemmPlan | None, str]:
     """(the low-rank plan the strategy picks for this call, or None for the gather; why, in words)."""
     strategy = _resolve(strategy)
     if strategy == "gather":
         return None, "gather (strategy)"
     if table is None:
         return None, f"gather (LUT error rank above {MAX_FACTOR_RANK})"
-    plan = plan_gemm(table, groups, m, k, n, device)
+    plan = plan_gemm(table, groups, m, k, n, device, byte_codes)
     if plan is None:
         return None, f"gather (no exact low-rank plan for K={k}, rank {table.rank})"
     gather_cost = _gather_cost(groups, m, k, n)
@@ -863,12 +870,12 @@ def choose_plan(table: LowRankTable | None, groups: int, m: int, k: int, n: int,
 
 
 def _lowrank_plan(lut: torch.Tensor, groups: int, m: int, k: int, n: int, device: torch.device,
-                  strategy: str | None, what: str):
+                  strategy: str | None, what: str, byte_codes: bool = False):
     """(factorized table, plan) when the strategy picks low rank for this GEMM shape, else None."""
     if _resolve(strategy) == "gather" or groups * m * k * n == 0:
         return None
     table = factorize_lut(lut)
-    plan, reason = choose_plan(table, groups, m, k, n, device, strategy)
+    plan, reason = choose_plan(table, groups, m, k, n, device, strategy, byte_codes)
     log.debug("lut %s: %s, shape G=%d M=%d K=%d N=%d", what, reason, groups, m, k, n)
     return None if plan is None else (table, plan)
 
@@ -878,7 +885,8 @@ def try_lowrank_gemm(a: torch.Tensor, b: torch.Tensor, lut: torch.Tensor,
     """The LUT GEMM of codes a [G, M, K] and b [G, K, N] through low-rank maps when the strategy
     picks it, else None (use the gather)."""
     groups, m, k = a.shape
-    chosen = _lowrank_plan(lut, groups, m, k, b.shape[2], a.device, strategy, "gemm")
+    chosen = _lowrank_plan(lut, groups, m, k, b.shape[2], a.device, strategy, "gemm",
+                           byte_codes=a.dtype in (torch.int8, torch.uint8))
     return None if chosen is None else lowrank_gemm(a, b, *chosen)
 
 
@@ -896,7 +904,7 @@ def _float32_conv_is_exact(x: torch.Tensor, w: torch.Tensor, stride, dilation, g
     mkldnn = torch.backends.mkldnn
     precisions = (getattr(mkldnn, "fp32_precision", "none"),
                   getattr(getattr(mkldnn, "conv", None), "fp32_precision", "none"))
-    if any(p not in ("none", "ieee") for p in precisions):
+    if any(p not in ("none", "ieee") for p in precisions) or torch.get_float32_matmul_precision() != "highest":
         return False
     try:
         backend = select(x, w, None, list(stride), [0, 0], list(dilation), False, [0, 0], groups, None)
@@ -913,7 +921,7 @@ def map_conv2d(x: torch.Tensor, w: torch.Tensor, table: LowRankTable, stride, di
     partial sum is an integer below K * bound < 2**24)."""
     maps = table.conv_maps
     out_channels, group_channels, kh, kw = w.shape
-    if maps is None or group_channels * kh * kw * maps.bound >= FLOAT32_EXACT:
+    if maps is None or x.device.type != "cpu" or group_channels * kh * kw * maps.bound >= FLOAT32_EXACT:
         return None
     x_map, y_map = maps.tensors(x.device)
     rank = x_map.shape[1]
@@ -935,17 +943,26 @@ def try_lowrank_conv2d(x: torch.Tensor, w: torch.Tensor, lut: torch.Tensor, stri
     :func:`try_lowrank_gemm` or the gather)."""
     batch, _, height, width = x.shape
     out_channels, group_channels, kh, kw = w.shape
-    positions = (conv_output_size(height, kh, stride[0], 0, dilation[0])
-                 * conv_output_size(width, kw, stride[1], 0, dilation[1]))
-    chosen = _lowrank_plan(lut, groups, batch * positions, group_channels * kh * kw, out_channels // groups,
-                           x.device, strategy, "conv2d")
-    if chosen is None:
+    m = batch * conv_output_size(height, kh, stride[0], 0, dilation[0]) * conv_output_size(
+        width, kw, stride[1], 0, dilation[1])
+    k, n = group_channels * kh * kw, out_channels // groups
+    if _resolve(strategy) == "gather" or groups * m * k * n == 0:
         return None
-    table, plan = chosen
-    out = map_conv2d(x, w, table, stride, dilation, groups)
-    if out is None and plan.dtype == torch.int8 and not table.int8.code_scale:
-        out = int8_conv2d(x, w, table, plan.k_chunk, stride, dilation, groups)
-    return out
+    table = factorize_lut(lut)
+    maps = None if table is None else table.conv_maps
+    if maps is not None:  # the maps of each input element once, then one float32 conv2d
+        cost = x.numel() * maps.width * MAP_COST + groups * m * k * n * maps.width
+        gather_cost = _gather_cost(groups, m, k, n)
+        if _resolve(strategy) == "lowrank" or cost < gather_cost:
+            out = map_conv2d(x, w, table, stride, dilation, groups)
+            if out is not None:
+                log.debug("lut conv2d: low rank %d, map-then-conv, shape G=%d M=%d K=%d N=%d", table.rank,
+                          groups, m, k, n)
+                return out
+    chosen = _lowrank_plan(lut, groups, m, k, n, x.device, strategy, "conv2d")
+    if chosen is None or chosen[1].dtype != torch.int8 or table.int8.code_scale:
+        return None
+    return int8_conv2d(x, w, table, chosen[1].k_chunk, stride, dilation, groups)
 
 
 def try_lowrank_backward(grad_out: torch.Tensor, a_idx: torch.Tensor, b_idx: torch.Tensor,
