@@ -743,19 +743,23 @@ def _gather_words(words: torch.Tensor, codes: torch.Tensor, name: str) -> torch.
 
 
 def _int8_columns(b: torch.Tensor, maps: Int8Maps) -> tuple[torch.Tensor, torch.Tensor]:
-    """B-side operands of the int8 plan: int8 [G, K * width, N] (row (k, i) = y_i(b[k, :])) and
-    the offset summed over K, int64 [G, N]."""
+    """B-side operands of the int8 plan: int8 [G, K * width, N] (row (k, i) = y_i(b[k, :])), a
+    column-major view when ``b`` is one (weights transposed for a linear layer: no copy), and the
+    offset summed over K, int64 [G, N]."""
     _, y_words, offset = maps.tensors(b.device)
-    b_idx = code_to_index(b)
-    groups, k, n = b_idx.shape
-    y = y_words.index_select(0, b_idx.reshape(-1)).view(torch.int8).view(groups, k, n, maps.width)
-    offset = offset.index_select(0, b_idx.reshape(-1)).view(groups, k, n).sum(1)
-    return y.permute(0, 1, 3, 2).reshape(groups, k * maps.width, n), offset
+    b_idx = code_to_index(b.transpose(1, 2))  # [G, N, K], contiguous for transposed weights
+    groups, n, k = b_idx.shape
+    y = y_words.index_select(0, b_idx.reshape(-1)).view(torch.int8).view(groups, n, k * maps.width)
+    offset = offset.index_select(0, b_idx.reshape(-1)).view(groups, n, k).sum(2)
+    return y.transpose(1, 2), offset
 
 
 def _dense(t: torch.Tensor) -> torch.Tensor:
-    """Row-major with canonical strides, size-1 dims included (``torch._int_mm`` misreads the
-    arbitrary strides that a contiguous view may carry on them)."""
+    """A 2-D operand ``torch._int_mm`` reads right: row-major with canonical strides, size-1 dims
+    included (it misreads the arbitrary strides a contiguous view may carry on them), or an
+    exactly column-major one."""
+    if t.dim() == 2 and min(t.shape) > 1 and t.stride() == (1, t.shape[0]):
+        return t
     if not t.is_contiguous():
         return t.contiguous()
     strides = [1] * t.dim()
