@@ -14,6 +14,7 @@ from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 
 from approxrun.cli import GROUPS, group_options
+from approxrun.pipeline import stage_configs, to_container
 
 pytestmark = pytest.mark.slow
 
@@ -40,6 +41,8 @@ def test_every_config_group_option_composes():
             with initialize_config_module("approxrun.conf", version_base="1.3"):
                 cfg = compose("config", overrides=overrides)
             assert cfg.model.name and cfg.schedule.order, (group, option)
+            if group in ("schedule", "experiment", "model"):  # every stage entry holds only known settings
+                assert stage_configs(to_container(cfg)), (group, option)
     GlobalHydra.instance().clear()
 
 
