@@ -84,8 +84,9 @@ UNIT_ROUNDOFF = 2.0**-53
 # best-of timings with 2 threads on an AVX-512/AMX machine: ~0.1 ns per lookup of the tiled gather
 # plus ~0.5 ns per row (m, k) it walks and 256 lookups' worth per table column it builds, ~1.3 ns
 # per gathered float map entry, ~1.2 ns per index of the int8 plan (gather into its packed word,
-# int8 GEMM, output; ~0.6 ns for byte pairs), ~10 us per int8 GEMM call. Low rank wins where N is large enough to amortise its per-index work; the
-# gather for small N (depthwise GEMMs: one small GEMM per group) and where no exact plan exists.
+# int8 GEMM, output; ~0.6 ns for byte pairs), ~10 us per int8 GEMM call. Low rank wins where N is
+# large enough to amortise its per-index work; the gather for small N (depthwise GEMMs: one small
+# GEMM per group) and where no exact plan exists.
 # Convolutions gather maps per input element, not per unfolded one: map-then-conv is costed apart.
 LOOKUP_COST = 5.0  # one LUT product of the gather path; raise it to prefer low rank
 GATHER_ROW_LOOKUPS = 5.0  # the gather's cost per row (m, k), in lookups
@@ -277,11 +278,17 @@ class LowRankTable:
         return self.width - (self.exact_part is not None)
 
     @functools.cached_property
+    def factorizations(self) -> list[tuple[np.ndarray, np.ndarray, int]]:
+        """Exact ``(x, y, denominator)`` factorizations: this one and, for a LUT, one of the whole
+        table (no exact-product column; DRUM's is ``u(a) u(b)``, rank 1), verified here."""
+        return list(_factorizations(self))
+
+    @functools.cached_property
     def conv_maps(self) -> "ConvMaps | None":
         """The narrowest integer factorization (fewest columns, then smallest bound), for
         map-then-conv in float32; None when every one has a term above 2**24."""
         best = None
-        for x, y, denominator in _factorizations(self):
+        for x, y, denominator in self.factorizations:
             bound = int(_exact_matmul(np.abs(x), np.abs(y).T).max(initial=0))
             if bound < FLOAT32_EXACT and (best is None or (x.shape[1], bound) < (best.width, best.bound)):
                 best = ConvMaps(np.asarray(x, dtype=np.float32), np.asarray(y, dtype=np.float32), denominator, bound)
@@ -289,8 +296,7 @@ class LowRankTable:
 
     @functools.cached_property
     def int8(self) -> "Int8Maps | None":
-        """The int8 form for int8 GEMMs: from this factorization or, for a LUT, from a factorization
-        of the whole table (DRUM's is one column, ``u(a) u(b)``), whichever is narrower."""
+        """The int8 form for int8 GEMMs, from the narrowest of :attr:`factorizations`."""
         return _int8_maps(self)
 
     def maps(self, device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -376,8 +382,7 @@ class Int8Maps:
 
 
 def _factorizations(table: LowRankTable):
-    """Exact ``(x, y, denominator)`` factorizations of the table: its own and, for a LUT, one of the
-    whole table (no exact-product column; verified here)."""
+    """See :attr:`LowRankTable.factorizations`."""
     yield table.x, table.y, table.denominator
     if table.exact_part is None:
         return
@@ -444,7 +449,7 @@ def _int8_candidates(table: LowRankTable):
     """(x, y, denominator, code_scale) factorizations to convert to int8: the table's own ones and,
     when its column 0 is the signed x signed exact product, the rest with that product left to an
     int8 GEMM of the codes themselves (``code_scale`` times it; no gather)."""
-    for x, y, denominator in _factorizations(table):
+    for x, y, denominator in table.factorizations:
         yield x, y, denominator, 0
     if table.exact_part == (True, True):
         yield table.x[:, 1:], table.y[:, 1:], table.denominator, table.denominator
@@ -784,7 +789,7 @@ def _int8_words_gemm(x: torch.Tensor, y: torch.Tensor, chunk: int, width: int) -
 def _int8_gemm(a: torch.Tensor, b: torch.Tensor, maps: Int8Maps, chunk: int) -> torch.Tensor:
     """The int8 plan: per block of rows, one gather of packed int8 maps per index and int8 GEMMs
     (int32 sums over ``chunk`` K columns), plus the offset, divided by the denominator (an exact
-    integer quotient). Row blocks keep the maps in cache and memory bounded."""
+    integer quotient). Row blocks bound the scratch memory."""
     groups, m, k = a.shape
     y, offset = _int8_columns(b, maps)
     b_bytes = _code_bytes(b, "gemm columns") if maps.code_scale else None
