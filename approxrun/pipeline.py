@@ -140,10 +140,19 @@ def select_device(name: str) -> torch.device:
     return device
 
 
-def seed_everything(seed: int) -> None:
+def seed_everything(seed: int, loader_generator: torch.Generator | None = None) -> None:
     random.seed(seed)
-    np.random.seed(seed)
+    np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+    if loader_generator is not None:
+        loader_generator.manual_seed(seed)
+
+
+def seed_stage(key: str, loader_generator: torch.Generator | None) -> None:
+    """Seed every random state from a stage's key (a hash of everything upstream, the run seed
+    included): the stage draws the same numbers whether the stages before it ran or came from the
+    stage cache."""
+    seed_everything(int(key[:15], 16), loader_generator)
 
 
 class MultiplierResolver:
@@ -373,8 +382,11 @@ def _run(cfg, out_dir: Path, metrics: dict) -> None:
     checkpoint = RunCheckpoint(out_dir / RESUME_FILE)
     in_progress = checkpoint.load(keys) if resume else None
     _restore_completed(ctx, checkpoint, metrics, in_progress)
-    for stage, (name, key) in list(zip(stages, keys))[len(checkpoint.completed):]:
+    for index in range(len(checkpoint.completed), len(stages)):
+        stage, (name, key) = stages[index], keys[index]
         spec = stage_kind(stage["kind"])
+        if index > 0:  # the first stage goes on from the run seed
+            seed_stage(key, ctx.loaders[0].generator)
         with epoch_checkpoints(lambda progress, name=name, key=key: checkpoint.epoch_done(name, key, progress),
                                in_progress if in_progress is not None and in_progress["name"] == name else None):
             record = _run_stage(ctx, stage, spec, key, cache, out_dir)

@@ -93,6 +93,16 @@ def test_approx_stage_with_builtin_multiplier_reuses_cache(tmp_path, cache_dir):
     assert stages["approx"]["relative_energy"] == pytest.approx(16 / 64)  # drum_4's proxy
     # baseline and quant do not depend on the multiplier: the smoke run above computed them
     assert stages["baseline"]["cached"] and stages["quant"]["cached"] and not stages["approx"]["cached"]
+    # the same run from a cold start: every stage computed, the approx stage exactly as above
+    cold_dir = tmp_path / "cold"
+    result = approxrun("experiment=smoke", "stage=approx", "multiplier=drum_4", "cache.enabled=false",
+                       f"hydra.run.dir={cold_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    cold = json.loads((cold_dir / "metrics.json").read_text())["stages"]
+    for stage in ("baseline", "quant", "approx"):
+        assert not cold[stage]["cached"]
+        assert (cold[stage]["test_accuracy"], cold[stage]["test_loss"]) == \
+            (stages[stage]["test_accuracy"], stages[stage]["test_loss"])
 
 
 def test_lut_strategies_train_identically(tmp_path, cache_dir):
