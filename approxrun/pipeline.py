@@ -20,6 +20,7 @@ import shutil
 import time
 import uuid
 import warnings
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -85,10 +86,10 @@ def stage_configs(cfg: dict) -> list[dict]:
         spec = stage_kind(kind)
         merged = _deep_merge((cfg["model"].get("train") or {}).get(kind, {}), entry) if spec.trains else entry
         merged.update(name=name, kind=kind)
-        unknown = sorted(set(merged) - set(spec.accepted))
+        unknown = sorted(set(merged) - {"kind", "name", *spec.accepted})
         if unknown:
             raise ApproxrunError(f"schedule.stages.{name}.{unknown[0]}: not a setting of a {kind} stage "
-                                 f"(expected: {', '.join(spec.accepted[2:]) or 'none'})")
+                                 f"(expected: {', '.join(spec.accepted) or 'none'})")
         if spec.trains:
             _check_training(merged)
         result.append(merged)
@@ -321,8 +322,8 @@ def run(cfg, out_dir: str | Path) -> dict:
     metrics: dict = {"status": "running", "error": None,
                      "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "stages": {}}
     try:
-        with _lut_strategy(to_container(cfg).get("lut") or {}):
-            _run(cfg, out_dir, metrics)
+        with ExitStack() as scope:
+            _run(cfg, out_dir, metrics, scope)
         metrics["status"] = "completed"
         return metrics
     except BaseException as exc:
@@ -335,11 +336,12 @@ def run(cfg, out_dir: str | Path) -> dict:
         atomic_write_json(out_dir / "metrics.json", metrics)
 
 
-def _run(cfg, out_dir: Path, metrics: dict) -> None:
+def _run(cfg, out_dir: Path, metrics: dict, scope: ExitStack) -> None:
     # --- configuration: everything that can be wrong in the input is checked here ---
     config = to_container(cfg)
     stages = stage_configs(config)
     _check_quant(config["quant"])
+    scope.enter_context(_lut_strategy(config.get("lut") or {}))  # restored when the run ends
     device = select_device(str(config.get("device", "auto")))
     seed = int(config.get("seed", 0))
     resume = config.get("resume", True)

@@ -878,15 +878,12 @@ def choose_plan(table: LowRankTable | None, groups: int, m: int, k: int, n: int,
     return plan, f"low rank {table.rank}, {plan}"
 
 
-def _lowrank_plan(lut: torch.Tensor, groups: int, m: int, k: int, n: int, device: torch.device,
-                  strategy: str | None, what: str, byte_codes: bool = False):
-    """(factorized table, plan) when the strategy picks low rank for this GEMM shape, else None."""
-    if _resolve(strategy) == "gather" or groups * m * k * n == 0:
-        return None
-    table = factorize_lut(lut)
+def _lowrank_plan(table: LowRankTable | None, groups: int, m: int, k: int, n: int, device: torch.device,
+                  strategy: str, what: str, byte_codes: bool = False) -> GemmPlan | None:
+    """The plan when the strategy picks low rank for this GEMM shape (logged), else None."""
     plan, reason = choose_plan(table, groups, m, k, n, device, strategy, byte_codes)
     log.debug("lut %s: %s, shape G=%d M=%d K=%d N=%d", what, reason, groups, m, k, n)
-    return None if plan is None else (table, plan)
+    return plan
 
 
 def try_lowrank_gemm(a: torch.Tensor, b: torch.Tensor, lut: torch.Tensor,
@@ -894,9 +891,13 @@ def try_lowrank_gemm(a: torch.Tensor, b: torch.Tensor, lut: torch.Tensor,
     """The LUT GEMM of codes a [G, M, K] and b [G, K, N] through low-rank maps when the strategy
     picks it, else None (use the gather)."""
     groups, m, k = a.shape
-    chosen = _lowrank_plan(lut, groups, m, k, b.shape[2], a.device, strategy, "gemm",
-                           byte_codes=a.dtype in (torch.int8, torch.uint8))
-    return None if chosen is None else lowrank_gemm(a, b, *chosen)
+    strategy = _resolve(strategy)
+    if strategy == "gather" or groups * m * k * b.shape[2] == 0:
+        return None
+    table = factorize_lut(lut)
+    plan = _lowrank_plan(table, groups, m, k, b.shape[2], a.device, strategy, "gemm",
+                         byte_codes=a.dtype in (torch.int8, torch.uint8))
+    return None if plan is None else lowrank_gemm(a, b, table, plan)
 
 
 _EXACT_CONV_BACKENDS = ("Mkldnn", "Slow2d", "SlowDilated2d")  # direct or im2col + GEMM: no Winograd/FFT
@@ -955,23 +956,23 @@ def try_lowrank_conv2d(x: torch.Tensor, w: torch.Tensor, lut: torch.Tensor, stri
     m = batch * conv_output_size(height, kh, stride[0], 0, dilation[0]) * conv_output_size(
         width, kw, stride[1], 0, dilation[1])
     k, n = group_channels * kh * kw, out_channels // groups
-    if _resolve(strategy) == "gather" or groups * m * k * n == 0:
+    strategy = _resolve(strategy)
+    if strategy == "gather" or groups * m * k * n == 0:
         return None
     table = factorize_lut(lut)
     maps = None if table is None else table.conv_maps
     if maps is not None:  # the maps of each input element once, then one float32 conv2d
         cost = x.numel() * maps.width * MAP_COST + groups * m * k * n * maps.width
-        gather_cost = _gather_cost(groups, m, k, n)
-        if _resolve(strategy) == "lowrank" or cost < gather_cost:
+        if strategy == "lowrank" or cost < _gather_cost(groups, m, k, n):
             out = map_conv2d(x, w, table, stride, dilation, groups)
             if out is not None:
                 log.debug("lut conv2d: low rank %d, map-then-conv, shape G=%d M=%d K=%d N=%d", table.rank,
                           groups, m, k, n)
                 return out
-    chosen = _lowrank_plan(lut, groups, m, k, n, x.device, strategy, "conv2d")
-    if chosen is None or chosen[1].dtype != torch.int8 or table.int8.code_scale:
+    plan = _lowrank_plan(table, groups, m, k, n, x.device, strategy, "conv2d")
+    if plan is None or plan.dtype != torch.int8 or table.int8.code_scale:
         return None
-    return int8_conv2d(x, w, table, chosen[1].k_chunk, stride, dilation, groups)
+    return int8_conv2d(x, w, table, plan.k_chunk, stride, dilation, groups)
 
 
 def try_lowrank_backward(grad_out: torch.Tensor, a_idx: torch.Tensor, b_idx: torch.Tensor,

@@ -56,8 +56,8 @@ class StageKind:
 
     @property
     def accepted(self) -> tuple[str, ...]:
-        """Every key a stage entry of this kind may hold (any other is a typo)."""
-        return ("kind", "name", *(TRAINING_SETTINGS if self.trains else ()), *self.settings)
+        """The settings a stage entry of this kind may hold besides kind and name (others are typos)."""
+        return (*(TRAINING_SETTINGS if self.trains else ()), *self.settings)
 
 
 STAGE_KINDS: dict[str, StageKind] = {}
