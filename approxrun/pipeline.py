@@ -118,15 +118,15 @@ def _check_quant(quant: dict) -> None:
         raise ApproxrunError(f"quant.grad={quant.get('grad')!r}: expected one of {', '.join(approxrun.ops.GRAD_MODES)}")
 
 
-def _lut_strategy(lut: dict):
-    """The run's LUT GEMM strategy (``lut.strategy``, ``lut.lookup_cost``), restored afterwards."""
+def _lut_settings(lut: dict) -> dict:
+    """The run's LUT route settings (``lut.strategy``, ``lut.lookup_cost``), for every multiplier's engine."""
     strategy, lookup_cost = lut.get("strategy", "auto"), lut.get("lookup_cost")
     if strategy not in approxrun.ops.STRATEGIES:
         raise ApproxrunError(f"lut.strategy={strategy!r}: expected one of {', '.join(approxrun.ops.STRATEGIES)}")
     if lookup_cost is not None and (isinstance(lookup_cost, bool) or not isinstance(lookup_cost, (int, float))
                                     or not lookup_cost > 0):
         raise ApproxrunError(f"lut.lookup_cost={lookup_cost!r}: expected null or a number > 0")
-    return approxrun.ops.use_strategy(strategy, lookup_cost)
+    return {"strategy": strategy, "lookup_cost": lookup_cost}
 
 
 def select_device(name: str) -> torch.device:
@@ -159,8 +159,9 @@ def seed_stage(key: str, loader_generator: torch.Generator | None) -> None:
 class MultiplierResolver:
     """Multiplier names -> Multiplier objects (catalogue entries bring their published costs); cached."""
 
-    def __init__(self, evoapprox_root: str | None):
+    def __init__(self, evoapprox_root: str | None, lut_settings: dict | None = None):
         self.evoapprox_root = evoapprox_root
+        self.lut_settings = lut_settings or {}
         self._cache: dict[str, Multiplier] = {}
         self._by_name: dict[str, Multiplier] = {}
 
@@ -168,6 +169,7 @@ class MultiplierResolver:
         key = json.dumps(spec, sort_keys=True, default=str)
         if key not in self._cache:
             multiplier = resolve_multiplier(spec, evoapprox_root=self.evoapprox_root)
+            multiplier.engine.configure(**self.lut_settings)  # the run's LUT route settings
             self._cache[key] = self._by_name.setdefault(multiplier.name, multiplier)
         return self._cache[key]
 
@@ -341,13 +343,13 @@ def _run(cfg, out_dir: Path, metrics: dict, scope: ExitStack) -> None:
     config = to_container(cfg)
     stages = stage_configs(config)
     _check_quant(config["quant"])
-    scope.enter_context(_lut_strategy(config.get("lut") or {}))  # restored when the run ends
+    lut_settings = _lut_settings(config.get("lut") or {})
     device = select_device(str(config.get("device", "auto")))
     seed = int(config.get("seed", 0))
     resume = config.get("resume", True)
     if not isinstance(resume, bool):
         raise ApproxrunError(f"resume={resume!r}: expected true or false")
-    resolver = MultiplierResolver((config.get("evoapprox") or {}).get("root"))
+    resolver = MultiplierResolver((config.get("evoapprox") or {}).get("root"), lut_settings)
     multiplier = resolver.from_spec(config["multiplier"])
     exact_power = float(config["energy"]["exact_power_mw"])
     metrics.update(device=str(device), seed=seed, multiplier=_describe(multiplier, exact_power))
