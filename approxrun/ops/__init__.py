@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
 from approxrun.lut import code_to_index
-from approxrun.ops.engine import DEFAULT_ENGINES, ROUTE_KINDS, STRATEGIES, EngineRegistry, LutEngine, unfold_elements
+from approxrun.ops.engine import DEFAULT_ENGINES, ROUTE_KINDS, STRATEGIES, EngineRegistry, LutEngine
 from approxrun.ops.im2col import conv_output_size, grouped_columns, grouped_rows
 
 __all__ = ["lut_matmul", "lut_conv2d", "GRAD_MODES", "STRATEGIES", "ROUTE_KINDS", "LutEngine", "EngineRegistry",
@@ -120,7 +120,7 @@ def _differentiable_conv2d(xp: torch.Tensor, w: torch.Tensor, engine: LutEngine,
     ho = conv_output_size(xp.shape[2], kh, stride[0], 0, dilation[0])
     wo = conv_output_size(xp.shape[3], kw, stride[1], 0, dilation[1])
     columns = grouped_columns(w.to(xp.dtype), groups)
-    chunk = max(1, unfold_elements(xp.device) // (xp.shape[1] * kh * kw * ho * wo))
+    chunk = max(1, engine.unfold_block(xp.device) // (xp.shape[1] * kh * kw * ho * wo))
     outs = []
     for b0 in range(0, batch, chunk):
         rows = grouped_rows(xp[b0:b0 + chunk], (kh, kw), stride, dilation, groups)  # [G, b*L, K]

@@ -60,8 +60,9 @@ class LutEngine:
 
     def __init__(self, lut, signed_a: bool = True, signed_b: bool = True, *, strategy: str = "auto",
                  routes: tuple[str, ...] = ROUTE_KINDS, lookup_cost: float | None = None,
-                 calibration: Calibration | None = None):
+                 calibration: Calibration | None = None, unfold_elements: int | None = None):
         self.values = _table_values(lut)
+        self.unfold_elements = unfold_elements  # None: per device, see unfold_block
         self.signed_a, self.signed_b = bool(signed_a), bool(signed_b)
         self._device_tables: dict = {}
         self._plans: OrderedDict = OrderedDict()
@@ -259,6 +260,13 @@ class LutEngine:
         log.debug("lut conv2d: low rank %d, int8 im2col of packed maps", table.rank)
         return int8_conv2d(x, w, table, plan.k_chunk, stride, dilation, groups)
 
+    def unfold_block(self, device: torch.device) -> int:
+        """Unfolded code elements per batch block: the engine's setting, else bounded CPU scratch
+        memory and far larger blocks on a GPU (one launch covers many samples)."""
+        if self.unfold_elements is not None:
+            return self.unfold_elements
+        return UNFOLD_ELEMENTS["cuda" if device.type == "cuda" else "cpu"]
+
     def _unfolded_conv2d(self, xp, w, stride, dilation, groups):
         """The convolution as LUT GEMMs of window rows, unfolded as int32 codes into scratch memory in
         batch blocks sized for the device."""
@@ -269,7 +277,7 @@ class LutEngine:
         columns = grouped_columns(w, groups)  # [G, K, O/G]
         out = torch.empty(batch, out_channels, ho, wo, dtype=torch.float64, device=xp.device)
         by_group = out.view(batch, groups, out_channels // groups, ho * wo)
-        block = max(1, unfold_elements(xp.device) // (channels * kh * kw * ho * wo))
+        block = max(1, self.unfold_block(xp.device) // (channels * kh * kw * ho * wo))
         for b0 in range(0, batch, block):
             nb = min(batch, b0 + block) - b0
             rows = grouped_rows(xp[b0:b0 + nb], (kh, kw), stride, dilation, groups,
@@ -278,11 +286,6 @@ class LutEngine:
             product = self.gemm(rows, columns)  # [G, nb*L, O/G]
             by_group[b0:b0 + nb].copy_(product.view(groups, nb, ho * wo, -1).permute(1, 0, 3, 2))
         return out
-
-
-def unfold_elements(device: torch.device) -> int:
-    """Unfolded code elements per batch block: bounded CPU scratch; far larger blocks on a GPU."""
-    return UNFOLD_ELEMENTS["cuda" if device.type == "cuda" else "cpu"]
 
 
 class EngineRegistry:
