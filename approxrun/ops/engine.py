@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 import weakref
 from collections import OrderedDict
 from functools import cached_property
@@ -40,6 +41,7 @@ ROUTE_KINDS = (*PLAN_KINDS, "map_conv")  # low-rank routes an engine may be rest
 UNFOLD_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 27}  # unfolded codes per batch block (CPU: 8 MB of int32)
 BACKWARD_GATHER_SLOWDOWN = 100.0  # the gradient gathers relative to forward lookups (measured 150-300x)
 PLAN_CACHE = 256  # per-shape plans an engine keeps
+TRIAL_SPREAD = 4.0  # auto times the routes modelled within this factor of the best one
 
 
 def _table_values(lut) -> np.ndarray:
@@ -60,8 +62,9 @@ class LutEngine:
 
     def __init__(self, lut, signed_a: bool = True, signed_b: bool = True, *, strategy: str = "auto",
                  routes: tuple[str, ...] = ROUTE_KINDS, lookup_cost: float | None = None,
-                 calibration: Calibration | None = None, unfold_elements: int | None = None):
+                 calibration: Calibration | None = None, unfold_elements: int | None = None, trials: int = 3):
         self.values = _table_values(lut)
+        self.trials = trials  # routes timed on a shape's first calls under auto (below 2: the model alone)
         self.unfold_elements = unfold_elements  # None: per device, see unfold_block
         self.signed_a, self.signed_b = bool(signed_a), bool(signed_b)
         self._device_tables: dict = {}
@@ -165,6 +168,42 @@ class LutEngine:
                 return None, f"gather ({best.kind} low rank {best.time * 1e3:.3g} ms > gather {gather * 1e3:.3g} ms)"
         return best, f"low rank {table.rank}, {best}"
 
+    def _ranked_routes(self, groups, m, k, n, device, byte_codes) -> list:
+        """The gather (None) and every exact plan, by modelled time, within :data:`TRIAL_SPREAD` of
+        the best and at most ``trials`` of them: the routes auto times on a shape's first calls."""
+        cal = self.calibration
+        routes = [(cal.gather_time(groups, m, k, n) * self.lookup_cost, None)]
+        if self.lowrank is not None:
+            routes += [(p.time, p) for p in candidate_plans(self.lowrank, groups, m, k, n, device, cal, byte_codes,
+                                                            self.routes)]
+        routes.sort(key=lambda route: route[0])
+        return [plan for time, plan in routes if time <= TRIAL_SPREAD * routes[0][0]][:self.trials]
+
+    def _gemm_route(self, groups, m, k, n, device, byte_codes):
+        """The route of one GEMM call. Under ``auto`` on a CPU the first calls of a shape time the
+        routes the model ranks close (:meth:`_ranked_routes`), one per call, and the fastest measured
+        one is kept: every route is exact, so only the speed depends on it. Otherwise the model's."""
+        if self.strategy != "auto" or self.trials < 2 or device.type != "cpu":
+            return self._logged_plan("gemm", groups, m, k, n, device, byte_codes), None
+        key = ("trial", groups, m, k, n, byte_codes, torch.get_float32_matmul_precision())
+        trial = self._plans.get(key)
+        if trial is None:
+            routes = self._ranked_routes(groups, m, k, n, device, byte_codes)
+            trial = self._plans[key] = {"routes": routes, "times": []}
+            if len(self._plans) > PLAN_CACHE:
+                self._plans.popitem(last=False)
+        routes, times = trial["routes"], trial["times"]
+        if len(times) < len(routes):
+            return routes[len(times)], times
+        if "best" not in trial:
+            trial["best"] = routes[min(range(len(routes)), key=times.__getitem__)]
+            log.debug("lut gemm: measured %s ms for %s: %s, shape G=%d M=%d K=%d N=%d",
+                      ", ".join(f"{t * 1e3:.3g}" for t in times),
+                      ", ".join("gather" if r is None else r.kind for r in routes),
+                      "gather" if trial["best"] is None else f"low rank {self.lowrank.rank}, {trial['best']}",
+                      groups, m, k, n)
+        return trial["best"], None
+
     def _logged_plan(self, what: str, groups, m, k, n, device, byte_codes=False):
         plan, reason = self.plan(groups, m, k, n, device, byte_codes)
         log.debug("lut %s: %s, shape G=%d M=%d K=%d N=%d", what, reason, groups, m, k, n)
@@ -176,10 +215,17 @@ class LutEngine:
         """out[g, m, n] = sum_k lut[byte(a[g, m, k])][byte(b[g, k, n])] of code tensors, float64."""
         groups, m, k = a.shape
         n = b.shape[2]
-        if groups * m * k * n:
-            plan = self._logged_plan("gemm", groups, m, k, n, a.device, a.dtype in (torch.int8, torch.uint8))
-            if plan is not None:
-                return lowrank_gemm(a, b, self.lowrank, plan)
+        if not groups * m * k * n:
+            return self._gather_gemm(a, b)
+        plan, times = self._gemm_route(groups, m, k, n, a.device, a.dtype in (torch.int8, torch.uint8))
+        start = time.perf_counter()
+        out = self._gather_gemm(a, b) if plan is None else lowrank_gemm(a, b, self.lowrank, plan)
+        if times is not None:  # a timed trial of this route
+            times.append(time.perf_counter() - start)
+        return out
+
+    def _gather_gemm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        groups, n = a.shape[0], b.shape[2]
         if a.is_cuda:  # CuPy LUT kernels; without CuPy, a one-line install error
             from approxrun.ops import cuda
             return cuda.index_gemm(code_to_index(a), code_to_index(b), self.cuda_image(a.device))
