@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 import weakref
 from collections import OrderedDict
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 from approxrun.lut import LUT_SIZE, code_to_index
+from approxrun.ops import native
 from approxrun.ops.gather import depthwise_lut_gemm, grouped_lut_gemm
 from approxrun.ops.gradients import gradient_tables, grouped_lut_gemm_backward
 from approxrun.ops.im2col import conv_output_size, grouped_columns, grouped_rows, scratch
@@ -37,10 +39,11 @@ __all__ = ["STRATEGIES", "ROUTE_KINDS", "LutEngine", "EngineRegistry", "DEFAULT_
 
 log = logging.getLogger("approxrun.ops.lowrank")  # the route log: hydra.verbose=approxrun.ops.lowrank
 STRATEGIES = ("auto", "gather", "lowrank")
-ROUTE_KINDS = (*PLAN_KINDS, "map_conv")  # low-rank routes an engine may be restricted to
+ROUTE_KINDS = (*PLAN_KINDS, "map_conv", "native")  # routes an engine may be restricted to
 UNFOLD_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 27}  # unfolded codes per batch block (CPU: 8 MB of int32)
 BACKWARD_GATHER_SLOWDOWN = 100.0  # the gradient gathers relative to forward lookups (measured 150-300x)
 PLAN_CACHE = 256  # per-shape plans an engine keeps
+TORCH_GATHER, NATIVE_GATHER = "torch gather", "native gather"  # the gather routes, beside low-rank plans
 TRIAL_SPREAD = 4.0  # auto times the routes modelled within this factor of the best one
 
 
@@ -132,6 +135,12 @@ class LutEngine:
             self._device_tables[key] = tuple(torch.as_tensor(t, device=device) for t in self._gradient_arrays)
         return self._device_tables[key]
 
+    def int32_table(self) -> torch.Tensor:
+        """The LUT as a contiguous int32 CPU tensor: the compiled CPU kernel's image."""
+        if "int32" not in self._device_tables:
+            self._device_tables["int32"] = torch.as_tensor(self.values.astype(np.int32))
+        return self._device_tables["int32"]
+
     def cuda_image(self, device):
         """The CUDA kernels' image of the table on ``device``, built once (no host round trip per call)."""
         from approxrun.ops import cuda
@@ -169,27 +178,40 @@ class LutEngine:
         return best, f"low rank {table.rank}, {best}"
 
     def _ranked_routes(self, groups, m, k, n, device, byte_codes) -> list:
-        """The gather (None) and every exact plan, by modelled time, within :data:`TRIAL_SPREAD` of
-        the best and at most ``trials`` of them: the routes auto times on a shape's first calls."""
+        """The gathers (:data:`TORCH_GATHER`, :data:`NATIVE_GATHER`) and every exact low-rank plan, by
+        modelled time, within :data:`TRIAL_SPREAD` of the best and at most ``trials`` of them: the
+        routes auto times on a shape's first calls."""
         cal = self.calibration
-        routes = [(cal.gather_time(groups, m, k, n) * self.lookup_cost, None)]
-        if self.lowrank is not None:
+        routes = [(cal.gather_time(groups, m, k, n) * self.lookup_cost, TORCH_GATHER)]
+        if self._native_usable(device):
+            routes.append((groups * m * k * n * cal.native_lookup * self.lookup_cost, NATIVE_GATHER))
+        if self.lowrank is not None and self.strategy != "gather":
             routes += [(p.time, p) for p in candidate_plans(self.lowrank, groups, m, k, n, device, cal, byte_codes,
                                                             self.routes)]
         routes.sort(key=lambda route: route[0])
-        return [plan for time, plan in routes if time <= TRIAL_SPREAD * routes[0][0]][:self.trials]
+        return [route for time, route in routes if time <= TRIAL_SPREAD * routes[0][0]][:self.trials]
+
+    def _native_usable(self, device) -> bool:
+        return (device.type == "cpu" and "native" in self.routes and math.isfinite(self.calibration.native_lookup)
+                and self.values.dtype == np.int64 and np.abs(self.values).max() < 2**31)
 
     def _gemm_route(self, groups, m, k, n, device, byte_codes):
-        """The route of one GEMM call. Under ``auto`` on a CPU the first calls of a shape time the
-        routes the model ranks close (:meth:`_ranked_routes`), one per call, and the fastest measured
-        one is kept: every route is exact, so only the speed depends on it. Otherwise the model's."""
-        if self.strategy != "auto" or self.trials < 2 or device.type != "cpu":
-            return self._logged_plan("gemm", groups, m, k, n, device, byte_codes), None
+        """(the route of one GEMM call, the list its time goes to when timed). Under ``auto`` on a
+        CPU the first calls of a shape time the routes the model ranks close (:meth:`_ranked_routes`),
+        one per call, and the fastest measured one is kept: every route is exact, so only the speed
+        depends on it. Otherwise the model's choice (:meth:`plan`, and the faster gather)."""
+        if device.type != "cpu" or self.strategy == "lowrank" or self.trials < 2:
+            plan = self._logged_plan("gemm", groups, m, k, n, device, byte_codes)
+            if plan is None and self._native_usable(device) and self.strategy != "lowrank":
+                cal = self.calibration
+                if groups * m * k * n * cal.native_lookup < cal.gather_time(groups, m, k, n):
+                    return NATIVE_GATHER, None
+            return (TORCH_GATHER if plan is None else plan), None
         key = ("trial", groups, m, k, n, byte_codes, torch.get_float32_matmul_precision())
         trial = self._plans.get(key)
         if trial is None:
-            routes = self._ranked_routes(groups, m, k, n, device, byte_codes)
-            trial = self._plans[key] = {"routes": routes, "times": []}
+            trial = self._plans[key] = {"routes": self._ranked_routes(groups, m, k, n, device, byte_codes),
+                                        "times": []}
             if len(self._plans) > PLAN_CACHE:
                 self._plans.popitem(last=False)
         routes, times = trial["routes"], trial["times"]
@@ -198,10 +220,8 @@ class LutEngine:
         if "best" not in trial:
             trial["best"] = routes[min(range(len(routes)), key=times.__getitem__)]
             log.debug("lut gemm: measured %s ms for %s: %s, shape G=%d M=%d K=%d N=%d",
-                      ", ".join(f"{t * 1e3:.3g}" for t in times),
-                      ", ".join("gather" if r is None else r.kind for r in routes),
-                      "gather" if trial["best"] is None else f"low rank {self.lowrank.rank}, {trial['best']}",
-                      groups, m, k, n)
+                      ", ".join(f"{t * 1e3:.3g}" for t in times), ", ".join(map(_route_name, routes)),
+                      _route_name(trial["best"]), groups, m, k, n)
         return trial["best"], None
 
     def _logged_plan(self, what: str, groups, m, k, n, device, byte_codes=False):
@@ -217,9 +237,14 @@ class LutEngine:
         n = b.shape[2]
         if not groups * m * k * n:
             return self._gather_gemm(a, b)
-        plan, times = self._gemm_route(groups, m, k, n, a.device, a.dtype in (torch.int8, torch.uint8))
+        route, times = self._gemm_route(groups, m, k, n, a.device, a.dtype in (torch.int8, torch.uint8))
         start = time.perf_counter()
-        out = self._gather_gemm(a, b) if plan is None else lowrank_gemm(a, b, self.lowrank, plan)
+        if route == NATIVE_GATHER:
+            out = native.load()(a, b, self.int32_table(), wide_sums=k * int(np.abs(self.values).max()) >= 2**31)
+        elif route == TORCH_GATHER:
+            out = self._gather_gemm(a, b)
+        else:
+            out = lowrank_gemm(a, b, self.lowrank, route)
         if times is not None:  # a timed trial of this route
             times.append(time.perf_counter() - start)
         return out
@@ -332,6 +357,10 @@ class LutEngine:
             product = self.gemm(rows, columns)  # [G, nb*L, O/G]
             by_group[b0:b0 + nb].copy_(product.view(groups, nb, ho * wo, -1).permute(1, 0, 3, 2))
         return out
+
+
+def _route_name(route) -> str:
+    return route if isinstance(route, str) else str(route)
 
 
 class EngineRegistry:

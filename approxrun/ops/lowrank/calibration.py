@@ -34,7 +34,7 @@ __all__ = ["Calibration", "machine_key", "cpu_description", "calibration_dir", "
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "APPROXRUN_CACHE"
-FORMAT = 1  # bump when the measured figures change meaning
+FORMAT = 2  # bump when the measured figures change meaning
 ISA_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "DNNL_MAX_CPU_ISA")
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_vbmi", "amx_tile", "amx_int8")
 GEMM_WIDTHS = (8, 32, 128)  # N of the timed GEMMs; other widths interpolate on log N
@@ -86,6 +86,7 @@ class Calibration:
     int8_call: float
     accumulate: float
     int8_exact: bool
+    native_lookup: float = math.inf  # the compiled CPU LUT GEMM (approxrun.ops.native); inf: not built here
     machine: dict = field(default_factory=dict)
 
     def gemm_mac(self, dtype: str, n: int) -> float:
@@ -226,9 +227,22 @@ def _measure_round() -> Calibration:
     accumulate = _best_time(lambda: out.add_(part)) / count
     small = torch.ones(32, 64, dtype=torch.int8)
     int8_call = _best_time(lambda: torch._int_mm(small, small.t().contiguous())) if int8_exact else math.inf
+    native_lookup = _native_figure(generator)
     log.info("LUT route calibration measured in %.2f s", time.perf_counter() - start)
     return Calibration(lookup, row, table, direct, gemm, map_entry, word_index, pair_index, int8_call, accumulate,
-                       int8_exact, machine_key())
+                       int8_exact, native_lookup, machine_key())
+
+
+def _native_figure(generator: torch.Generator) -> float:
+    """Seconds per lookup of the compiled CPU LUT GEMM (inf when it cannot be built here)."""
+    from approxrun.ops import native
+    kernel = native.load()
+    if kernel is None:
+        return math.inf
+    lut = torch.randint(-2**15, 2**15, (256, 256), generator=generator, dtype=torch.int32)
+    a = torch.randint(-128, 128, (1, 256, 128), generator=generator, dtype=torch.int8)
+    b = torch.randint(-128, 128, (1, 128, 96), generator=generator, dtype=torch.int8)
+    return _best_time(lambda: kernel(a, b, lut, False)) / (256 * 128 * 96)
 
 
 def _path(key: dict, folder: Path) -> Path:
