@@ -41,7 +41,6 @@ log = logging.getLogger("approxrun.ops.lowrank")  # the route log: hydra.verbose
 STRATEGIES = ("auto", "gather", "lowrank")
 ROUTE_KINDS = (*PLAN_KINDS, "map_conv", "native")  # routes an engine may be restricted to
 UNFOLD_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 27}  # unfolded codes per batch block (CPU: 8 MB of int32)
-BACKWARD_GATHER_SLOWDOWN = 100.0  # the gradient gathers relative to forward lookups (measured 150-300x)
 PLAN_CACHE = 256  # per-shape plans an engine keeps
 TORCH_GATHER, NATIVE_GATHER = "torch gather", "native gather"  # the gather routes, beside low-rank plans
 TRIAL_SPREAD = 4.0  # auto times the routes modelled within this factor of the best one
@@ -258,7 +257,7 @@ class LutEngine:
         if n == 1 and groups > 1:
             log.debug("lut gemm: depthwise gather path for %d groups", groups)
             return depthwise_lut_gemm(code_to_index(a), code_to_index(b)[:, :, 0], lut).unsqueeze(-1)
-        return grouped_lut_gemm(a, b, lut)
+        return grouped_lut_gemm(a, b, lut, direct=self.calibration.gather_direct(a.shape[1], n))
 
     def backward(self, grad_out: torch.Tensor, a_idx: torch.Tensor, b_idx: torch.Tensor):
         """(grad_a, grad_b) float64 of the GEMM through the LUT-derived gradient tables."""
@@ -271,7 +270,7 @@ class LutEngine:
             width = fa.width + fb.width
             lowrank_time = groups * (m * k * n * width * cal.gemm_mac("float64", n)
                                      + (m * k + k * n) * width * 2 * cal.map_entry)
-            if lowrank_time >= BACKWARD_GATHER_SLOWDOWN * cal.gather_time(groups, m, k, n) * self.lookup_cost:
+            if lowrank_time >= groups * (m + 256) * k * n * cal.backward_lookup * self.lookup_cost:
                 factored = None
         if factored is not None:
             log.debug("lut backward: low rank %d + %d", factored[0].width, factored[1].width)

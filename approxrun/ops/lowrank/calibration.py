@@ -34,7 +34,7 @@ __all__ = ["Calibration", "machine_key", "cpu_description", "calibration_dir", "
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "APPROXRUN_CACHE"
-FORMAT = 2  # bump when the measured figures change meaning
+FORMAT = 3  # bump when the measured figures change meaning
 ISA_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "DNNL_MAX_CPU_ISA")
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_vbmi", "amx_tile", "amx_int8")
 GEMM_WIDTHS = (8, 32, 128)  # N of the timed GEMMs; other widths interpolate on log N
@@ -86,6 +86,7 @@ class Calibration:
     int8_call: float
     accumulate: float
     int8_exact: bool
+    backward_lookup: float = math.inf  # the gradient-table gathers of a LUT-gradient backward, per product
     native_lookup: float = math.inf  # the compiled CPU LUT GEMM (approxrun.ops.native); inf: not built here
     machine: dict = field(default_factory=dict)
 
@@ -96,10 +97,15 @@ class Calibration:
         logs = [math.log(w) for w in GEMM_WIDTHS]
         return float(np.interp(math.log(max(1, n)), logs, rates))
 
+    def gather_direct(self, m: int, n: int) -> bool:
+        """Whether :func:`approxrun.ops.gather.grouped_lut_gemm` should gather every product directly
+        (no tables) for this shape: by the measured costs (K cancels out)."""
+        table = m * n * self.gather_lookup + max(m, n) * self.gather_row + 256 * min(m, n) * self.gather_table
+        return min(m, n) == 1 or m * n * self.direct_lookup < table
+
     def gather_time(self, groups: int, m: int, k: int, n: int) -> float:
-        """Modelled time of :func:`approxrun.ops.gather.grouped_lut_gemm` (its two strategies)."""
-        from approxrun.ops.gather import DIRECT_ROWS
-        if max(m, n) < DIRECT_ROWS or min(m, n) == 1:
+        """Modelled time of :func:`approxrun.ops.gather.grouped_lut_gemm` (the strategy it is given)."""
+        if self.gather_direct(m, n):
             return groups * m * k * n * self.direct_lookup
         return groups * (m * k * n * self.gather_lookup + max(m, n) * k * self.gather_row
                          + 256 * k * min(m, n) * self.gather_table)
@@ -151,14 +157,14 @@ def _gather_figures(generator: torch.Generator) -> tuple[float, float, float, fl
     for m, k, n in GATHER_SHAPES:
         a = torch.randint(-128, 128, (1, m, k), generator=generator, dtype=torch.int32)
         b = torch.randint(-128, 128, (1, k, n), generator=generator, dtype=torch.int32)
-        times.append(_best_time(lambda: grouped_lut_gemm(a, b, lut)))
+        times.append(_best_time(lambda: grouped_lut_gemm(a, b, lut, direct=False)))
         rows.append((m * k * n, max(m, n) * k, 256 * k * min(m, n)))
     weighted = np.array(rows, dtype=float) / np.array(times)[:, None]
     lookup, row, table = nnls(weighted, np.ones(len(times)))[0]
     lookup = max(lookup, 0.05 * min(t / r[0] for t, r in zip(times, rows)))  # a lookup never costs nothing
     a = torch.randint(-128, 128, (1, 128, 64), generator=generator, dtype=torch.int32)
     b = torch.randint(-128, 128, (1, 64, 96), generator=generator, dtype=torch.int32)
-    direct = _best_time(lambda: grouped_lut_gemm(a, b, lut)) / (128 * 64 * 96)
+    direct = _best_time(lambda: grouped_lut_gemm(a, b, lut, direct=True)) / (128 * 64 * 96)
     return float(lookup), float(row), float(table), direct
 
 
@@ -228,9 +234,22 @@ def _measure_round() -> Calibration:
     small = torch.ones(32, 64, dtype=torch.int8)
     int8_call = _best_time(lambda: torch._int_mm(small, small.t().contiguous())) if int8_exact else math.inf
     native_lookup = _native_figure(generator)
+    backward_lookup = _backward_figure(generator)
     log.info("LUT route calibration measured in %.2f s", time.perf_counter() - start)
     return Calibration(lookup, row, table, direct, gemm, map_entry, word_index, pair_index, int8_call, accumulate,
-                       int8_exact, native_lookup, machine_key())
+                       int8_exact, backward_lookup, native_lookup, machine_key())
+
+
+def _backward_figure(generator: torch.Generator) -> float:
+    """Seconds per product of the gradient-table gathers (:func:`grouped_lut_gemm_backward`), whose
+    work is M*K*N products plus 256*K*N histogram entries (counted alike)."""
+    from approxrun.ops.gradients import grouped_lut_gemm_backward
+    m, k, n = 256, 8, 8  # slow (a scatter per product): a small shape, one timed call
+    tables = [torch.randn(256, 256, generator=generator, dtype=torch.float64) for _ in range(2)]
+    a = torch.randint(0, 256, (1, m, k), generator=generator)
+    b = torch.randint(0, 256, (1, k, n), generator=generator)
+    grad = torch.randn(1, m, n, generator=generator, dtype=torch.float64)
+    return _best_time(lambda: grouped_lut_gemm_backward(grad, a, b, *tables), repeats=1) / ((m + 256) * k * n)
 
 
 def _native_figure(generator: torch.Generator) -> float:
