@@ -20,7 +20,6 @@ import shutil
 import time
 import uuid
 import warnings
-from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -324,8 +323,7 @@ def run(cfg, out_dir: str | Path) -> dict:
     metrics: dict = {"status": "running", "error": None,
                      "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "stages": {}}
     try:
-        with ExitStack() as scope:
-            _run(cfg, out_dir, metrics, scope)
+        _run(cfg, out_dir, metrics)
         metrics["status"] = "completed"
         return metrics
     except BaseException as exc:
@@ -338,7 +336,7 @@ def run(cfg, out_dir: str | Path) -> dict:
         atomic_write_json(out_dir / "metrics.json", metrics)
 
 
-def _run(cfg, out_dir: Path, metrics: dict, scope: ExitStack) -> None:
+def _run(cfg, out_dir: Path, metrics: dict) -> None:
     # --- configuration: everything that can be wrong in the input is checked here ---
     config = to_container(cfg)
     stages = stage_configs(config)
