@@ -359,6 +359,24 @@ def test_router_follows_injected_calibration():
     assert gather.plan(1, 4096, 576, 64, cpu) == (None, "gather (strategy)")
 
 
+def test_auto_times_close_routes_then_keeps_the_fastest(lowrank_log):
+    """Under auto the first calls of a shape run the routes the figures rank close (each exact), then
+    the fastest measured one stays; trials=0 keeps the model's choice without timing."""
+    rng = np.random.default_rng(17)
+    lut = get_multiplier("drum_4").lut
+    a, b = codes(rng, (300, 64)), codes(rng, (64, 40))
+    even = machine(int8_mac=1e-11, float32_mac=1e-11, gather_lookup=1e-10)  # every route modelled close
+    engine = LutEngine(lut, calibration=even)
+    for _ in range(5):
+        assert np.array_equal(lut_matmul(a, b, engine).numpy(), matmul_oracle(a, b, lut))
+    measured = [line for line in lowrank_log.text.splitlines() if "lut gemm: measured" in line]
+    assert len(measured) == 1 and measured[0].count(" ms for ") == 1 and "GEMM" in measured[0]
+    lowrank_log.clear()
+    model_only = LutEngine(lut, calibration=even, trials=0)
+    lut_matmul(a, b, model_only)
+    assert "measured" not in lowrank_log.text and "shape G=1 M=300 K=64 N=40" in lowrank_log.text
+
+
 def test_engine_settings_are_checked():
     with pytest.raises(ValueError, match="strategy"):
         LutEngine(exact_lut(), strategy="fast")
