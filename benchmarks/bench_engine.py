@@ -6,7 +6,8 @@ The reference is compiled here with ``torch.utils.cpp_extension.load_inline``: o
 product, int32 sums, ``#pragma omp parallel for`` over rows (what a straightforward C++ LUT GEMM
 does). Per LUT and core shape it prints the reference's time, approxrun's time per route (``auto``;
 ``gather``; the low-rank plans ``int8``/``float32``/``float64`` forced through the engine's
-``routes``; ``-`` where that plan is not exact for the shape), the speed-up of auto over the
+``routes``; ``native``: the compiled gather kernel; ``-`` where that plan is not exact for the
+shape), the route auto settled on after its timed first calls, the speed-up of auto over the
 reference, and auto's time over the best forced route. Every result is checked against the
 reference. Targets (issue 13): geo-mean speed-up >= 3x for a random full-range LUT and >= 10x for a
 LUT whose error has rank <= 4; auto within 10% of the best forced route on every shape.
@@ -29,11 +30,11 @@ from torch.utils.cpp_extension import load_inline
 
 from approxrun.lut import exact_lut
 from approxrun.multipliers import get_multiplier
-from approxrun.ops import LutEngine, lut_matmul
+from approxrun.ops import LutEngine, lut_matmul, native
 from approxrun.ops.lowrank.calibration import ISA_ENV, cpu_description, load_or_measure
 
 SHAPES = ((8192, 150, 16), (128, 256, 120), (73728, 25, 6), (4096, 576, 64), (4096, 1152, 128))
-FORCED = ("gather", "int8", "float32", "float64")
+FORCED = ("gather", "native", "int8", "float32", "float64")
 
 REFERENCE_SOURCE = r"""
 #include <torch/extension.h>
@@ -99,11 +100,13 @@ def bench_lut(name: str, lut: np.ndarray, reference, repeats: int, calibration) 
     """Rows of the table for one LUT; (auto speed-ups over the reference, auto / best forced)."""
     engines = {"auto": LutEngine(lut, calibration=calibration),
                "gather": LutEngine(lut, strategy="gather", calibration=calibration)}
-    for kind in FORCED[1:]:
+    for kind in FORCED[2:]:
         engines[kind] = LutEngine(lut, strategy="lowrank", routes=(kind,), calibration=calibration)
+    kernel = native.load()
+    wide_sums = bool(np.abs(lut).max() * max(k for _, k, _ in SHAPES) >= 2**31)
     table = engines["auto"].lowrank
     rank = "full" if table is None else str(table.rank)
-    lut32 = torch.as_tensor(lut, dtype=torch.int32)
+    lut32 = torch.as_tensor(np.asarray(lut, dtype=np.int32))
     speedups, auto_ratios = [], []
     generator = torch.Generator().manual_seed(1)
     for m, k, n in SHAPES:
@@ -111,21 +114,24 @@ def bench_lut(name: str, lut: np.ndarray, reference, repeats: int, calibration) 
         b = torch.randint(-128, 128, (k, n), generator=generator, dtype=torch.int32)
         expected = reference.lut_gemm(a, b, lut32).long()
         fns = {"reference": lambda: reference.lut_gemm(a, b, lut32)}
+        if kernel is not None:  # the compiled gather route, called as the engine calls it
+            assert torch.equal(kernel(a[None], b[None], lut32, wide_sums)[0].long(), expected)
+            fns["native"] = lambda: kernel(a[None], b[None], lut32, wide_sums)
         for route, engine in engines.items():
             plan = engine.plan(1, m, k, n, torch.device("cpu"))[0]
-            if route in FORCED[1:] and (plan is None or plan.kind != route):
+            if route in FORCED[2:] and (plan is None or plan.kind != route):
                 continue
             out = lut_matmul(a, b, engine)
             assert torch.equal(out, expected), (name, route, (m, k, n))
             fns[route] = lambda engine=engine: lut_matmul(a, b, engine)
         best = alternating_best(fns, repeats)
-        chosen = engines["auto"].plan(1, m, k, n, torch.device("cpu"))[0]
+        chosen = engines["auto"].chosen_route(1, m, k, n, "cpu").split()[0]
         forced = {r: t for r, t in best.items() if r in FORCED}
         speedups.append(best["reference"] / best["auto"])
         auto_ratios.append(best["auto"] / min(forced.values()))
         cells = " ".join(f"{best[r] * 1e3:8.2f}" if r in best else f"{'-':>8}" for r in FORCED)
         print(f"{name:>12} {rank:>4} {str((m, k, n)):>17} {best['reference'] * 1e3:9.2f} {best['auto'] * 1e3:8.2f} "
-              f"{cells} {('gather' if chosen is None else chosen.kind):>8} {speedups[-1]:7.2f}x "
+              f"{cells} {chosen:>8} {speedups[-1]:7.2f}x "
               f"{auto_ratios[-1]:6.2f}")
     return speedups, auto_ratios
 

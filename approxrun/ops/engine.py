@@ -43,7 +43,7 @@ ROUTE_KINDS = (*PLAN_KINDS, "map_conv", "native")  # routes an engine may be res
 UNFOLD_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 27}  # unfolded codes per batch block (CPU: 8 MB of int32)
 PLAN_CACHE = 256  # per-shape plans an engine keeps
 TORCH_GATHER, NATIVE_GATHER = "torch gather", "native gather"  # the gather routes, beside low-rank plans
-TRIAL_SPREAD = 4.0  # auto times the routes modelled within this factor of the best one
+TRIAL_SPREAD = 2.0  # auto also times the low-rank plans modelled within this factor of the best one
 
 
 def _table_values(lut) -> np.ndarray:
@@ -64,7 +64,7 @@ class LutEngine:
 
     def __init__(self, lut, signed_a: bool = True, signed_b: bool = True, *, strategy: str = "auto",
                  routes: tuple[str, ...] = ROUTE_KINDS, lookup_cost: float | None = None,
-                 calibration: Calibration | None = None, unfold_elements: int | None = None, trials: int = 3):
+                 calibration: Calibration | None = None, unfold_elements: int | None = None, trials: int = 4):
         self.values = _table_values(lut)
         self.trials = trials  # routes timed on a shape's first calls under auto (below 2: the model alone)
         self.unfold_elements = unfold_elements  # None: per device, see unfold_block
@@ -177,18 +177,17 @@ class LutEngine:
         return best, f"low rank {table.rank}, {best}"
 
     def _ranked_routes(self, groups, m, k, n, device, byte_codes) -> list:
-        """The gathers (:data:`TORCH_GATHER`, :data:`NATIVE_GATHER`) and every exact low-rank plan, by
-        modelled time, within :data:`TRIAL_SPREAD` of the best and at most ``trials`` of them: the
-        routes auto times on a shape's first calls."""
+        """The routes auto times on a shape's first calls: each family's best by modelled time (the
+        torch gather, the compiled gather, the best exact low-rank plan; measured figures can be off
+        on a loaded machine, so no family is ruled out by the model alone), then other low-rank
+        plans modelled within :data:`TRIAL_SPREAD` of the best one, ``trials`` routes at most."""
         cal = self.calibration
-        routes = [(cal.gather_time(groups, m, k, n) * self.lookup_cost, TORCH_GATHER)]
-        if self._native_usable(device):
-            routes.append((groups * m * k * n * cal.native_lookup * self.lookup_cost, NATIVE_GATHER))
+        routes = [TORCH_GATHER] + ([NATIVE_GATHER] if self._native_usable(device) else [])
         if self.lowrank is not None and self.strategy != "gather":
-            routes += [(p.time, p) for p in candidate_plans(self.lowrank, groups, m, k, n, device, cal, byte_codes,
-                                                            self.routes)]
-        routes.sort(key=lambda route: route[0])
-        return [route for time, route in routes if time <= TRIAL_SPREAD * routes[0][0]][:self.trials]
+            plans = sorted(candidate_plans(self.lowrank, groups, m, k, n, device, cal, byte_codes, self.routes),
+                           key=lambda plan: plan.time)
+            routes += [plan for plan in plans if plan.time <= TRIAL_SPREAD * plans[0].time]
+        return routes[:self.trials]
 
     def _native_usable(self, device) -> bool:
         return (device.type == "cpu" and "native" in self.routes and math.isfinite(self.calibration.native_lookup)
@@ -222,6 +221,15 @@ class LutEngine:
                       ", ".join(f"{t * 1e3:.3g}" for t in times), ", ".join(map(_route_name, routes)),
                       _route_name(trial["best"]), groups, m, k, n)
         return trial["best"], None
+
+    def chosen_route(self, groups: int, m: int, k: int, n: int, device, byte_codes: bool = False) -> str:
+        """The route a GEMM of this shape takes now, in words (after auto's timed first calls: the
+        measured fastest; before them, or without trials: the model's choice)."""
+        trial = self._plans.get(("trial", groups, m, k, n, byte_codes, torch.get_float32_matmul_precision()))
+        if trial is not None and "best" in trial:
+            return _route_name(trial["best"])
+        plan = self.plan(groups, m, k, n, torch.device(device), byte_codes)[0]
+        return TORCH_GATHER if plan is None else str(plan)
 
     def _logged_plan(self, what: str, groups, m, k, n, device, byte_codes=False):
         plan, reason = self.plan(groups, m, k, n, device, byte_codes)
