@@ -43,6 +43,7 @@ ROUTE_KINDS = (*PLAN_KINDS, "map_conv", "native")  # routes an engine may be res
 UNFOLD_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 27}  # unfolded codes per batch block (CPU: 8 MB of int32)
 PLAN_CACHE = 256  # per-shape plans an engine keeps
 TORCH_GATHER, NATIVE_GATHER = "torch gather", "native gather"  # the gather routes, beside low-rank plans
+TRIAL_ROUNDS = 2  # timed calls per route (the best counts)
 TRIAL_SPREAD = 2.0  # auto also times the low-rank plans modelled within this factor of the best one
 
 
@@ -195,9 +196,9 @@ class LutEngine:
 
     def _gemm_route(self, groups, m, k, n, device, byte_codes):
         """(the route of one GEMM call, the list its time goes to when timed). Under ``auto`` on a
-        CPU the first calls of a shape time the routes the model ranks close (:meth:`_ranked_routes`),
-        one per call, and the fastest measured one is kept: every route is exact, so only the speed
-        depends on it. Otherwise the model's choice (:meth:`plan`, and the faster gather)."""
+        CPU the first calls of a shape time the candidate routes (:meth:`_ranked_routes`), one per
+        call in turns, :data:`TRIAL_ROUNDS` times each, and the fastest measured one is kept: every
+        route is exact, so only the speed depends on it. Otherwise the model's choice."""
         if device.type != "cpu" or self.strategy == "lowrank" or self.trials < 2:
             plan = self._logged_plan("gemm", groups, m, k, n, device, byte_codes)
             if plan is None and self._native_usable(device) and self.strategy != "lowrank":
@@ -213,12 +214,13 @@ class LutEngine:
             if len(self._plans) > PLAN_CACHE:
                 self._plans.popitem(last=False)
         routes, times = trial["routes"], trial["times"]
-        if len(times) < len(routes):
-            return routes[len(times)], times
+        if len(times) < TRIAL_ROUNDS * len(routes):  # the routes take turns, so load bursts hit them alike
+            return routes[len(times) % len(routes)], times
         if "best" not in trial:
-            trial["best"] = routes[min(range(len(routes)), key=times.__getitem__)]
+            best = [min(times[i::len(routes)]) for i in range(len(routes))]
+            trial["best"] = routes[min(range(len(routes)), key=best.__getitem__)]
             log.debug("lut gemm: measured %s ms for %s: %s, shape G=%d M=%d K=%d N=%d",
-                      ", ".join(f"{t * 1e3:.3g}" for t in times), ", ".join(map(_route_name, routes)),
+                      ", ".join(f"{t * 1e3:.3g}" for t in best), ", ".join(map(_route_name, routes)),
                       _route_name(trial["best"]), groups, m, k, n)
         return trial["best"], None
 
