@@ -60,3 +60,12 @@ def test_default_registry_reuses_the_engine_of_a_raw_tensor():
     out = approxrun.lut_matmul(a, b, lut)
     assert engine_for(lut) is engine_for(lut) is DEFAULT_ENGINES.engine_for(lut)
     assert torch.equal(out, (a @ b))
+
+
+def test_calibrate_command_shows_the_machine_figures(capsys):
+    from approxrun.lut_tool import main
+    from approxrun.ops.lowrank.calibration import cpu_description
+
+    assert main(["calibrate"]) == 0
+    out = capsys.readouterr().out
+    assert cpu_description()["model"] in out and "float32 GEMM: N=8" in out and "int8 GEMM exact" in out
