@@ -44,6 +44,7 @@ UNFOLD_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 27}  # unfolded codes per batch 
 PLAN_CACHE = 256  # per-shape plans an engine keeps
 TORCH_GATHER, NATIVE_GATHER = "torch gather", "native gather"  # the gather routes, beside low-rank plans
 TRIAL_ROUNDS = 2  # timed calls per route (the best counts)
+TRIAL_MIN_SECONDS = 2e-3  # shapes modelled faster than this keep the model's route: timing them is noise
 TRIAL_SPREAD = 2.0  # auto also times the low-rank plans modelled within this factor of the best one
 
 
@@ -200,14 +201,11 @@ class LutEngine:
         call in turns, :data:`TRIAL_ROUNDS` times each, and the fastest measured one is kept: every
         route is exact, so only the speed depends on it. Otherwise the model's choice."""
         if device.type != "cpu" or self.strategy == "lowrank" or self.trials < 2:
-            plan = self._logged_plan("gemm", groups, m, k, n, device, byte_codes)
-            if plan is None and self._native_usable(device) and self.strategy != "lowrank":
-                cal = self.calibration
-                if groups * m * k * n * cal.native_lookup < cal.gather_time(groups, m, k, n):
-                    return NATIVE_GATHER, None
-            return (TORCH_GATHER if plan is None else plan), None
+            return self._gemm_route_by_model(groups, m, k, n, device, byte_codes), None
         key = ("trial", groups, m, k, n, byte_codes, torch.get_float32_matmul_precision())
         trial = self._plans.get(key)
+        if trial is None and self._modelled_time(groups, m, k, n, device, byte_codes) < TRIAL_MIN_SECONDS:
+            return self._gemm_route_by_model(groups, m, k, n, device, byte_codes), None
         if trial is None:
             trial = self._plans[key] = {"routes": self._ranked_routes(groups, m, k, n, device, byte_codes),
                                         "times": []}
@@ -223,6 +221,23 @@ class LutEngine:
                       ", ".join(f"{t * 1e3:.3g}" for t in best), ", ".join(map(_route_name, routes)),
                       _route_name(trial["best"]), groups, m, k, n)
         return trial["best"], None
+
+    def _gemm_route_by_model(self, groups, m, k, n, device, byte_codes):
+        plan = self._logged_plan("gemm", groups, m, k, n, device, byte_codes)
+        if plan is None and self._native_usable(device) and self.strategy != "lowrank":
+            cal = self.calibration
+            if groups * m * k * n * cal.native_lookup < cal.gather_time(groups, m, k, n):
+                return NATIVE_GATHER
+        return TORCH_GATHER if plan is None else plan
+
+    def _modelled_time(self, groups, m, k, n, device, byte_codes) -> float:
+        """The model's time of the route it would pick (seconds)."""
+        cal = self.calibration
+        plan = self.plan(groups, m, k, n, device, byte_codes)[0]
+        gather = cal.gather_time(groups, m, k, n)
+        if self._native_usable(device):
+            gather = min(gather, groups * m * k * n * cal.native_lookup)
+        return gather if plan is None else min(gather, plan.time)
 
     def chosen_route(self, groups: int, m: int, k: int, n: int, device, byte_codes: bool = False) -> str:
         """The route a GEMM of this shape takes now, in words (after auto's timed first calls: the
