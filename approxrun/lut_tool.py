@@ -154,7 +154,8 @@ def cmd_calibrate(args) -> None:
     print(f"cache: {calibration_dir()}")
     print(f"gather (torch ops): {cal.gather_lookup * 1e9:.3g} ns/lookup, {cal.gather_row * 1e9:.3g} ns/row, "
           f"{cal.gather_table * 1e9:.3g} ns/table entry; direct {cal.direct_lookup * 1e9:.3g} ns/lookup")
-    print(f"gather (compiled kernel): {cal.native_lookup * 1e9:.3g} ns/lookup")
+    print(f"gather (compiled kernel): {cal.native_lookup * 1e9:.3g} ns/lookup direct, "
+          f"{cal.native_table_lookup * 1e9:.3g} ns/lookup with tables")
     for dtype, rates in cal.gemm.items():
         print(f"{dtype} GEMM: " + ", ".join(f"N={n}: {1e-9 / r:.3g} GMAC/s" for n, r in zip((8, 32, 128), rates)))
     print(f"maps: {cal.map_entry * 1e9:.3g} ns/float entry, {cal.word_index * 1e9:.3g} ns/int8 word, "

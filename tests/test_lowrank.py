@@ -475,12 +475,14 @@ def test_native_gather_matches_oracle(low, high, k, lowrank_log):
         pytest.skip("no C++ toolchain to build the CPU LUT kernel")
     rng = np.random.default_rng(21)
     lut = rng.integers(low, high, (256, 256))
-    fast_native = Calibration(**{**AVX2_ONLY.as_dict(), "native_lookup": 1e-15})
-    engine = LutEngine(lut, strategy="gather", calibration=fast_native)
-    for dtype in (torch.int8, torch.int32, torch.float32):
-        a, b = codes(rng, (37, k)), codes(rng, (k, 19))
-        out = lut_matmul(a.to(dtype), b.to(dtype), engine)
-        assert np.array_equal(out.numpy(), matmul_oracle(a, b, lut))
-    x, w = codes(rng, (2, 4, 6, 6)), codes(rng, (6, 2, 3, 3))
-    out = lut_conv2d(x, w, engine, padding=1, groups=2, pad_value=9)
-    assert np.array_equal(out.numpy(), conv_oracle(x.numpy(), w.numpy(), lut, 1, 1, 1, 2, 9))
+    for figure, route in (("native_lookup", "native gather"), ("native_table_lookup", "native tables")):
+        fast_native = Calibration(**{**AVX2_ONLY.as_dict(), figure: 1e-15})
+        engine = LutEngine(lut, strategy="gather", calibration=fast_native)
+        for dtype in (torch.int8, torch.int32, torch.float32):
+            a, b = codes(rng, (37, k)), codes(rng, (k, 19))
+            out = lut_matmul(a.to(dtype), b.to(dtype), engine)
+            assert np.array_equal(out.numpy(), matmul_oracle(a, b, lut))
+        x, w = codes(rng, (2, 4, 6, 6)), codes(rng, (6, 2, 3, 3))
+        out = lut_conv2d(x, w, engine, padding=1, groups=2, pad_value=9)
+        assert np.array_equal(out.numpy(), conv_oracle(x.numpy(), w.numpy(), lut, 1, 1, 1, 2, 9))
+        assert engine.chosen_route(2, 72, 18, 3, "cpu") == route  # each strategy modelled fastest in turn

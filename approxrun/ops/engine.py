@@ -42,7 +42,7 @@ STRATEGIES = ("auto", "gather", "lowrank")
 ROUTE_KINDS = (*PLAN_KINDS, "map_conv", "native")  # routes an engine may be restricted to
 UNFOLD_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 27}  # unfolded codes per batch block (CPU: 8 MB of int32)
 PLAN_CACHE = 256  # per-shape plans an engine keeps
-TORCH_GATHER, NATIVE_GATHER = "torch gather", "native gather"  # the gather routes, beside low-rank plans
+TORCH_GATHER, NATIVE_GATHER, NATIVE_TABLES = "torch gather", "native gather", "native tables"  # gather routes
 TRIAL_ROUNDS = 2  # timed calls per route (the best counts)
 TRIAL_MIN_SECONDS = 2e-3  # shapes modelled faster than this keep the model's route: timing them is noise
 TRIAL_SPREAD = 2.0  # auto also times the low-rank plans modelled within this factor of the best one
@@ -184,7 +184,7 @@ class LutEngine:
         on a loaded machine, so no family is ruled out by the model alone), then other low-rank
         plans modelled within :data:`TRIAL_SPREAD` of the best one, ``trials`` routes at most."""
         cal = self.calibration
-        routes = [TORCH_GATHER] + ([NATIVE_GATHER] if self._native_usable(device) else [])
+        routes = [TORCH_GATHER] + ([NATIVE_GATHER, NATIVE_TABLES] if self._native_usable(device) else [])
         if self.lowrank is not None and self.strategy != "gather":
             plans = sorted(candidate_plans(self.lowrank, groups, m, k, n, device, cal, byte_codes, self.routes),
                            key=lambda plan: plan.time)
@@ -226,8 +226,10 @@ class LutEngine:
         plan = self._logged_plan("gemm", groups, m, k, n, device, byte_codes)
         if plan is None and self._native_usable(device) and self.strategy != "lowrank":
             cal = self.calibration
-            if groups * m * k * n * cal.native_lookup < cal.gather_time(groups, m, k, n):
-                return NATIVE_GATHER
+            route, time_ = min(((NATIVE_GATHER, cal.native_time(groups, m, k, n, False)),
+                                (NATIVE_TABLES, cal.native_time(groups, m, k, n, True))), key=lambda r: r[1])
+            if time_ < cal.gather_time(groups, m, k, n):
+                return route
         return TORCH_GATHER if plan is None else plan
 
     def _modelled_time(self, groups, m, k, n, device, byte_codes) -> float:
@@ -236,7 +238,7 @@ class LutEngine:
         plan = self.plan(groups, m, k, n, device, byte_codes)[0]
         gather = cal.gather_time(groups, m, k, n)
         if self._native_usable(device):
-            gather = min(gather, groups * m * k * n * cal.native_lookup)
+            gather = min(gather, cal.native_time(groups, m, k, n, False), cal.native_time(groups, m, k, n, True))
         return gather if plan is None else min(gather, plan.time)
 
     def chosen_route(self, groups: int, m: int, k: int, n: int, device, byte_codes: bool = False) -> str:
@@ -245,8 +247,7 @@ class LutEngine:
         trial = self._plans.get(("trial", groups, m, k, n, byte_codes, torch.get_float32_matmul_precision()))
         if trial is not None and "best" in trial:
             return _route_name(trial["best"])
-        plan = self.plan(groups, m, k, n, torch.device(device), byte_codes)[0]
-        return TORCH_GATHER if plan is None else str(plan)
+        return _route_name(self._gemm_route_by_model(groups, m, k, n, torch.device(device), byte_codes))
 
     def _logged_plan(self, what: str, groups, m, k, n, device, byte_codes=False):
         plan, reason = self.plan(groups, m, k, n, device, byte_codes)
@@ -263,8 +264,9 @@ class LutEngine:
             return self._gather_gemm(a, b)
         route, times = self._gemm_route(groups, m, k, n, a.device, a.dtype in (torch.int8, torch.uint8))
         start = time.perf_counter()
-        if route == NATIVE_GATHER:
-            out = native.load()(a, b, self.int32_table(), wide_sums=k * int(np.abs(self.values).max()) >= 2**31)
+        if route in (NATIVE_GATHER, NATIVE_TABLES):
+            out = native.load()(a, b, self.int32_table(), wide_sums=k * int(np.abs(self.values).max()) >= 2**31,
+                                tables=route == NATIVE_TABLES)
         elif route == TORCH_GATHER:
             out = self._gather_gemm(a, b)
         else:

@@ -1,8 +1,9 @@
 """A compiled CPU LUT GEMM (C++/OpenMP), built on first use with torch's cpp_extension and cached.
 
-One LUT read per product from a 256x256 int32 image, byte operands, int32 sums (int64 when a sum
-could leave the int32 range), rows in parallel. It wins where the torch-op gathers pay more for
-their index tensors than for the lookups: small shapes such as a linear layer at batch 128. The
+Two strategies over byte operands and a 256x256 int32 image, int32 sums (int64 when a sum could
+leave the int32 range), rows in parallel: one LUT read per product (small shapes, such as a linear
+layer at batch 128, where the torch-op gathers pay more for their index tensors than for the
+lookups), or tables of products per tile of k and contiguous row adds (large shapes). The
 build needs a C++ compiler; without one the route is simply absent (:func:`load` returns None)
 and the torch gathers remain. The source lives in ``kernels/lut_cpu.cpp``.
 """
@@ -31,10 +32,13 @@ class NativeGemm:
     def __init__(self, module):
         self._module = module
 
-    def __call__(self, a: torch.Tensor, b: torch.Tensor, lut_image: torch.Tensor, wide_sums: bool) -> torch.Tensor:
+    def __call__(self, a: torch.Tensor, b: torch.Tensor, lut_image: torch.Tensor, wide_sums: bool,
+                 tables: bool = False) -> torch.Tensor:
         """out[g, m, n] = sum_k lut[byte(a[g, m, k])][byte(b[g, k, n])] of codes a [G, M, K] and
-        b [G, K, N], float64 (``lut_image``: int32 [256, 256]; ``wide_sums``: accumulate in int64)."""
-        return self._module.lut_gemm(_bytes(a), _bytes(b), lut_image, wide_sums)
+        b [G, K, N], float64 (``lut_image``: int32 [256, 256]; ``wide_sums``: accumulate in int64;
+        ``tables``: build per-k tables of products, then add table rows, for large shapes)."""
+        gemm = self._module.lut_gemm_table if tables else self._module.lut_gemm
+        return gemm(_bytes(a), _bytes(b), lut_image, wide_sums)
 
 
 def _bytes(codes: torch.Tensor) -> torch.Tensor:
@@ -62,7 +66,7 @@ def load() -> NativeGemm | None:
         folder.mkdir(parents=True, exist_ok=True)
         if not any(folder.glob("*.so")):
             log.info("compiling the CPU LUT kernel into %s (once per CPU and torch version)", folder)
-        module = load_inline(name, cpp_sources=source, functions=["lut_gemm"], build_directory=str(folder),
+        module = load_inline(name, cpp_sources=source, functions=["lut_gemm", "lut_gemm_table"], build_directory=str(folder),
                              extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
                              verbose=False)
     except Exception as exc:  # no compiler or a broken toolchain: the torch gathers stay

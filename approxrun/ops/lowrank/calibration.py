@@ -34,7 +34,7 @@ __all__ = ["Calibration", "machine_key", "cpu_description", "calibration_dir", "
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "APPROXRUN_CACHE"
-FORMAT = 3  # bump when the measured figures change meaning
+FORMAT = 4  # bump when the measured figures change meaning
 ISA_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "DNNL_MAX_CPU_ISA")
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_vbmi", "amx_tile", "amx_int8")
 GEMM_WIDTHS = (8, 32, 128)  # N of the timed GEMMs; other widths interpolate on log N
@@ -88,6 +88,7 @@ class Calibration:
     int8_exact: bool
     backward_lookup: float = math.inf  # the gradient-table gathers of a LUT-gradient backward, per product
     native_lookup: float = math.inf  # the compiled CPU LUT GEMM (approxrun.ops.native); inf: not built here
+    native_table_lookup: float = math.inf  # its table strategy, per product or table entry
     machine: dict = field(default_factory=dict)
 
     def gemm_mac(self, dtype: str, n: int) -> float:
@@ -109,6 +110,12 @@ class Calibration:
             return groups * m * k * n * self.direct_lookup
         return groups * (m * k * n * self.gather_lookup + max(m, n) * k * self.gather_row
                          + 256 * k * min(m, n) * self.gather_table)
+
+    def native_time(self, groups: int, m: int, k: int, n: int, tables: bool) -> float:
+        """Modelled time of the compiled kernel: per product, or (tables) per product and table entry."""
+        if tables:
+            return groups * (m + 256) * k * n * self.native_table_lookup
+        return groups * m * k * n * self.native_lookup
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -233,11 +240,11 @@ def _measure_round() -> Calibration:
     accumulate = _best_time(lambda: out.add_(part)) / count
     small = torch.ones(32, 64, dtype=torch.int8)
     int8_call = _best_time(lambda: torch._int_mm(small, small.t().contiguous())) if int8_exact else math.inf
-    native_lookup = _native_figure(generator)
+    native_lookup, native_table_lookup = _native_figures(generator)
     backward_lookup = _backward_figure(generator)
     log.info("LUT route calibration measured in %.2f s", time.perf_counter() - start)
     return Calibration(lookup, row, table, direct, gemm, map_entry, word_index, pair_index, int8_call, accumulate,
-                       int8_exact, backward_lookup, native_lookup, machine_key())
+                       int8_exact, backward_lookup, native_lookup, native_table_lookup, machine_key())
 
 
 def _backward_figure(generator: torch.Generator) -> float:
@@ -252,16 +259,18 @@ def _backward_figure(generator: torch.Generator) -> float:
     return _best_time(lambda: grouped_lut_gemm_backward(grad, a, b, *tables), repeats=1) / ((m + 256) * k * n)
 
 
-def _native_figure(generator: torch.Generator) -> float:
-    """Seconds per lookup of the compiled CPU LUT GEMM (inf when it cannot be built here)."""
+def _native_figures(generator: torch.Generator) -> tuple[float, float]:
+    """Seconds per lookup of the compiled CPU LUT GEMM's two strategies (inf when it cannot be built)."""
     from approxrun.ops import native
     kernel = native.load()
     if kernel is None:
-        return math.inf
+        return math.inf, math.inf
     lut = torch.randint(-2**15, 2**15, (256, 256), generator=generator, dtype=torch.int32)
-    a = torch.randint(-128, 128, (1, 256, 128), generator=generator, dtype=torch.int8)
-    b = torch.randint(-128, 128, (1, 128, 96), generator=generator, dtype=torch.int8)
-    return _best_time(lambda: kernel(a, b, lut, False)) / (256 * 128 * 96)
+    a = torch.randint(-128, 128, (1, 512, 128), generator=generator, dtype=torch.int8)
+    b = torch.randint(-128, 128, (1, 128, 64), generator=generator, dtype=torch.int8)
+    direct = _best_time(lambda: kernel(a, b, lut, False)) / (512 * 128 * 64)
+    tables = _best_time(lambda: kernel(a, b, lut, False, tables=True)) / ((512 + 256) * 128 * 64)
+    return direct, tables
 
 
 def _path(key: dict, folder: Path) -> Path:
