@@ -192,7 +192,9 @@ class LutEngine:
         return routes[:self.trials]
 
     def _native_usable(self, device) -> bool:
-        return (device.type == "cpu" and "native" in self.routes and math.isfinite(self.calibration.native_lookup)
+        cal = self.calibration
+        return (device.type == "cpu" and "native" in self.routes
+                and math.isfinite(min(cal.native_lookup, cal.native_table_lookup))
                 and self.values.dtype == np.int64 and np.abs(self.values).max() < 2**31)
 
     def _gemm_route(self, groups, m, k, n, device, byte_codes):
