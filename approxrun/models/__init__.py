@@ -59,8 +59,4 @@ def build_model(name: str, num_classes: int, in_channels: int, image_size: int) 
                          "or a torchvision classification model name")
 
 
-def model_names() -> list[str]:
-    return list(BUILDERS)
-
-
-__all__ = ["build_model", "model_names", "torchvision_names", "BUILDERS"]
+__all__ = ["build_model", "torchvision_names", "BUILDERS"]

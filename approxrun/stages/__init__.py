@@ -14,9 +14,12 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
+from approxrun.config import complete
+from approxrun.config.schema import TrainingStage
 from approxrun.data import DataBundle
 from approxrun.errors import ApproxrunError
 from approxrun.multipliers.multiplier import Multiplier
+from approxrun.training import TrainingProgress
 
 
 @dataclass
@@ -32,6 +35,7 @@ class StageContext:
     artifact_dir: Path  # files the stage writes (kept with the stage's cache entry and the run)
     resolve_multiplier: Callable[[str], Multiplier]
     state: dict = field(default_factory=dict)
+    progress: TrainingProgress | None = None  # epoch-end saving and resuming of the stage's training
     log: logging.Logger = logging.getLogger("approxrun")
 
 
@@ -43,32 +47,32 @@ class StageResult:
     state: dict = field(default_factory=dict)
 
 
-TRAINING_SETTINGS = ("epochs", "optimizer", "scheduler")
-
-
 @dataclass(frozen=True)
 class StageKind:
-    run: Callable[[StageContext, Mapping], StageResult]
+    """A registered stage function with its settings class (approxrun/config/schema.py)."""
+
+    fn: Callable[[StageContext, Mapping], StageResult]
+    settings: type  # the stage's settings (a TrainingStage subclass when it trains)
     uses_multiplier: bool  # the multiplier is part of the stage's cache key
     cacheable: bool = True
-    trains: bool = True  # needs epochs/optimizer settings
-    settings: tuple[str, ...] = ()  # the stage's own config keys, besides kind, name and training
 
     @property
-    def accepted(self) -> tuple[str, ...]:
-        """The settings a stage entry of this kind may hold besides kind and name (others are typos)."""
-        return (*(TRAINING_SETTINGS if self.trains else ()), *self.settings)
+    def trains(self) -> bool:
+        return issubclass(self.settings, TrainingStage)
+
+    def run(self, ctx: StageContext, stage_cfg: Mapping) -> StageResult:
+        """Run the stage on its settings, the schema's defaults filled in."""
+        return self.fn(ctx, complete(self.settings, stage_cfg, f"schedule.stages.{stage_cfg.get('name')}."))
 
 
 STAGE_KINDS: dict[str, StageKind] = {}
 
 
-def register(kind: str, uses_multiplier: bool = False, cacheable: bool = True, trains: bool = True,
-             settings: tuple[str, ...] = ()):
-    """Decorator adding a stage function to the registry under ``kind``; ``settings`` lists the
-    stage's own config keys, so that a misspelt one is refused before any stage runs."""
+def register(kind: str, settings: type = TrainingStage, uses_multiplier: bool = False, cacheable: bool = True):
+    """Decorator adding a stage function to the registry under ``kind``; ``settings`` is the class of
+    the stage's config entry (a misspelt key is refused before any stage runs)."""
     def wrap(fn):
-        STAGE_KINDS[kind] = StageKind(fn, uses_multiplier, cacheable, trains, tuple(settings))
+        STAGE_KINDS[kind] = StageKind(fn, settings, uses_multiplier, cacheable)
         return fn
     return wrap
 
