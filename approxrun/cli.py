@@ -10,6 +10,7 @@ a run that fails ends with exit status 1. Heavy modules (torch) are imported onl
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import sys
@@ -22,9 +23,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from approxrun.config.schema import register_multiplier_name
+from approxrun.config.schema import StageEntry, register_multiplier_name
 from approxrun.errors import ApproxrunError, ConfigError, one_line
 from approxrun.multipliers.io import LUT_SUFFIXES
 
@@ -92,6 +93,13 @@ def composition_message(exc: BaseException) -> str:
     """One line for an error Hydra raised while composing the config (bad key, type or override)."""
     text = one_line(str(exc)).rstrip(".")
     cause = exc.__cause__
+    section, key = getattr(cause, "object_type", None), getattr(cause, "full_key", None)
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and key and dataclasses.is_dataclass(section):
+        known = ", ".join(f.name for f in dataclasses.fields(section) if f.name not in ("kind", "name"))
+        if issubclass(section, StageEntry):
+            return f"{key}: not a setting of a {section.kind} stage (expected: {known})"
+        parent = key.rpartition(".")[0]
+        return f"{key}: not a config key" + (f" (keys of {parent}: {known})" if parent else "")
     if isinstance(cause, OmegaConfBaseException):
         detail = one_line(getattr(cause, "msg", None) or str(cause))
         text = f"{text}: {detail}" if detail not in text else text

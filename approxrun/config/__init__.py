@@ -15,7 +15,7 @@ from typing import Any, Mapping, Union, get_args, get_origin, get_type_hints
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from approxrun.config.schema import RunConfig, StageSettings, TrainingStage
+from approxrun.config.schema import RunConfig, TrainingStage
 from approxrun.errors import ConfigError, one_line
 
 log = logging.getLogger("approxrun")

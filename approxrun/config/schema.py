@@ -3,8 +3,9 @@
 One dataclass per config section (OmegaConf structured configs). Hydra composes the YAML files of
 ``conf/`` on top of :class:`RunConfig`, so an unknown key or a value of the wrong type is refused
 during composition, naming the key. Value ranges are declared beside each field (``checked``) and
-enforced by :mod:`approxrun.config` after composition. A schedule's stages are plain mappings here
-(OmegaConf has no unions); each is checked by merging it into its kind's settings class below.
+enforced by :mod:`approxrun.config` after composition. A schedule's stages are a mapping here (OmegaConf
+has no unions): a schedule file gives each entry its kind's settings class from the ConfigStore,
+and every stage is checked again, complete, by merging it into its kind's class below.
 
 To add a key: add a field to its section's class (with a comment); to add a section: a class and
 a field of :class:`RunConfig`; to add a stage kind: a settings class, named in its ``register``.
@@ -190,31 +191,31 @@ class RunConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# stage settings, one class per stage kind (named by the kind's ``register`` in approxrun/stages)
+# stage settings. A schedule entry holds a kind and that kind's own settings (``*Settings``, in the
+# ConfigStore group ``stage_settings``: a schedule file pulls them in with
+# ``- /stage_settings@stages.NAME: KIND``); a stage function receives its kind's complete settings
+# (``*Stage``: the entry, its name and, for kinds that train, ``model.train.<kind>`` underneath).
 
 
 @dataclass
-class StageSettings:
+class StageEntry:
     kind: str = MISSING
-    name: str = MISSING
+    name: Optional[str] = None  # the entry's key in schedule.stages (set by the runner)
 
 
 @dataclass
-class TrainingStage(StageSettings, TrainingConfig):
-    """baseline, quant, approx: training settings only (defaults from ``model.train.<kind>``)."""
-
-
-@dataclass
-class GradientStage(TrainingStage):
+class GradientSettings(StageEntry):
+    kind: str = "gradient"
     lmbd: float = checked(0.2, low=0.0)  # weight of the noise reward in the loss
     sigma_max: float = checked(0.5, low=0.0, low_open=True)  # the reward saturates at |sigma| = sigma_max
     initial_noise: float = checked(0.025, low=0.0)  # sigma of every layer at the start
-    sample_size: int = checked(128, low=1)  # training images recorded for the fit report
+    sample_size: int = checked(128, low=1)  # training images recorded for the fit report (non-exact multiplier)
     rows: int = checked(512, low=1)  # activation rows per layer for the prediction's row part
 
 
 @dataclass
-class SelectStage(StageSettings):
+class SelectSettings(StageEntry):
+    kind: str = "select"
     library: LibraryConfig = MISSING  # the candidates (${library}: part of the stage's cache key)
     exact_power_mw: float = checked(low=0.0, low_open=True)  # ${energy.exact_power_mw}
     sample_size: int = checked(128, low=1)  # training images whose layer operands are recorded
@@ -222,8 +223,25 @@ class SelectStage(StageSettings):
 
 
 @dataclass
-class EvalStage(StageSettings):
+class EvalSettings(StageEntry):
+    kind: str = "eval"
     mode: str = checked("approx", choices=("float", "quant", "approx"))
+
+
+STAGE_SETTINGS = (GradientSettings, SelectSettings, EvalSettings)  # the ConfigStore group stage_settings
+
+
+@dataclass
+class TrainingStage(StageEntry, TrainingConfig):
+    """baseline, quant, approx: training settings only (defaults from ``model.train.<kind>``)."""
+
+
+@dataclass
+class GradientStage(GradientSettings, TrainingStage):
+    pass
+
+
+SelectStage, EvalStage = SelectSettings, EvalSettings  # they do not train: the entry is all
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,6 +257,8 @@ def register_configs() -> None:
 
     store = ConfigStore.instance()
     store.store(name=SCHEMA_NAME, node=RunConfig)
+    for settings in STAGE_SETTINGS:
+        store.store(group="stage_settings", name=settings.kind, node=settings)
     register_multiplier_name("exact")
 
 
