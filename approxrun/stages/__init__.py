@@ -1,7 +1,10 @@
 """Stages: plain functions ``(ctx, stage_cfg) -> StageResult`` kept in a registry by kind.
 
 A schedule (``conf/schedule/*.yaml``) is data: an ordered list of stage names, each with a
-``kind``. Adding a stage kind means registering a function here; the runner does not change.
+``kind``. Adding a stage kind means a settings class in approxrun/config/schema.py and a function
+registered with it; the runner does not change. ``ctx.progress`` is the stage's training progress
+(epoch-end saving and resuming), which :func:`approxrun.stages.training_stages.train_and_test`
+hands to :func:`approxrun.training.train`.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from torch import nn
 from approxrun.config import complete
 from approxrun.config.schema import TrainingStage
 from approxrun.data import DataBundle
-from approxrun.errors import ApproxrunError
+from approxrun.errors import ConfigError
 from approxrun.multipliers.multiplier import Multiplier
 from approxrun.training import TrainingProgress
 
@@ -80,7 +83,7 @@ def register(kind: str, settings: type = TrainingStage, uses_multiplier: bool = 
 def stage_kind(kind: str) -> StageKind:
     _load_builtin_stages()
     if kind not in STAGE_KINDS:
-        raise ApproxrunError(f"unknown stage kind {kind!r}: expected one of {', '.join(sorted(STAGE_KINDS))}")
+        raise ConfigError(f"unknown stage kind {kind!r}: expected one of {', '.join(sorted(STAGE_KINDS))}")
     return STAGE_KINDS[kind]
 
 
