@@ -119,6 +119,17 @@ def evaluate(model: nn.Module, loader, device: torch.device, num_classes: int) -
     return result
 
 
+def _restore_epoch_state(state: Mapping, model: nn.Module, optimizer, scheduler, loader_generator) -> tuple[list, int]:
+    """Bring model, optimizer, LR schedule and random states to a saved epoch state; returns its
+    history and the number of epochs done."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"], loader_generator)
+    return list(state["history"]), int(state["epoch"])
+
+
 def train(model: nn.Module, train_loader, val_loader, stage_cfg: Mapping, device: torch.device,
           num_classes: int, params=None, extra_loss: Callable[[], torch.Tensor] | None = None,
           on_epoch_end: Callable[[int, dict], None] | None = None, desc: str = "",
@@ -143,12 +154,7 @@ def train(model: nn.Module, train_loader, val_loader, stage_cfg: Mapping, device
         call, resume = progress.calls, progress.resume_from
         progress.calls += 1
     if resume is not None and resume["call"] == call:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(resume["scheduler"])
-        set_rng_state(resume["rng"], loader_generator)
-        history, first_epoch = list(resume["history"]), int(resume["epoch"])
+        history, first_epoch = _restore_epoch_state(resume, model, optimizer, scheduler, loader_generator)
         log.info("%s: resuming after epoch %d/%d", desc, first_epoch, epochs)
     for epoch in range(first_epoch, epochs):
         model.train()

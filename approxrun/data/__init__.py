@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from approxrun.data.idx import load_idx_split
-from approxrun.errors import ApproxrunError, one_line
+from approxrun.errors import ApproxrunError, ConfigError, one_line
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 NORMALIZATION = {
@@ -231,4 +231,4 @@ def build_data(cfg: Mapping, data_dir: str | Path) -> DataBundle:
         return _imagefolder(cfg)
     if name == "synthetic":
         return _synthetic(cfg)
-    raise ApproxrunError(f"unknown dataset {name!r}: expected one of {', '.join(DATASETS)}")
+    raise ConfigError(f"unknown dataset {name!r}: expected one of {', '.join(DATASETS)}")

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Mapping
 
-from approxrun.errors import ApproxrunError
+from approxrun.errors import ApproxrunError, ConfigError
 from approxrun.lut import OperandDomain
 from approxrun.multipliers import evoapprox
 from approxrun.multipliers.catalogue import catalogue_entries
@@ -105,7 +105,7 @@ def _by_name(name: str, signed: bool, evoapprox_root: str | os.PathLike | None) 
     try:
         return evoapprox.evoapprox_multiplier(name, evoapprox_root)
     except (evoapprox.RootNotSetError, evoapprox.CircuitNotFoundError) as exc:
-        raise ApproxrunError(f"unknown multiplier {name!r}: not a built-in design ({', '.join(DESIGN_EXAMPLES)}; "
+        raise ConfigError(f"unknown multiplier {name!r}: not a built-in design ({', '.join(DESIGN_EXAMPLES)}; "
                              f"numbers are parameters), not a LUT file ({', '.join(LUT_SUFFIXES)}), and not "
                              f"an EvoApproxLib circuit: {exc}") from None
 

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Subset
 
 from approxrun.config.schema import GradientStage, SelectStage
 from approxrun.energy import opcount_shares, relative_energy
-from approxrun.errors import ApproxrunError
+from approxrun.errors import ApproxrunError, ConfigError
 from approxrun.layers import approx_layers, count_ops, record_operands, set_mode
 from approxrun.multipliers.multiplier import Multiplier
 from approxrun.selection import (LayerChoice, LayerSample, layer_sample, library_cost_kind, predicted_error_std,
@@ -197,16 +197,16 @@ def select(ctx: StageContext, stage_cfg: Mapping) -> StageResult:
     """
     sigmas = ctx.state.get("sigma")
     if not sigmas:
-        raise ApproxrunError(f"stage {stage_cfg['name']}: needs the noise tolerances of a gradient stage earlier "
+        raise ConfigError(f"stage {stage_cfg['name']}: needs the noise tolerances of a gradient stage earlier "
                              "in the schedule (schedule agn: baseline, quant, gradient, select, approx)")
     where = f"schedule.stages.{stage_cfg['name']}"
     library, exact_power = stage_cfg.get("library"), stage_cfg.get("exact_power_mw")
     if not isinstance(library, Mapping) or not isinstance(exact_power, (int, float)):
-        raise ApproxrunError(f"{where}: needs 'library' and 'exact_power_mw' (set them to ${{library}} and "
+        raise ConfigError(f"{where}: needs 'library' and 'exact_power_mw' (set them to ${{library}} and "
                              "${energy.exact_power_mw} as conf/schedule/agn.yaml does)")
     library_name, names = library.get("name", "library"), list(library.get("multipliers") or [])
     if not names:
-        raise ApproxrunError(f"library {library_name}: 'multipliers' lists no candidates")
+        raise ConfigError(f"library {library_name}: 'multipliers' lists no candidates")
     candidates = [ctx.resolve_multiplier(name) for name in names]
     _check_domains(library_name, candidates, ctx)
     shares = layer_shares(ctx)
