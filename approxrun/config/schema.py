@@ -200,7 +200,6 @@ class RunConfig:
 @dataclass
 class StageEntry:
     kind: str = MISSING
-    name: Optional[str] = None  # the entry's key in schedule.stages (set by the runner)
 
 
 @dataclass
@@ -232,7 +231,12 @@ STAGE_SETTINGS = (GradientSettings, SelectSettings, EvalSettings)  # the ConfigS
 
 
 @dataclass
-class TrainingStage(StageEntry, TrainingConfig):
+class NamedStage(StageEntry):
+    name: str = MISSING  # the entry's key in schedule.stages (the runner sets it)
+
+
+@dataclass
+class TrainingStage(NamedStage, TrainingConfig):
     """baseline, quant, approx: training settings only (defaults from ``model.train.<kind>``)."""
 
 
@@ -241,7 +245,14 @@ class GradientStage(GradientSettings, TrainingStage):
     pass
 
 
-SelectStage, EvalStage = SelectSettings, EvalSettings  # they do not train: the entry is all
+@dataclass
+class SelectStage(SelectSettings, NamedStage):
+    pass
+
+
+@dataclass
+class EvalStage(EvalSettings, NamedStage):
+    pass
 
 
 # ---------------------------------------------------------------------------------------------
