@@ -20,7 +20,7 @@ from pathlib import Path
 import hydra
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import HydraException
+from hydra.errors import HydraException, OverrideParseException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
@@ -92,6 +92,8 @@ def _torchvision_names() -> list[str]:
 def composition_message(exc: BaseException) -> str:
     """One line for an error Hydra raised while composing the config (bad key, type or override)."""
     text = one_line(str(exc)).rstrip(".")
+    if isinstance(exc, OverrideParseException):  # Hydra's grammar: quote values with = , [ ] { } ( )
+        return f"cannot parse {exc.override!r}: {text} (quote a value that holds = , or brackets)"
     cause = exc.__cause__
     section, key = getattr(cause, "object_type", None), getattr(cause, "full_key", None)
     if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and key and dataclasses.is_dataclass(section):

@@ -104,3 +104,17 @@ def test_the_command_line_modules_do_not_import_torch():
     code = "import sys, approxrun.cli, approxrun.lut_tool, approxrun.conf; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("seed=abc", "Error merging override seed=abc: Value 'abc' of type 'str' could not be converted to Integer"),
+    ("quant.bitz=3", "quant.bitz: not a config key (keys of quant: bits_a, bits_b,"),
+    ("schedule.order=[baseline", "cannot parse 'schedule.order=[baseline': "),
+])
+def test_composition_errors_are_one_line_and_exit_status_2(tmp_path, override, expected):
+    result = subprocess.run([sys.executable, "-m", "approxrun", override, f"hydra.run.dir={tmp_path / 'run'}"],
+                            cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == [result.stderr.strip()]
+    assert result.stderr.startswith(f"approxrun: error: {expected}")
+    assert not (tmp_path / "run").exists()
