@@ -35,7 +35,7 @@ from approxrun.data import build_data
 from approxrun.energy import opcount_shares, relative_cost, relative_energy
 from approxrun.errors import ApproxrunError
 from approxrun.layers import approx_layers, approximate, count_ops
-from approxrun.models import build_model
+from approxrun.models import model_from_config
 from approxrun.multipliers import resolve_multiplier
 from approxrun.multipliers.catalogue import catalogue_entries
 from approxrun.multipliers.multiplier import Multiplier
@@ -44,6 +44,7 @@ from approxrun.stages import StageContext, StageResult, stage_kind
 from approxrun.training import epoch_checkpoints, rng_state, set_rng_state
 from approxrun.utils.files import atomic_torch_save, atomic_write_json, atomic_write_text
 from approxrun.utils.plots import plot_training_curves
+from approxrun.weights import WeightsFile, is_weights_name, read_weights_file, weights_preprocessing
 
 log = logging.getLogger("approxrun")
 
@@ -340,6 +341,10 @@ def _run(cfg, out_dir: Path, metrics: dict, scope: ExitStack) -> None:
     # --- configuration: everything that can be wrong in the input is checked here ---
     config = to_container(cfg)
     stages = stage_configs(config)
+    weights_file = _weights_file(config["model"])
+    if config["model"].get("weights"):  # the weights are the baseline: not trained, only tested
+        stages = [dict(stage, epochs=0, skipped=f"model.weights={config['model']['weights']}")
+                  if stage["kind"] == "baseline" else stage for stage in stages]
     _check_quant(config["quant"])
     scope.enter_context(_lut_strategy(config.get("lut") or {}))  # restored when the run ends
     device = select_device(str(config.get("device", "auto")))
@@ -354,26 +359,31 @@ def _run(cfg, out_dir: Path, metrics: dict, scope: ExitStack) -> None:
 
     # --- data and model ---
     seed_everything(seed)
-    data = build_data(config["dataset"], config["data_dir"])
+    data = build_data(config["dataset"], config["data_dir"], weights_preprocessing(config["model"], config["dataset"]))
     ds = config["dataset"]
     loaders = data.loaders(int(ds.get("batch_size", 128)), int(ds.get("eval_batch_size", 256)), seed,
                            int(ds.get("num_workers", 0)))
-    model = build_model(config["model"]["name"], data.num_classes, data.in_channels, data.image_size)
+    model = model_from_config(config["model"], data.num_classes, data.in_channels, data.image_size)
+    if weights_file is not None and not weights_file.approximate:
+        weights_file.load_into(model)
     quant = config["quant"]
     approximate(model, skip=quant.get("skip") or [], multiplier=multiplier, bits_a=quant["bits_a"],
                 bits_b=quant["bits_b"], observer=quant["observer"], per_channel=quant["per_channel"],
                 grad=quant["grad"])
     model.to(device)
+    if weights_file is not None and weights_file.approximate:
+        weights_file.load_into(model)
     if config.get("checkpoint"):
         _load_checkpoint(config["checkpoint"], model)
-    opcounts = count_ops(model, data.train[0][0].unsqueeze(0).to(device))
+    opcounts = count_ops(model, data.example().unsqueeze(0).to(device))
     shares = opcount_shares(opcounts)
     atomic_write_text(out_dir / "config_resolved.yaml", OmegaConf.to_yaml(OmegaConf.create(config)))
 
     # --- stages ---
     cache = StageCache(Path(config["cache"]["dir"]) if config["cache"].get("enabled", True) else None)
     model_cfg = {k: v for k, v in config["model"].items() if k != "train"}
-    key = _hash(approxrun.__version__, model_cfg, config["dataset"], seed, quant, config.get("checkpoint"))
+    key = _hash(approxrun.__version__, model_cfg, config["dataset"], seed, quant, config.get("checkpoint"),
+                *([weights_file.fingerprint] if weights_file is not None else []))
     keys = []
     for stage in stages:
         key = _hash(key, stage, multiplier_fingerprint(multiplier) if stage_kind(stage["kind"]).uses_multiplier
@@ -392,6 +402,8 @@ def _run(cfg, out_dir: Path, metrics: dict, scope: ExitStack) -> None:
         with epoch_checkpoints(lambda progress, name=name, key=key: checkpoint.epoch_done(name, key, progress),
                                in_progress if in_progress is not None and in_progress["name"] == name else None):
             record = _run_stage(ctx, stage, spec, key, cache, out_dir)
+        if stage.get("skipped"):
+            record["skipped"] = stage["skipped"]
         layer_multipliers = {layer_name: layer.multiplier for layer_name, layer in approx_layers(model)}
         if spec.uses_multiplier:
             record["relative_energy"] = relative_energy(shares, layer_multipliers, exact_power)
@@ -401,6 +413,16 @@ def _run(cfg, out_dir: Path, metrics: dict, scope: ExitStack) -> None:
         checkpoint.stage_done(name, key, record, ctx)
     _write_layers(out_dir / "layers.csv", model, opcounts, shares)
     _print_summary(stages, metrics, out_dir)
+
+
+def _weights_file(model_cfg: dict) -> WeightsFile | None:
+    """The state_dict of ``model.weights=PATH``; None without weights or for torchvision weights names."""
+    spec = model_cfg.get("weights")
+    if spec is None:
+        return None
+    if not isinstance(spec, str) or not spec:
+        raise ApproxrunError(f"model.weights={spec!r}: expected a file or a torchvision weights name")
+    return None if is_weights_name(spec) else read_weights_file(spec)
 
 
 def _restore_completed(ctx: StageContext, checkpoint: RunCheckpoint, metrics: dict,
@@ -504,7 +526,10 @@ def _print_summary(stages: list[dict], metrics: dict, out_dir: Path) -> None:
         r = metrics["stages"][stage["name"]]
         energy = r.get("relative_energy")
         rows.append((stage["name"], f"{r['test_accuracy']:.4f}", f"{r['wall_time_s']:.1f}",
-                     "yes" if r["cached"] else "no", "-" if energy is None else f"{energy:.3f}"))
+                     "skipped" if r.get("skipped") else "yes" if r["cached"] else "no",
+                     "-" if energy is None else f"{energy:.3f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+    lines += [f"{stage['name']}: not trained, the test accuracy of {metrics['stages'][stage['name']]['skipped']}"
+              for stage in stages if metrics["stages"][stage["name"]].get("skipped")]
     print("\n".join(lines) + f"\noutputs: {out_dir}", flush=True)
