@@ -1,12 +1,14 @@
 """The ``approxrun`` command: a thin Hydra layer over :func:`approxrun.pipeline.run`.
 
 Before Hydra parses the command line, group choices are checked (one-line errors listing the
-options) and two shortcuts are expanded: ``multiplier=NAME`` for any design/EvoApprox circuit
-without its own config file and ``multiplier=LUT_FILE``; ``model=NAME`` for any torchvision model.
+options) and shortcuts are expanded: ``multiplier=NAME`` for any design/EvoApprox circuit
+without its own config file and ``multiplier=LUT_FILE``; ``model=NAME`` for any torchvision model;
+``model._target_=...`` / ``dataset._target_=...`` without a group choice select the ``custom`` option.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from importlib import resources
@@ -22,6 +24,7 @@ from approxrun.pipeline import run
 from approxrun.report import write_summary
 
 GROUPS = ("model", "dataset", "multiplier", "schedule", "experiment", "library")
+SWEEP_JOBS_ENV = "APPROXRUN_SWEEP_JOBS"  # set for a sweep's jobs (hydra.job.env_set): how many there are
 LUT_SUFFIXES = (".npy", ".txt", ".bin", ".lut")
 _failures: list[str] = []
 
@@ -64,7 +67,36 @@ def expand_arguments(argv: list[str]) -> list[str]:
         else:
             raise ApproxrunError(f"{group}={','.join(unknown)}: unknown {group}; options: {', '.join(options)}"
                                  + (" or a torchvision model name" if group == "model" else ""))
+    for group in ("model", "dataset"):
+        if any(re.match(rf"\+*{group}\._target_=", a) for a in out) and not any(a.startswith(f"{group}=") for a in out):
+            out.insert(0, f"{group}=custom")
     return out
+
+
+def sweep_jobs(overrides: list[str]) -> int | None:
+    """How many jobs a sweep's comma-separated choices make; None when a sweep function is used."""
+    count = 1
+    for arg in overrides:
+        key, sep, value = arg.partition("=")
+        if not sep or arg.startswith("-"):
+            continue
+        choices = _split_choices(value)
+        if choices is None:
+            return None
+        count *= len(choices)
+    return count
+
+
+def concurrent_jobs(launcher: DictConfig, env=os.environ) -> int:
+    """Jobs of this sweep that run at once on this machine, from the job's launcher config."""
+    target = str(launcher.get("_target_", ""))
+    jobs = int(env.get(SWEEP_JOBS_ENV, "0") or 0) or os.cpu_count() or 1
+    if "joblib" in target.lower():
+        n_jobs = int(launcher.get("n_jobs", -1))
+        return min(jobs, n_jobs if n_jobs > 0 else max(1, (os.cpu_count() or 1) + 1 + n_jobs))
+    if target.endswith("LocalLauncher"):  # submitit_local starts every job of the sweep at once
+        return jobs
+    return 1
 
 
 def validate_overrides(overrides: list[str]) -> None:
@@ -115,9 +147,10 @@ class SweepSummary(Callback):
 
 @hydra.main(version_base="1.3", config_path="pkg://approxrun.conf", config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    out_dir = Path(hydra_cfg.runtime.output_dir)
     try:
-        run(cfg, out_dir)
+        run(cfg, out_dir, concurrent_jobs=concurrent_jobs(hydra_cfg.launcher))
     except ApproxrunError as exc:
         _fail(str(exc))
     except Exception as exc:  # a bug, not a user mistake: the traceback is in the run's log
@@ -141,6 +174,9 @@ def main() -> None:
     except ApproxrunError as exc:
         print(f"approxrun: error: {exc}", file=sys.stderr)
         sys.exit(2)
+    if any(a in ("-m", "--multirun") for a in args):
+        jobs = sweep_jobs([a for a in args if not a.startswith(("-", "hydra"))])
+        args.append(f"++hydra.job.env_set.{SWEEP_JOBS_ENV}={jobs or 0}")
     sys.argv = [sys.argv[0]] + args
     _hydra_main()
     if _failures:

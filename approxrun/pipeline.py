@@ -17,6 +17,7 @@ import json
 import logging
 import random
 import shutil
+import tempfile
 import time
 import uuid
 import warnings
@@ -32,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import approxrun
 from approxrun.data import build_data
+from approxrun.distributed import Placement, placement_from_env, process_group
 from approxrun.energy import opcount_shares, relative_cost, relative_energy
 from approxrun.errors import ApproxrunError
 from approxrun.layers import approx_layers, approximate, count_ops
@@ -41,6 +43,7 @@ from approxrun.multipliers.catalogue import catalogue_entries
 from approxrun.multipliers.multiplier import Multiplier
 from approxrun.quant import OBSERVERS
 from approxrun.stages import StageContext, StageResult, stage_kind
+from approxrun.threads import thread_budget, torch_threads
 from approxrun.training import epoch_checkpoints, rng_state, set_rng_state
 from approxrun.utils.files import atomic_torch_save, atomic_write_json, atomic_write_text
 from approxrun.utils.plots import plot_training_curves
@@ -310,13 +313,17 @@ def _load_checkpoint(path: str, model: torch.nn.Module) -> None:
         raise ApproxrunError(f"checkpoint {file}: does not fit the model ({str(exc).splitlines()[0]})") from None
 
 
-def run(cfg, out_dir: str | Path) -> dict:
+def run(cfg, out_dir: str | Path, concurrent_jobs: int = 1) -> dict:
     """Run one experiment into ``out_dir``; returns the metrics written to ``metrics.json``.
+
+    ``concurrent_jobs``: jobs running at once on this machine (a local parallel sweep), which share
+    its CPUs under ``threads: auto``.
 
     On failure ``metrics.json`` says ``status: failed`` with the one-line reason, and the error is
     raised again.
     """
-    out_dir = Path(out_dir)
+    placement = placement_from_env()
+    out_dir = Path(out_dir) if placement.is_main else Path(tempfile.mkdtemp(prefix=f"approxrun-rank{placement.rank}-"))
     out_dir.mkdir(parents=True, exist_ok=True)
     for leftover in out_dir.glob(_artifact_dir.PREFIX + "*"):  # a killed run's temporary stage folders
         shutil.rmtree(leftover, ignore_errors=True)
@@ -324,7 +331,9 @@ def run(cfg, out_dir: str | Path) -> dict:
                      "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "stages": {}}
     try:
         with ExitStack() as scope:
-            _run(cfg, out_dir, metrics, scope)
+            if not placement.is_main:  # the other ranks write nothing that outlives the run
+                scope.callback(shutil.rmtree, out_dir, ignore_errors=True)
+            _run(cfg, out_dir, metrics, scope, max(concurrent_jobs, placement.local_world_size), placement)
         metrics["status"] = "completed"
         return metrics
     except BaseException as exc:
@@ -334,10 +343,11 @@ def run(cfg, out_dir: str | Path) -> dict:
         raise
     finally:
         metrics["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        atomic_write_json(out_dir / "metrics.json", metrics)
+        if placement.is_main:
+            atomic_write_json(out_dir / "metrics.json", metrics)
 
 
-def _run(cfg, out_dir: Path, metrics: dict, scope: ExitStack) -> None:
+def _run(cfg, out_dir: Path, metrics: dict, scope: ExitStack, concurrent_jobs: int, placement: Placement) -> None:
     # --- configuration: everything that can be wrong in the input is checked here ---
     config = to_container(cfg)
     stages = stage_configs(config)
@@ -348,6 +358,7 @@ def _run(cfg, out_dir: Path, metrics: dict, scope: ExitStack) -> None:
     _check_quant(config["quant"])
     scope.enter_context(_lut_strategy(config.get("lut") or {}))  # restored when the run ends
     device = select_device(str(config.get("device", "auto")))
+    placement.check_batch(int(config["dataset"].get("batch_size", 128)))
     seed = int(config.get("seed", 0))
     resume = config.get("resume", True)
     if not isinstance(resume, bool):
@@ -355,14 +366,22 @@ def _run(cfg, out_dir: Path, metrics: dict, scope: ExitStack) -> None:
     resolver = MultiplierResolver((config.get("evoapprox") or {}).get("root"))
     multiplier = resolver.from_spec(config["multiplier"])
     exact_power = float(config["energy"]["exact_power_mw"])
-    metrics.update(device=str(device), seed=seed, multiplier=_describe(multiplier, exact_power))
+    threads = scope.enter_context(torch_threads(thread_budget(config.get("threads", "auto"), concurrent_jobs)))
+    log.info("torch threads: %d (%s)", threads.count, threads.source)
+    metrics.update(device=str(device), seed=seed, threads=threads.as_dict(),
+                   multiplier=_describe(multiplier, exact_power))
 
     # --- data and model ---
+    dist = scope.enter_context(process_group(placement, device))
+    device = dist.device
+    if dist.active:
+        metrics["distributed"] = {"world_size": dist.world_size, "backend": "nccl" if device.type == "cuda" else "gloo"}
     seed_everything(seed)
     data = build_data(config["dataset"], config["data_dir"], weights_preprocessing(config["model"], config["dataset"]))
     ds = config["dataset"]
     loaders = data.loaders(int(ds.get("batch_size", 128)), int(ds.get("eval_batch_size", 256)), seed,
                            int(ds.get("num_workers", 0)))
+    loaders = dist.shard(loaders, int(ds.get("batch_size", 128)))
     model = model_from_config(config["model"], data.num_classes, data.in_channels, data.image_size)
     if weights_file is not None and not weights_file.approximate:
         weights_file.load_into(model)
@@ -373,6 +392,7 @@ def _run(cfg, out_dir: Path, metrics: dict, scope: ExitStack) -> None:
     model.to(device)
     if weights_file is not None and weights_file.approximate:
         weights_file.load_into(model)
+    dist.sync_observers(model)
     if config.get("checkpoint"):
         _load_checkpoint(config["checkpoint"], model)
     opcounts = count_ops(model, data.example().unsqueeze(0).to(device))
@@ -380,7 +400,7 @@ def _run(cfg, out_dir: Path, metrics: dict, scope: ExitStack) -> None:
     atomic_write_text(out_dir / "config_resolved.yaml", OmegaConf.to_yaml(OmegaConf.create(config)))
 
     # --- stages ---
-    cache = StageCache(Path(config["cache"]["dir"]) if config["cache"].get("enabled", True) else None)
+    cache = StageCache(Path(config["cache"]["dir"]) if config["cache"].get("enabled", True) and dist.is_main else None)
     model_cfg = {k: v for k, v in config["model"].items() if k != "train"}
     key = _hash(approxrun.__version__, model_cfg, config["dataset"], seed, quant, config.get("checkpoint"),
                 *([weights_file.fingerprint] if weights_file is not None else []))
@@ -390,9 +410,12 @@ def _run(cfg, out_dir: Path, metrics: dict, scope: ExitStack) -> None:
                     else None)
         keys.append((stage["name"], key))
     ctx = StageContext(model=model, data=data, loaders=loaders, device=device, multiplier=multiplier,
-                       config=config, artifact_dir=out_dir, resolve_multiplier=resolver)
+                       config=config, artifact_dir=out_dir, resolve_multiplier=resolver, dist=dist)
     checkpoint = RunCheckpoint(out_dir / RESUME_FILE)
     in_progress = checkpoint.load(keys) if resume else None
+    if dist.active:  # every rank continues from rank 0's resume point
+        checkpoint.completed, checkpoint.state, checkpoint.model, checkpoint.rng, in_progress = dist.broadcast(
+            (checkpoint.completed, checkpoint.state, checkpoint.model, checkpoint.rng, in_progress))
     _restore_completed(ctx, checkpoint, metrics, in_progress)
     for index in range(len(checkpoint.completed), len(stages)):
         stage, (name, key) = stages[index], keys[index]
@@ -412,7 +435,8 @@ def _run(cfg, out_dir: Path, metrics: dict, scope: ExitStack) -> None:
         atomic_write_json(out_dir / "metrics.json", metrics)
         checkpoint.stage_done(name, key, record, ctx)
     _write_layers(out_dir / "layers.csv", model, opcounts, shares)
-    _print_summary(stages, metrics, out_dir)
+    if dist.is_main:
+        _print_summary(stages, metrics, out_dir)
 
 
 def _weights_file(model_cfg: dict) -> WeightsFile | None:
@@ -456,7 +480,7 @@ def _apply_multipliers(ctx: StageContext, record: dict) -> None:
 def _run_stage(ctx: StageContext, stage: dict, spec, key: str, cache: StageCache, out_dir: Path) -> dict:
     name = stage["name"]
     start = time.perf_counter()
-    cached = cache.load(name, key) if spec.cacheable else None
+    cached = ctx.dist.broadcast(cache.load(name, key) if spec.cacheable else None)  # rank 0's entry
     if cached is not None:
         state, result, files = cached
         ctx.model.load_state_dict(state)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from approxrun.data import DataBundle
+from approxrun.distributed import Distributed, Placement
 from approxrun.errors import ApproxrunError
 from approxrun.multipliers.multiplier import Multiplier
 
@@ -33,6 +34,8 @@ class StageContext:
     resolve_multiplier: Callable[[str], Multiplier]
     state: dict = field(default_factory=dict)
     log: logging.Logger = logging.getLogger("approxrun")
+    # the ranks of a data-parallel job (one process: every collective is the identity)
+    dist: Distributed = field(default_factory=lambda: Distributed(Placement(), torch.device("cpu")))
 
 
 @dataclass
