@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import sys
+import tempfile
 from importlib import resources
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from approxrun.errors import ApproxrunError
 from approxrun.pipeline import run
@@ -99,7 +101,7 @@ def concurrent_jobs(launcher: DictConfig, env=os.environ) -> int:
     return 1
 
 
-def validate_overrides(overrides: list[str]) -> None:
+def validate_overrides(overrides: list[str]) -> DictConfig:
     """Compose the config once (the first choice of each sweep) so bad keys fail with one line."""
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
@@ -115,11 +117,33 @@ def validate_overrides(overrides: list[str]) -> None:
         simple.append(f"{key}={choices[0]}")
     try:
         with initialize_config_module("approxrun.conf", version_base="1.3"):
-            compose("config", overrides=simple)
+            return compose("config", overrides=simple)
     except Exception as exc:
         raise ApproxrunError(f"bad override: {_first_message(exc)}") from None
     finally:
         GlobalHydra.instance().clear()
+
+
+def check_inputs(cfg: DictConfig, env=os.environ) -> None:
+    """What can be checked before Hydra creates a run folder: ``_target_`` factories import, the
+    weights file exists, the world size of a torchrun job divides the batch."""
+    from approxrun.distributed import Placement
+    from approxrun.targets import locate
+    from approxrun.weights import check_weights_spec
+
+    for group in ("model", "dataset"):
+        target = OmegaConf.select(cfg, f"{group}._target_", throw_on_missing=False)
+        if target:
+            locate(target, f"{group}._target_")
+    check_weights_spec(OmegaConf.select(cfg, "model.weights", throw_on_missing=False))
+    batch_size = OmegaConf.select(cfg, "dataset.batch_size", throw_on_missing=False)
+    if isinstance(batch_size, int) and env.get("WORLD_SIZE", "1").isdigit():
+        Placement(world_size=int(env.get("WORLD_SIZE", "1"))).check_batch(batch_size)
+
+
+def _other_rank(env=os.environ) -> bool:
+    """A torchrun rank other than 0: it writes no run folder and prints nothing."""
+    return env.get("RANK", "0") not in ("", "0") and env.get("WORLD_SIZE", "1") not in ("", "1")
 
 
 def _first_message(exc: BaseException) -> str:
@@ -159,7 +183,8 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def _fail(message: str) -> None:
-    print(f"approxrun: error: {message}", file=sys.stderr, flush=True)
+    if not _other_rank():  # the ranks fail alike; rank 0 says it
+        print(f"approxrun: error: {message}", file=sys.stderr, flush=True)
     _failures.append(message)
 
 
@@ -170,14 +195,25 @@ def main() -> None:
     try:
         args = expand_arguments(args)
         if not informational:
-            validate_overrides([a for a in args if not a.startswith("-")])
+            check_inputs(validate_overrides([a for a in args if not a.startswith("-")]))
     except ApproxrunError as exc:
-        print(f"approxrun: error: {exc}", file=sys.stderr)
+        if not _other_rank():
+            print(f"approxrun: error: {exc}", file=sys.stderr)
         sys.exit(2)
+    scratch = None
+    if _other_rank() and not informational:  # Hydra's own files and log go to a folder removed below
+        scratch = tempfile.mkdtemp(prefix=f"approxrun-rank{os.environ['RANK']}-")
+        args = [a for a in args if not a.startswith(("hydra.run.dir=", "hydra.output_subdir="))]
+        args += [f"hydra.run.dir={scratch}", "hydra.output_subdir=null", "hydra.verbose=false",
+                 "hydra.job_logging.root.level=WARNING"]
     if any(a in ("-m", "--multirun") for a in args):
         jobs = sweep_jobs([a for a in args if not a.startswith(("-", "hydra"))])
         args.append(f"++hydra.job.env_set.{SWEEP_JOBS_ENV}={jobs or 0}")
     sys.argv = [sys.argv[0]] + args
-    _hydra_main()
+    try:
+        _hydra_main()
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     if _failures:
         sys.exit(1)

@@ -47,7 +47,8 @@ from approxrun.threads import thread_budget, torch_threads
 from approxrun.training import epoch_checkpoints, rng_state, set_rng_state
 from approxrun.utils.files import atomic_torch_save, atomic_write_json, atomic_write_text
 from approxrun.utils.plots import plot_training_curves
-from approxrun.weights import WeightsFile, is_weights_name, read_weights_file, weights_preprocessing
+from approxrun.weights import (WeightsFile, check_weights_spec, is_weights_name, read_weights_file,
+                               weights_preprocessing)
 
 log = logging.getLogger("approxrun")
 
@@ -442,11 +443,8 @@ def _run(cfg, out_dir: Path, metrics: dict, scope: ExitStack, concurrent_jobs: i
 def _weights_file(model_cfg: dict) -> WeightsFile | None:
     """The state_dict of ``model.weights=PATH``; None without weights or for torchvision weights names."""
     spec = model_cfg.get("weights")
-    if spec is None:
-        return None
-    if not isinstance(spec, str) or not spec:
-        raise ApproxrunError(f"model.weights={spec!r}: expected a file or a torchvision weights name")
-    return None if is_weights_name(spec) else read_weights_file(spec)
+    check_weights_spec(spec)
+    return None if spec is None or is_weights_name(spec) else read_weights_file(spec)
 
 
 def _restore_completed(ctx: StageContext, checkpoint: RunCheckpoint, metrics: dict,

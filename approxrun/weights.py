@@ -81,12 +81,21 @@ class WeightsFile:
         load_strict(model, self.state, f"model.weights={self.path}")
 
 
-def read_weights_file(spec: str) -> WeightsFile:
-    """Read a state_dict (or ``{'state_dict': ...}``) from ``spec``; one-line errors."""
-    path = Path(spec).expanduser()
-    if not path.is_file():
+def check_weights_spec(spec) -> None:
+    """``model.weights`` is null, a torchvision weights name or an existing file."""
+    if spec is None or isinstance(spec, str) and spec and is_weights_name(spec):
+        return
+    if not isinstance(spec, str) or not spec:
+        raise ApproxrunError(f"model.weights={spec!r}: expected a file or a torchvision weights name")
+    if not Path(spec).expanduser().is_file():
         raise ApproxrunError(f"model.weights={spec}: no such file (nor a torchvision weights name such as "
                              "DEFAULT or IMAGENET1K_V1)")
+
+
+def read_weights_file(spec: str) -> WeightsFile:
+    """Read a state_dict (or ``{'state_dict': ...}``) from ``spec``; one-line errors."""
+    check_weights_spec(spec)
+    path = Path(spec).expanduser()
     payload = path.read_bytes()
     try:
         with warnings.catch_warnings():
