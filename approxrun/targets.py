@@ -19,7 +19,7 @@ from approxrun.errors import ApproxrunError
 def locate(path: str, key: str) -> Callable:
     """The callable named by a dotted path ``package.module.attribute``; one-line errors naming ``key``."""
     if not isinstance(path, str) or "." not in path.strip("."):
-        raise ApproxrunError(f"{key}={path!r}: expected a dotted path module.function")
+        raise ApproxrunError(f"{key}={path}: expected a dotted path module.function")
     parts = path.split(".")
     for split in range(len(parts) - 1, 0, -1):  # the longest importable module prefix
         module_name = ".".join(parts[:split])
