@@ -70,8 +70,13 @@ def expand_arguments(argv: list[str]) -> list[str]:
             raise ApproxrunError(f"{group}={','.join(unknown)}: unknown {group}; options: {', '.join(options)}"
                                  + (" or a torchvision model name" if group == "model" else ""))
     for group in ("model", "dataset"):
-        if any(re.match(rf"\+*{group}\._target_=", a) for a in out) and not any(a.startswith(f"{group}=") for a in out):
+        target = next((a.lstrip("+") for a in out if re.match(rf"\+*{group}\._target_=", a)), None)
+        choice = next((a for a in out if a.startswith(f"{group}=")), None)
+        if target and choice is None:
             out.insert(0, f"{group}=custom")
+        elif target and choice != f"{group}=custom":
+            raise ApproxrunError(f"{target}: a factory replaces the {group} choice; drop {choice} "
+                                 f"(or give {group}=custom)")
     return out
 
 

@@ -4,6 +4,8 @@ values, a C model that does not compile, unusable checkpoints.
 Each case must end with exactly one stderr line ``approxrun: error: ...`` naming the input and the
 problem, a non-zero exit status, and no partial output: no checkpoint, resume point, stage-cache or
 LUT-cache entry, or temporary file (a ``metrics.json`` saying ``failed`` is the job's record).
+A world size that does not divide the batch is in ``tests/test_distributed.py`` (it needs torchrun's
+environment).
 The cases that ``tests/test_cli.py`` already runs through the installed command (unknown model and
 multiplier, negative epochs as a model default, activation bits 9, a missing LUT file, an unknown
 key, a missing dataset) are not repeated here.
@@ -115,6 +117,18 @@ CASES = {
     "checkpoint_truncated": _checkpoint("truncated.pt", "not a readable weights-only torch checkpoint"),
     "checkpoint_with_code": _checkpoint("code.pt", "not a readable weights-only torch checkpoint"),
     "checkpoint_of_another_model": _checkpoint("other_model.pt", "does not fit the model"),
+    "target_without_module": (["model._target_=no_such_pkg.nets.build"],
+                              ["model._target_=no_such_pkg.nets.build", "no module named 'no_such_pkg'"]),
+    "target_not_a_module": (["model._target_=collections.OrderedDict"],
+                            ["model._target_=collections.OrderedDict", "expected a torch.nn.Module"]),
+    "target_misspelt": (["model._target_=torch.nn.Linaer"], ["model._target_=torch.nn.Linaer", "no attribute 'Linaer'"]),
+    "target_with_another_dataset": (["dataset._target_=torch.utils.data.TensorDataset"],
+                                    ["dataset._target_=torch.utils.data.TensorDataset", "dataset=synthetic"]),
+    "weights_missing": (["model.weights={corpus}/missing_weights.pt"], ["{corpus}/missing_weights.pt", "no such file"]),
+    "weights_of_another_model": (["model.weights={corpus}/other_model.pt"],
+                                 ["model.weights={corpus}/other_model.pt", "does not fit the model",
+                                  "missing features.0.weight", "unexpected weight"]),
+    "weights_unreadable": (["model.weights={corpus}/truncated.pt"], ["{corpus}/truncated.pt", "not a readable"]),
 }
 
 # Runs approxrun.cli.main (what the installed command calls) once per case in one process, so the
