@@ -28,7 +28,7 @@ from approxrun.report import write_summary
 GROUPS = ("model", "dataset", "multiplier", "schedule", "experiment", "library")
 SWEEP_JOBS_ENV = "APPROXRUN_SWEEP_JOBS"  # set for a sweep's jobs (hydra.job.env_set): how many there are
 LUT_SUFFIXES = (".npy", ".txt", ".bin", ".lut")
-_failures: list[str] = []
+_failures: list[tuple[str, bool]] = []  # (message, a usage error: bad input rather than a failure)
 
 
 def group_options(group: str) -> list[str]:
@@ -168,9 +168,9 @@ class SweepSummary(Callback):
         rows = write_summary(Path(config.hydra.sweep.dir))
         failed = [r["job"] for r in rows if r["status"] != "completed"]
         if failed:
-            _failures.append(f"failed jobs: {', '.join(failed)}")
+            _failures.append((f"failed jobs: {', '.join(failed)}", False))
         if not rows:
-            _failures.append("no job of the sweep wrote metrics.json")
+            _failures.append(("no job of the sweep wrote metrics.json", False))
         print(f"sweep summary: {Path(config.hydra.sweep.dir) / 'summary.md'}", flush=True)
 
 
@@ -181,16 +181,16 @@ def _hydra_main(cfg: DictConfig) -> None:
     try:
         run(cfg, out_dir, concurrent_jobs=concurrent_jobs(hydra_cfg.launcher))
     except ApproxrunError as exc:
-        _fail(str(exc))
+        _fail(str(exc), usage=True)
     except Exception as exc:  # a bug, not a user mistake: the traceback is in the run's log
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         _fail(f"{type(exc).__name__}: {message} (traceback in {out_dir / 'approxrun.log'})")
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, usage: bool = False) -> None:
     if not _other_rank():  # the ranks fail alike; rank 0 says it
         print(f"approxrun: error: {message}", file=sys.stderr, flush=True)
-    _failures.append(message)
+    _failures.append((message, usage))
 
 
 def main() -> None:
@@ -220,5 +220,5 @@ def main() -> None:
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
-    if _failures:
-        sys.exit(1)
+    if _failures:  # 2: bad input (a usage error), 1: a job failed
+        sys.exit(2 if all(usage for _, usage in _failures) else 1)

@@ -2,7 +2,7 @@
 values, a C model that does not compile, unusable checkpoints.
 
 Each case must end with exactly one stderr line ``approxrun: error: ...`` naming the input and the
-problem, a non-zero exit status, and no partial output: no checkpoint, resume point, stage-cache or
+problem, exit status 2, and no partial output: no checkpoint, resume point, stage-cache or
 LUT-cache entry, or temporary file (a ``metrics.json`` saying ``failed`` is the job's record).
 A world size that does not divide the batch is in ``tests/test_distributed.py`` (it needs torchrun's
 environment).
@@ -182,7 +182,7 @@ def outcomes(tmp_path_factory) -> dict:
 @pytest.mark.parametrize("case", CASES)
 def test_bad_input_fails_with_one_line_and_no_partial_output(outcomes, case):
     root, run_dir = outcomes["root"], outcomes["root"] / "runs" / case
-    assert outcomes["codes"][case] != 0
+    assert outcomes["codes"][case] == 2  # a usage error
     stderr = (root / f"{case}.stderr").read_text()
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert len(lines) == 1, stderr[-3000:]

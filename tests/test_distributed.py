@@ -100,6 +100,12 @@ def test_two_gloo_processes_match_one_process_and_only_rank0_writes(tmp_path):
     assert (tmp_path / "two" / "resume.pt").is_file() and (tmp_path / "two" / "checkpoints" / "approx.pt").is_file()
     assert list((tmp_path / "tmp").glob("approxrun-rank*")) == []  # rank 1's scratch folders are gone
 
+    rerun = _run(tmp_path, "two", processes=2)  # into the same folder: every rank continues from rank 0's resume.pt
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    resumed = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert resumed["resumed"]["completed_stages"] == ["baseline", "quant", "approx"]
+    assert resumed["stages"]["approx"]["test_accuracy"] == parallel["stages"]["approx"]["test_accuracy"]
+
     again = _run(tmp_path, "again", processes=2)
     assert again.returncode == 0, again.stderr[-3000:]
     stages = json.loads((tmp_path / "again" / "metrics.json").read_text())["stages"]
@@ -116,3 +122,21 @@ def test_world_size_not_dividing_the_batch_fails_with_one_line(tmp_path):
     assert result.returncode == 2 and lines == ["approxrun: error: dataset.batch_size=32: not divisible by the world "
                                                 "size 3 (the global batch is split evenly across the ranks)"]
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_submitit_tasks_of_one_job_are_its_ranks(tmp_path):
+    """What a Slurm job with tasks_per_node=2 does, on this machine: the two tasks of one submitit
+    job join one process group and train one job."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="needs the launchers extra")
+    env = {k: v for k, v in os.environ.items() if k not in ("EVOAPPROX_ROOT", "RANK", "WORLD_SIZE")}
+    env.update(OMP_NUM_THREADS="1", MASTER_PORT=str(_free_port()))
+    result = subprocess.run(["approxrun", "-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2",
+                             "experiment=smoke", "device=cpu", "cache.enabled=false", "stage=quant",
+                             f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [metrics_file] = (tmp_path / "sweep").glob("*/metrics.json")
+    metrics = json.loads(metrics_file.read_text())
+    assert metrics["status"] == "completed" and metrics["distributed"] == {"world_size": 2, "backend": "gloo"}
+    assert set(metrics["stages"]) == {"baseline", "quant"}
