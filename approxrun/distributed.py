@@ -67,6 +67,7 @@ class Distributed:
 
     def __init__(self, placement: Placement, device: torch.device):
         self.placement, self.device = placement, device
+        self._wrapped: dict[int, nn.Module] = {}  # one DDP wrapper per model for the whole run
 
     @property
     def active(self) -> bool:
@@ -111,13 +112,17 @@ class Distributed:
                 module.reduce_range = self.global_range
 
     def wrap(self, model: nn.Module) -> nn.Module:
-        """The model for training steps: DistributedDataParallel over all ranks, or the model itself."""
+        """The model for training steps: DistributedDataParallel over all ranks (built once per model,
+        so that no second reducer's hooks fire in a later stage), or the model itself."""
         if not self.active:
             return model
-        from torch.nn.parallel import DistributedDataParallel
+        if id(model) not in self._wrapped:
+            from torch.nn.parallel import DistributedDataParallel
 
-        ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            # unused: the noise scales outside the gradient stage
+            self._wrapped[id(model)] = DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+        return self._wrapped[id(model)]
 
     def shard(self, loaders: tuple[DataLoader, ...], batch_size: int) -> tuple[DataLoader, ...]:
         """(train, val, test) loaders yielding this rank's share of every global batch."""
