@@ -1,13 +1,20 @@
 """The ``approxrun`` command: a thin Hydra layer over :func:`approxrun.pipeline.run`.
 
 Before Hydra parses the command line, group choices are checked (one-line errors listing the
-options) and shortcuts are expanded: ``multiplier=NAME`` for any design/EvoApprox circuit
-without its own config file and ``multiplier=LUT_FILE``; ``model=NAME`` for any torchvision model;
-``model._target_=...`` / ``dataset._target_=...`` without a group choice select the ``custom`` option.
+options) and shortcuts are expanded: ``multiplier=NAME`` for any design or EvoApproxLib circuit
+(registered as a choice of the multiplier group, so no file is needed) and ``multiplier=LUT_FILE``;
+``model=NAME`` for any torchvision model; ``model._target_=...`` / ``dataset._target_=...`` without
+a group choice select the ``custom`` option. Hydra then composes the config once, on top of the
+schema (approxrun/config/schema.py), and a single run's inputs that can be checked before its run
+folder exists are (:class:`InputCheck`: ``_target_`` imports, the weights file, the world size).
+Every bad key or value ends with one line on stderr and exit status 2; a run that fails ends with
+exit status 1. Under torchrun, ranks other than 0 write no run folder and print nothing. Heavy
+modules (torch) are imported only to run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -17,25 +24,31 @@ from importlib import resources
 from pathlib import Path
 
 import hydra
+from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException, OverrideParseException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from approxrun.errors import ApproxrunError
-from approxrun.pipeline import run
-from approxrun.report import write_summary
+from approxrun.config.schema import StageEntry, register_multiplier_name
+from approxrun.errors import ApproxrunError, ConfigError, one_line
+from approxrun.multipliers.io import LUT_SUFFIXES
 
+PROG = "approxrun"
+USAGE_ERROR, RUN_FAILED = 2, 1
 GROUPS = ("model", "dataset", "multiplier", "schedule", "experiment", "library")
+_GROUP_CHOICE = re.compile(rf"({'|'.join(GROUPS)})=(.+)")
 SWEEP_JOBS_ENV = "APPROXRUN_SWEEP_JOBS"  # set for a sweep's jobs (hydra.job.env_set): how many there are
-LUT_SUFFIXES = (".npy", ".txt", ".bin", ".lut")
-_failures: list[tuple[str, bool]] = []  # (message, a usage error: bad input rather than a failure)
+_failures: list[tuple[str, int]] = []  # (message, exit status) of each failed job
 
 
 def group_options(group: str) -> list[str]:
+    """The choices of a config group: its files in ``conf/`` and its ConfigStore entries."""
     folder = resources.files("approxrun.conf").joinpath(group)
-    if not folder.is_dir():
-        return []
-    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+    files = [p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml")] if folder.is_dir() else []
+    stored = ConfigStore.instance().repo.get(group, {})
+    return sorted(set(files) | {name[:-5] for name in stored if name.endswith(".yaml")})
 
 
 def _split_choices(value: str) -> list[str] | None:
@@ -46,12 +59,13 @@ def _split_choices(value: str) -> list[str] | None:
 
 
 def expand_arguments(argv: list[str]) -> list[str]:
-    """Check config-group choices and expand the multiplier/model shortcuts (see module docstring)."""
-    from approxrun.models import torchvision_names
+    """Check config-group choices and expand the multiplier/model shortcuts (see module docstring).
 
+    Also for ``compose()`` users: ``compose("config", overrides=expand_arguments([...]))``.
+    """
     out = []
     for arg in argv:
-        match = re.fullmatch(r"(model|dataset|multiplier|schedule|experiment|library)=(.+)", arg)
+        match = _GROUP_CHOICE.fullmatch(arg)
         choices = _split_choices(match.group(2)) if match else None
         if not match or choices is None:
             out.append(arg)
@@ -62,22 +76,32 @@ def expand_arguments(argv: list[str]) -> list[str]:
             out.append(arg)
         elif group == "multiplier" and len(choices) == 1 and choices[0].lower().endswith(LUT_SUFFIXES):
             out += ["multiplier=file", f"multiplier.path={choices[0]}"]
+        elif group == "multiplier" and all(re.fullmatch(r"[\w-]+", c) for c in unknown):
+            for name in unknown:  # designs and EvoApprox names resolve at run time
+                register_multiplier_name(name)
+            out.append(arg)
         elif group == "multiplier":
-            out.append(f"multiplier.name={match.group(2)}")  # designs and EvoApprox names resolve at run time
-        elif group == "model" and len(choices) == 1 and choices[0] in torchvision_names():
+            out.append(f"multiplier.name={match.group(2)}")  # e.g. an EvoApproxLib .c file
+        elif group == "model" and len(choices) == 1 and choices[0] in _torchvision_names():
             out += ["model=torchvision", f"model.name={choices[0]}"]
         else:
-            raise ApproxrunError(f"{group}={','.join(unknown)}: unknown {group}; options: {', '.join(options)}"
-                                 + (" or a torchvision model name" if group == "model" else ""))
-    for group in ("model", "dataset"):
+            raise ConfigError(f"{group}={','.join(unknown)}: unknown {group}; options: {', '.join(options)}"
+                              + (" or a torchvision model name" if group == "model" else ""))
+    for group in ("model", "dataset"):  # a factory is the custom option
         target = next((a.lstrip("+") for a in out if re.match(rf"\+*{group}\._target_=", a)), None)
         choice = next((a for a in out if a.startswith(f"{group}=")), None)
         if target and choice is None:
             out.insert(0, f"{group}=custom")
         elif target and choice != f"{group}=custom":
-            raise ApproxrunError(f"{target}: a factory replaces the {group} choice; drop {choice} "
-                                 f"(or give {group}=custom)")
+            raise ConfigError(f"{target}: a factory replaces the {group} choice; drop {choice} "
+                              f"(or give {group}=custom)")
     return out
+
+
+def _torchvision_names() -> list[str]:
+    from approxrun.models import torchvision_names
+
+    return torchvision_names()
 
 
 def sweep_jobs(overrides: list[str]) -> int | None:
@@ -106,33 +130,10 @@ def concurrent_jobs(launcher: DictConfig, env=os.environ) -> int:
     return 1
 
 
-def validate_overrides(overrides: list[str]) -> DictConfig:
-    """Compose the config once (the first choice of each sweep) so bad keys fail with one line."""
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-
-    simple = []
-    for arg in overrides:
-        key, sep, value = arg.partition("=")
-        if not sep or arg.startswith("hydra") or arg.startswith("-"):
-            continue
-        choices = _split_choices(value)
-        if choices is None:
-            continue
-        simple.append(f"{key}={choices[0]}")
-    try:
-        with initialize_config_module("approxrun.conf", version_base="1.3"):
-            return compose("config", overrides=simple)
-    except Exception as exc:
-        raise ApproxrunError(f"bad override: {_first_message(exc)}") from None
-    finally:
-        GlobalHydra.instance().clear()
-
-
 def check_inputs(cfg: DictConfig, env=os.environ) -> None:
-    """What can be checked before Hydra creates a run folder: ``_target_`` factories import, the
-    weights file exists, the world size of a torchrun job divides the batch."""
-    from approxrun.distributed import Placement
+    """What can be checked before a run folder exists: ``_target_`` factories import, the weights
+    file exists, the world size of a torchrun job divides the batch (each a :class:`ConfigError`)."""
+    from approxrun.distributed import placement_from_env
     from approxrun.targets import locate
     from approxrun.weights import check_weights_spec
 
@@ -142,8 +143,24 @@ def check_inputs(cfg: DictConfig, env=os.environ) -> None:
             locate(target, f"{group}._target_")
     check_weights_spec(OmegaConf.select(cfg, "model.weights", throw_on_missing=False))
     batch_size = OmegaConf.select(cfg, "dataset.batch_size", throw_on_missing=False)
-    if isinstance(batch_size, int) and env.get("WORLD_SIZE", "1").isdigit():
-        Placement(world_size=int(env.get("WORLD_SIZE", "1"))).check_batch(batch_size)
+    if isinstance(batch_size, int):
+        placement_from_env(env).check_batch(batch_size)
+
+
+class InputRefused(BaseException):
+    """A single run's input refused by :class:`InputCheck`. Not an ``Exception``: Hydra turns those,
+    raised in a callback, into a warning and goes on to create the run folder."""
+
+
+class InputCheck(Callback):
+    """Checks a single run's inputs (:func:`check_inputs`) before Hydra creates its run folder.
+    A sweep's jobs are checked by the run itself (a failed job keeps its ``metrics.json``)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        try:
+            check_inputs(config)
+        except ConfigError as exc:
+            raise InputRefused(str(exc)) from None
 
 
 def _other_rank(env=os.environ) -> bool:
@@ -151,60 +168,75 @@ def _other_rank(env=os.environ) -> bool:
     return env.get("RANK", "0") not in ("", "0") and env.get("WORLD_SIZE", "1") not in ("", "1")
 
 
-def _first_message(exc: BaseException) -> str:
-    """The first non-empty line along the exception's cause chain."""
-    while exc is not None:
-        line = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
-        if line:
-            return line
-        exc = exc.__cause__ or exc.__context__
-    return "invalid configuration"
+def composition_message(exc: BaseException) -> str:
+    """One line for an error Hydra raised while composing the config (bad key, type or override)."""
+    text = one_line(str(exc)).rstrip(".")
+    if isinstance(exc, OverrideParseException):  # Hydra's grammar: quote values with = , [ ] { } ( )
+        return f"cannot parse {exc.override!r}: {text} (quote a value that holds = , or brackets)"
+    cause = exc.__cause__
+    section, key = getattr(cause, "object_type", None), getattr(cause, "full_key", None)
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and key and dataclasses.is_dataclass(section):
+        known = ", ".join(f.name for f in dataclasses.fields(section) if f.name not in ("kind", "name"))
+        if issubclass(section, StageEntry):
+            return f"{key}: not a setting of a {section.kind} stage (expected: {known})"
+        parent = key.rpartition(".")[0]
+        return f"{key}: not a config key" + (f" (keys of {parent}: {known})" if parent else "")
+    if isinstance(cause, OmegaConfBaseException):
+        detail = one_line(getattr(cause, "msg", None) or str(cause))
+        text = f"{text}: {detail}" if detail not in text else text
+    return text
 
 
 class SweepSummary(Callback):
     """Builds the sweep summary from the job folders when a multirun ends."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        from approxrun.report import write_summary
+
         rows = write_summary(Path(config.hydra.sweep.dir))
         failed = [r["job"] for r in rows if r["status"] != "completed"]
         if failed:
-            _failures.append((f"failed jobs: {', '.join(failed)}", False))
+            _failures.append((f"failed jobs: {', '.join(failed)}", RUN_FAILED))
         if not rows:
-            _failures.append(("no job of the sweep wrote metrics.json", False))
+            _failures.append(("no job of the sweep wrote metrics.json", RUN_FAILED))
         print(f"sweep summary: {Path(config.hydra.sweep.dir) / 'summary.md'}", flush=True)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://approxrun.conf", config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
+    from approxrun.pipeline import run
+
     hydra_cfg = HydraConfig.get()
     out_dir = Path(hydra_cfg.runtime.output_dir)
     try:
         run(cfg, out_dir, concurrent_jobs=concurrent_jobs(hydra_cfg.launcher))
+    except ConfigError as exc:
+        _fail(str(exc), USAGE_ERROR)
     except ApproxrunError as exc:
-        _fail(str(exc), usage=True)
+        _fail(str(exc), RUN_FAILED)
     except Exception as exc:  # a bug, not a user mistake: the traceback is in the run's log
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        _fail(f"{type(exc).__name__}: {message} (traceback in {out_dir / 'approxrun.log'})")
+        _fail(f"{one_line(exc)} (traceback in {out_dir / 'approxrun.log'})", RUN_FAILED)
 
 
-def _fail(message: str, usage: bool = False) -> None:
+def _fail(message: str, status: int) -> None:
+    _error(message)
+    _failures.append((message, status))
+
+
+def _error(message: str) -> None:
     if not _other_rank():  # the ranks fail alike; rank 0 says it
-        print(f"approxrun: error: {message}", file=sys.stderr, flush=True)
-    _failures.append((message, usage))
+        print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
 
 
 def main() -> None:
-    args = sys.argv[1:]
-    informational = any(a in ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--version")
-                        or a.startswith("--shell-completion") or a.startswith("-sc") for a in args)
+    """Entry point of the ``approxrun`` command (exit 2: bad command line or config; 1: a run failed)."""
     try:
-        args = expand_arguments(args)
-        if not informational:
-            check_inputs(validate_overrides([a for a in args if not a.startswith("-")]))
+        args = expand_arguments(sys.argv[1:])
     except ApproxrunError as exc:
-        if not _other_rank():
-            print(f"approxrun: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        _error(str(exc))
+        sys.exit(USAGE_ERROR)
+    informational = any(a in ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--version")
+                        or a.startswith(("--shell-completion", "-sc")) for a in args)
     scratch = None
     if _other_rank() and not informational:  # Hydra's own files and log go to a folder removed below
         scratch = tempfile.mkdtemp(prefix=f"approxrun-rank{os.environ['RANK']}-")
@@ -215,10 +247,25 @@ def main() -> None:
         jobs = sweep_jobs([a for a in args if not a.startswith(("-", "hydra"))])
         args.append(f"++hydra.job.env_set.{SWEEP_JOBS_ENV}={jobs or 0}")
     sys.argv = [sys.argv[0]] + args
+    full_error = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # composition errors reach us as exceptions, not as Hydra's report
     try:
         _hydra_main()
+    except InputRefused as exc:
+        _error(str(exc))
+        sys.exit(USAGE_ERROR)
+    except (HydraException, OmegaConfBaseException) as exc:
+        _error(composition_message(exc))
+        sys.exit(USAGE_ERROR)
+    except Exception as exc:
+        _error(one_line(exc))
+        sys.exit(RUN_FAILED)
     finally:
+        if full_error is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = full_error
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
-    if _failures:  # 2: bad input (a usage error), 1: a job failed
-        sys.exit(2 if all(usage for _, usage in _failures) else 1)
+    if _failures:
+        sys.exit(max(status for _, status in _failures))

@@ -22,7 +22,7 @@ import torch.distributed as torch_dist
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, Sampler, SequentialSampler
 
-from approxrun.errors import ApproxrunError
+from approxrun.errors import ApproxrunError, ConfigError, one_line
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class Placement:
     def check_batch(self, batch_size: int) -> None:
         """The global batch must split evenly across the ranks."""
         if self.world_size > 1 and batch_size % self.world_size:
-            raise ApproxrunError(f"dataset.batch_size={batch_size}: not divisible by the world size "
+            raise ConfigError(f"dataset.batch_size={batch_size}: not divisible by the world size "
                                  f"{self.world_size} (the global batch is split evenly across the ranks)")
 
 
@@ -195,7 +195,7 @@ def process_group(placement: Placement, device: torch.device) -> Iterator[Distri
                                       world_size=placement.world_size, timeout=datetime.timedelta(minutes=30))
     except Exception as exc:
         raise ApproxrunError(f"distributed: rank {placement.rank} of {placement.world_size} could not join the "
-                             f"{backend} process group ({type(exc).__name__}: {exc})") from None
+                             f"{backend} process group ({one_line(exc)})") from None
     try:
         yield Distributed(placement, device)
     finally:

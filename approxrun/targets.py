@@ -13,13 +13,14 @@ import importlib
 import inspect
 from typing import Any, Callable, Mapping
 
-from approxrun.errors import ApproxrunError
+from approxrun.errors import ApproxrunError, ConfigError, one_line
 
 
 def locate(path: str, key: str) -> Callable:
-    """The callable named by a dotted path ``package.module.attribute``; one-line errors naming ``key``."""
+    """The callable named by a dotted path ``package.module.attribute``; a one-line
+    :class:`ConfigError` naming ``key`` when there is none."""
     if not isinstance(path, str) or "." not in path.strip("."):
-        raise ApproxrunError(f"{key}={path}: expected a dotted path module.function")
+        raise ConfigError(f"{key}={path}: expected a dotted path module.function")
     parts = path.split(".")
     for split in range(len(parts) - 1, 0, -1):  # the longest importable module prefix
         module_name = ".".join(parts[:split])
@@ -27,21 +28,20 @@ def locate(path: str, key: str) -> Callable:
             obj: Any = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
             if exc.name is not None and not module_name.startswith(exc.name):
-                raise ApproxrunError(f"{key}={path}: importing {module_name} failed: "
+                raise ConfigError(f"{key}={path}: importing {module_name} failed: "
                                      f"no module named {exc.name!r}") from None
             continue
         except Exception as exc:  # the user's module itself is broken
-            raise ApproxrunError(f"{key}={path}: importing {module_name} failed "
-                                 f"({type(exc).__name__}: {_first_line(exc)})") from None
+            raise ConfigError(f"{key}={path}: importing {module_name} failed ({one_line(exc)})") from None
         for attribute in parts[split:]:
             if not hasattr(obj, attribute):
-                raise ApproxrunError(f"{key}={path}: module {module_name} has no attribute "
+                raise ConfigError(f"{key}={path}: module {module_name} has no attribute "
                                      f"{'.'.join(parts[split:])!r}")
             obj = getattr(obj, attribute)
         if not callable(obj):
-            raise ApproxrunError(f"{key}={path}: not callable ({type(obj).__name__})")
+            raise ConfigError(f"{key}={path}: not callable ({type(obj).__name__})")
         return obj
-    raise ApproxrunError(f"{key}={path}: no module named {parts[0]!r} (is it on PYTHONPATH, "
+    raise ConfigError(f"{key}={path}: no module named {parts[0]!r} (is it on PYTHONPATH, "
                          "or run from the folder that holds it?)")
 
 
@@ -73,8 +73,7 @@ def instantiate(node: Mapping, key: str, reserved: tuple[str, ...] = (), offered
         raise
     except Exception as exc:
         raise ApproxrunError(f"{key}._target_={node['_target_']}: calling it with "
-                             f"{', '.join(sorted(arguments)) or 'no arguments'} failed "
-                             f"({type(exc).__name__}: {_first_line(exc)})") from None
+                             f"{', '.join(sorted(arguments)) or 'no arguments'} failed ({one_line(exc)})") from None
 
 
 def _build(value, key: str):
@@ -86,7 +85,3 @@ def _build(value, key: str):
         return [_build(v, f"{key}[{i}]") for i, v in enumerate(value)]
     return value
 
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else ""

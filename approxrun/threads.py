@@ -19,7 +19,7 @@ from typing import Iterator, Mapping
 
 import torch
 
-from approxrun.errors import ApproxrunError
+from approxrun.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -40,13 +40,16 @@ def available_cpus() -> int:
 
 def thread_budget(setting, concurrent_jobs: int = 1, env: Mapping[str, str] = os.environ,
                   cpus: int | None = None) -> ThreadBudget:
-    """The thread count for ``threads=setting`` (``auto`` or a whole number >= 1)."""
+    """The thread count for ``threads=setting`` (``auto`` or a whole number >= 1, also as a string:
+    the config's ``threads`` is a string, OmegaConf having no union of str and int)."""
+    if isinstance(setting, str) and setting.strip().isdigit():
+        setting = int(setting)
     if isinstance(setting, int) and not isinstance(setting, bool):
         if setting < 1:
-            raise ApproxrunError(f"threads={setting}: expected auto or a whole number >= 1")
+            raise ConfigError(f"threads={setting}: expected auto or a whole number >= 1")
         return ThreadBudget(setting, "threads setting")
     if setting != "auto":
-        raise ApproxrunError(f"threads={setting!r}: expected auto or a whole number >= 1")
+        raise ConfigError(f"threads={setting!r}: expected auto or a whole number >= 1")
     if env.get("OMP_NUM_THREADS", "").strip().isdigit() and int(env["OMP_NUM_THREADS"]) > 0:
         return ThreadBudget(int(env["OMP_NUM_THREADS"]), "OMP_NUM_THREADS")
     cpus = available_cpus() if cpus is None else cpus

@@ -19,7 +19,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
-from approxrun.errors import ApproxrunError
+from approxrun.errors import ApproxrunError, ConfigError, one_line
 
 _WEIGHTS_NAME = re.compile(r"([A-Za-z0-9_]+_Weights\.)?[A-Z][A-Z0-9_]*")
 SHOWN = 3  # differences listed in a mismatch error
@@ -37,14 +37,14 @@ def torchvision_weights(model_name: str, spec: str):
     try:
         enum = torchvision.models.get_model_weights(model_name)
     except (ValueError, KeyError):
-        raise ApproxrunError(f"model.weights={spec}: a torchvision weights name, but model {model_name!r} is "
+        raise ConfigError(f"model.weights={spec}: a torchvision weights name, but model {model_name!r} is "
                              "not a torchvision model; give a weights file") from None
     member = spec.split(".")[-1]
     if "." in spec and spec.split(".")[0] != enum.__name__:
-        raise ApproxrunError(f"model.weights={spec}: weights of another model; {model_name} has {enum.__name__}")
+        raise ConfigError(f"model.weights={spec}: weights of another model; {model_name} has {enum.__name__}")
     names = ["DEFAULT", *enum.__members__]
     if member not in names:
-        raise ApproxrunError(f"model.weights={spec}: not a weights name of {model_name} (expected one of "
+        raise ConfigError(f"model.weights={spec}: not a weights name of {model_name} (expected one of "
                              f"{', '.join(names)}) and not an existing file")
     return enum[member]
 
@@ -55,12 +55,12 @@ def pretrained_torchvision(model_name: str, spec: str, in_channels: int) -> nn.M
 
     weights = torchvision_weights(model_name, spec)
     if in_channels != 3:
-        raise ApproxrunError(f"model.weights={spec}: {weights} expects 3 input channels, the dataset has {in_channels}")
+        raise ConfigError(f"model.weights={spec}: {weights} expects 3 input channels, the dataset has {in_channels}")
     try:
         return torchvision.models.get_model(model_name, weights=weights, progress=False)
     except Exception as exc:  # URLError, HTTPError, hash mismatch, ...: offline is the usual cause
         raise ApproxrunError(f"model.weights={spec}: could not fetch {weights} from {weights.url} "
-                             f"({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); "
+                             f"({one_line(exc)}); "
                              "offline? put the file into $TORCH_HOME/hub/checkpoints or give model.weights=PATH") from None
 
 
@@ -86,10 +86,17 @@ def check_weights_spec(spec) -> None:
     if spec is None or isinstance(spec, str) and spec and is_weights_name(spec):
         return
     if not isinstance(spec, str) or not spec:
-        raise ApproxrunError(f"model.weights={spec!r}: expected a file or a torchvision weights name")
+        raise ConfigError(f"model.weights={spec!r}: expected a file or a torchvision weights name")
     if not Path(spec).expanduser().is_file():
-        raise ApproxrunError(f"model.weights={spec}: no such file (nor a torchvision weights name such as "
+        raise ConfigError(f"model.weights={spec}: no such file (nor a torchvision weights name such as "
                              "DEFAULT or IMAGENET1K_V1)")
+
+
+def read_model_weights(spec: str | None) -> WeightsFile | None:
+    """The state_dict of ``model.weights=PATH``; None without weights or for a torchvision weights
+    name (the model builder fetches those)."""
+    check_weights_spec(spec)
+    return None if spec is None or is_weights_name(spec) else read_weights_file(spec)
 
 
 def read_weights_file(spec: str) -> WeightsFile:
@@ -145,7 +152,7 @@ def weights_preprocessing(model_cfg: Mapping, dataset_cfg: Mapping):
     if choice in (None, "plain"):
         return None
     if not isinstance(choice, str) or not _WEIGHTS_NAME.fullmatch(choice):
-        raise ApproxrunError(f"dataset.preprocess={choice!r}: expected auto, plain or a torchvision weights name")
+        raise ConfigError(f"dataset.preprocess={choice!r}: expected auto, plain or a torchvision weights name")
     published = torchvision_weights(model_cfg.get("name", ""), choice).transforms()
     crop = published.crop_size[0]
     train = T.Compose([T.RandomResizedCrop(crop, interpolation=published.interpolation), T.RandomHorizontalFlip(),

@@ -7,6 +7,7 @@ from a factory, ``dataset._target_`` (see :func:`data_from_target`).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
@@ -17,7 +18,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from approxrun.data.idx import load_idx_split
-from approxrun.errors import ApproxrunError
+from approxrun.config.schema import FactoryDatasetConfig
+from approxrun.errors import ApproxrunError, ConfigError, one_line
 from approxrun.targets import instantiate
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -180,7 +182,7 @@ def _torchvision_dataset(name: str, cfg, data_dir: Path) -> DataBundle:
             num_classes = 10 if name == "cifar10" else 100
     except Exception as exc:
         raise ApproxrunError(f"dataset {name}: not found in {root} and could not be downloaded "
-                             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                             f"({one_line(exc)}); "
                              "download it there or set dataset.root") from None
     rng = np.random.default_rng(cfg.get("split_seed", 0))
     order = rng.permutation(len(train_base))
@@ -235,7 +237,7 @@ def _synthetic(cfg) -> DataBundle:
 
 
 # keys of a dataset config that are approxrun's own, not arguments of a ``_target_`` factory
-DATASET_KEYS = ("name", "batch_size", "eval_batch_size", "num_workers")
+DATASET_KEYS = tuple(f.name for f in dataclasses.fields(FactoryDatasetConfig))
 
 
 def data_from_target(cfg: Mapping, data_dir: Path) -> DataBundle:
@@ -256,7 +258,7 @@ def data_from_target(cfg: Mapping, data_dir: Path) -> DataBundle:
     elif isinstance(result, (tuple, list)) and len(result) in (2, 3):
         parts = (result[0], None, result[1]) if len(result) == 2 else tuple(result)
     else:
-        raise ApproxrunError(f"dataset._target_={target}: returned {type(result).__name__}; expected (train, test), "
+        raise ConfigError(f"dataset._target_={target}: returned {type(result).__name__}; expected (train, test), "
                              "(train, val, test), a dict with train and test, or a DataBundle")
     train, val, test = parts
     try:
@@ -303,4 +305,4 @@ def build_data(cfg: Mapping, data_dir: str | Path, preprocess: Preprocessing | N
         return _imagefolder(cfg, preprocess)
     if name == "synthetic":
         return _synthetic(cfg)
-    raise ApproxrunError(f"unknown dataset {name!r}: expected one of {', '.join(DATASETS)}")
+    raise ConfigError(f"unknown dataset {name!r}: expected one of {', '.join(DATASETS)}")

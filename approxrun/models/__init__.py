@@ -7,12 +7,14 @@ a user's own factory (``model._target_``) and torchvision's published weights (`
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Mapping
 
 import torchvision
 from torch import nn
 
-from approxrun.errors import ApproxrunError
+from approxrun.config.schema import FactoryModelConfig
+from approxrun.errors import ApproxrunError, ConfigError
 from approxrun.models.lenet5 import lenet5
 from approxrun.models.resnet_cifar import resnet8, resnet14, resnet20, resnet32
 from approxrun.models.vgg import vgg11_bn, vgg16_bn
@@ -60,12 +62,12 @@ def build_model(name: str, num_classes: int, in_channels: int, image_size: int) 
             raise ApproxrunError(f"model {name}: {exc}") from None
     if name in torchvision_names():
         return torchvision_model(name, num_classes, in_channels)
-    raise ApproxrunError(f"unknown model {name!r}: expected one of {', '.join(BUILDERS)} "
+    raise ConfigError(f"unknown model {name!r}: expected one of {', '.join(BUILDERS)} "
                          "or a torchvision classification model name")
 
 
 # keys of a model config that are approxrun's own, not arguments of a ``_target_`` factory
-MODEL_KEYS = ("name", "train", "weights")
+MODEL_KEYS = tuple(f.name for f in dataclasses.fields(FactoryModelConfig))
 
 
 def model_from_config(cfg: Mapping, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
@@ -78,14 +80,14 @@ def model_from_config(cfg: Mapping, num_classes: int, in_channels: int, image_si
         model = instantiate(cfg, "model", reserved=MODEL_KEYS,
                             offered=dict(num_classes=num_classes, in_channels=in_channels, image_size=image_size))
         if not isinstance(model, nn.Module):
-            raise ApproxrunError(f"model._target_={cfg['_target_']}: returned {type(model).__name__}, "
+            raise ConfigError(f"model._target_={cfg['_target_']}: returned {type(model).__name__}, "
                                  "expected a torch.nn.Module")
         return model
     if isinstance(weights, str) and is_weights_name(weights):
         model = pretrained_torchvision(cfg["name"], weights, in_channels)
         classes = _output_features(model)
         if classes is not None and classes < num_classes:
-            raise ApproxrunError(f"model.weights={weights}: the weights know {classes} classes, "
+            raise ConfigError(f"model.weights={weights}: the weights know {classes} classes, "
                                  f"the dataset has {num_classes}")
         return model
     return build_model(cfg["name"], num_classes, in_channels, image_size)
@@ -97,8 +99,4 @@ def _output_features(model: nn.Module) -> int | None:
     return last[-1].out_features if last else None
 
 
-def model_names() -> list[str]:
-    return list(BUILDERS)
-
-
-__all__ = ["build_model", "model_from_config", "model_names", "torchvision_names", "BUILDERS"]
+__all__ = ["build_model", "model_from_config", "torchvision_names", "BUILDERS"]

@@ -1,4 +1,5 @@
-"""The packaged multiplier catalogue: ``conf/multiplier/*.yaml`` (designs, LUT files, published circuits)."""
+"""The packaged multiplier catalogue: ``conf/multiplier/*.yaml``, entries that carry facts (published
+figures of EvoApproxLib circuits) and ``file`` (a LUT file). Any other name resolves without an entry."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ from typing import Mapping
 
 import torch
 
-from approxrun.errors import ApproxrunError
+from approxrun.config.schema import EvalStage
 from approxrun.layers import approx_layers, set_mode, set_multiplier
 from approxrun.stages import StageContext, StageResult, register
 from approxrun.training import evaluate, train
@@ -23,7 +23,8 @@ def train_and_test(ctx: StageContext, stage_cfg: Mapping, name: str, **kwargs) -
     """Train for the stage's epochs (``kwargs`` go to :func:`train`), then add test metrics."""
     train_loader, val_loader, test_loader = ctx.loaders
     history = train(ctx.model, train_loader, val_loader, stage_cfg, ctx.device, ctx.data.num_classes,
-                    params=kwargs.pop("params", _weights(ctx)), desc=name, dist=ctx.dist, **kwargs)
+                    params=kwargs.pop("params", _weights(ctx)), desc=name, progress=ctx.progress, dist=ctx.dist,
+                    **kwargs)
     return with_test_metrics(ctx, {"history": history, "epochs": len(history),
                                    "train_loss": history[-1]["train_loss"] if history else None})
 
@@ -96,17 +97,12 @@ def calibrate_observers(ctx: StageContext, batches: int) -> int:
     return len(layers)
 
 
-@register("eval", uses_multiplier=True, cacheable=False, trains=False, settings=("mode", "calibration_batches"))
-def evaluate_checkpoint(ctx: StageContext, stage_cfg: Mapping) -> StageResult:
-    """Test accuracy (top-1, and top-5 beyond 10 classes) of the loaded weights under the multiplier,
-    without training; activation ranges the weights do not carry are calibrated first."""
-    mode = stage_cfg.get("mode", "approx")
-    if mode not in ("float", "quant", "approx"):
-        raise ApproxrunError(f"schedule stage {stage_cfg['name']}: mode {mode!r}, expected float, quant or approx")
-    batches = stage_cfg.get("calibration_batches", 4)
-    if not isinstance(batches, int) or isinstance(batches, bool) or batches < 0:
-        raise ApproxrunError(f"schedule.stages.{stage_cfg['name']}.calibration_batches={batches!r}: "
-                             "expected a whole number >= 0")
+@register("eval", EvalStage, uses_multiplier=True, cacheable=False)
+def evaluate_weights(ctx: StageContext, stage_cfg: Mapping) -> StageResult:
+    """Test accuracy (top-1, and top-5 beyond 10 classes) of the loaded weights (``model.weights`` or
+    ``init_weights``) under the multiplier, without training; activation ranges the weights do not
+    carry are calibrated first."""
+    mode, batches = stage_cfg["mode"], stage_cfg["calibration_batches"]
     set_multiplier(ctx.model, ctx.multiplier)
     calibrated = calibrate_observers(ctx, batches) if mode != "float" else 0
     set_mode(ctx.model, mode)
