@@ -1,11 +1,15 @@
 """The ``approxrun`` command: a thin Hydra layer over :func:`approxrun.pipeline.run`.
 
 Before Hydra parses the command line, group choices are checked (one-line errors listing the
-options) and two shortcuts are expanded: ``multiplier=NAME`` for any design or EvoApproxLib circuit
+options) and shortcuts are expanded: ``multiplier=NAME`` for any design or EvoApproxLib circuit
 (registered as a choice of the multiplier group, so no file is needed) and ``multiplier=LUT_FILE``;
-``model=NAME`` for any torchvision model. Hydra then composes the config once, on top of the schema
-(approxrun/config/schema.py). Every bad key or value ends with one line on stderr and exit status 2;
-a run that fails ends with exit status 1. Heavy modules (torch) are imported only to run.
+``model=NAME`` for any torchvision model; ``model._target_=...`` / ``dataset._target_=...`` without
+a group choice select the ``custom`` option. Hydra then composes the config once, on top of the
+schema (approxrun/config/schema.py), and a single run's inputs that can be checked before its run
+folder exists are (:class:`InputCheck`: ``_target_`` imports, the weights file, the world size).
+Every bad key or value ends with one line on stderr and exit status 2; a run that fails ends with
+exit status 1. Under torchrun, ranks other than 0 write no run folder and print nothing. Heavy
+modules (torch) are imported only to run.
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import shutil
 import sys
+import tempfile
 from importlib import resources
 from pathlib import Path
 
@@ -22,7 +28,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException, OverrideParseException
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 from approxrun.config.schema import StageEntry, register_multiplier_name
@@ -33,6 +39,7 @@ PROG = "approxrun"
 USAGE_ERROR, RUN_FAILED = 2, 1
 GROUPS = ("model", "dataset", "multiplier", "schedule", "experiment", "library")
 _GROUP_CHOICE = re.compile(rf"({'|'.join(GROUPS)})=(.+)")
+SWEEP_JOBS_ENV = "APPROXRUN_SWEEP_JOBS"  # set for a sweep's jobs (hydra.job.env_set): how many there are
 _failures: list[tuple[str, int]] = []  # (message, exit status) of each failed job
 
 
@@ -80,6 +87,14 @@ def expand_arguments(argv: list[str]) -> list[str]:
         else:
             raise ConfigError(f"{group}={','.join(unknown)}: unknown {group}; options: {', '.join(options)}"
                               + (" or a torchvision model name" if group == "model" else ""))
+    for group in ("model", "dataset"):  # a factory is the custom option
+        target = next((a.lstrip("+") for a in out if re.match(rf"\+*{group}\._target_=", a)), None)
+        choice = next((a for a in out if a.startswith(f"{group}=")), None)
+        if target and choice is None:
+            out.insert(0, f"{group}=custom")
+        elif target and choice != f"{group}=custom":
+            raise ConfigError(f"{target}: a factory replaces the {group} choice; drop {choice} "
+                              f"(or give {group}=custom)")
     return out
 
 
@@ -87,6 +102,70 @@ def _torchvision_names() -> list[str]:
     from approxrun.models import torchvision_names
 
     return torchvision_names()
+
+
+def sweep_jobs(overrides: list[str]) -> int | None:
+    """How many jobs a sweep's comma-separated choices make; None when a sweep function is used."""
+    count = 1
+    for arg in overrides:
+        key, sep, value = arg.partition("=")
+        if not sep or arg.startswith("-"):
+            continue
+        choices = _split_choices(value)
+        if choices is None:
+            return None
+        count *= len(choices)
+    return count
+
+
+def concurrent_jobs(launcher: DictConfig, env=os.environ) -> int:
+    """Jobs of this sweep that run at once on this machine, from the job's launcher config."""
+    target = str(launcher.get("_target_", ""))
+    jobs = int(env.get(SWEEP_JOBS_ENV, "0") or 0) or os.cpu_count() or 1
+    if "joblib" in target.lower():
+        n_jobs = int(launcher.get("n_jobs", -1))
+        return min(jobs, n_jobs if n_jobs > 0 else max(1, (os.cpu_count() or 1) + 1 + n_jobs))
+    if target.endswith("LocalLauncher"):  # submitit_local starts every job of the sweep at once
+        return jobs
+    return 1
+
+
+def check_inputs(cfg: DictConfig, env=os.environ) -> None:
+    """What can be checked before a run folder exists: ``_target_`` factories import, the weights
+    file exists, the world size of a torchrun job divides the batch (each a :class:`ConfigError`)."""
+    from approxrun.distributed import placement_from_env
+    from approxrun.targets import locate
+    from approxrun.weights import check_weights_spec
+
+    for group in ("model", "dataset"):
+        target = OmegaConf.select(cfg, f"{group}._target_", throw_on_missing=False)
+        if target:
+            locate(target, f"{group}._target_")
+    check_weights_spec(OmegaConf.select(cfg, "model.weights", throw_on_missing=False))
+    batch_size = OmegaConf.select(cfg, "dataset.batch_size", throw_on_missing=False)
+    if isinstance(batch_size, int):
+        placement_from_env(env).check_batch(batch_size)
+
+
+class InputRefused(BaseException):
+    """A single run's input refused by :class:`InputCheck`. Not an ``Exception``: Hydra turns those,
+    raised in a callback, into a warning and goes on to create the run folder."""
+
+
+class InputCheck(Callback):
+    """Checks a single run's inputs (:func:`check_inputs`) before Hydra creates its run folder.
+    A sweep's jobs are checked by the run itself (a failed job keeps its ``metrics.json``)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        try:
+            check_inputs(config)
+        except ConfigError as exc:
+            raise InputRefused(str(exc)) from None
+
+
+def _other_rank(env=os.environ) -> bool:
+    """A torchrun rank other than 0: it writes no run folder and prints nothing."""
+    return env.get("RANK", "0") not in ("", "0") and env.get("WORLD_SIZE", "1") not in ("", "1")
 
 
 def composition_message(exc: BaseException) -> str:
@@ -127,9 +206,10 @@ class SweepSummary(Callback):
 def _hydra_main(cfg: DictConfig) -> None:
     from approxrun.pipeline import run
 
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    out_dir = Path(hydra_cfg.runtime.output_dir)
     try:
-        run(cfg, out_dir)
+        run(cfg, out_dir, concurrent_jobs=concurrent_jobs(hydra_cfg.launcher))
     except ConfigError as exc:
         _fail(str(exc), USAGE_ERROR)
     except ApproxrunError as exc:
@@ -139,31 +219,53 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def _fail(message: str, status: int) -> None:
-    print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+    _error(message)
     _failures.append((message, status))
+
+
+def _error(message: str) -> None:
+    if not _other_rank():  # the ranks fail alike; rank 0 says it
+        print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
 
 
 def main() -> None:
     """Entry point of the ``approxrun`` command (exit 2: bad command line or config; 1: a run failed)."""
     try:
-        sys.argv = [sys.argv[0]] + expand_arguments(sys.argv[1:])
+        args = expand_arguments(sys.argv[1:])
     except ApproxrunError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        _error(str(exc))
         sys.exit(USAGE_ERROR)
+    informational = any(a in ("--help", "-h", "--hydra-help", "--info", "-i", "--cfg", "-c", "--version")
+                        or a.startswith(("--shell-completion", "-sc")) for a in args)
+    scratch = None
+    if _other_rank() and not informational:  # Hydra's own files and log go to a folder removed below
+        scratch = tempfile.mkdtemp(prefix=f"approxrun-rank{os.environ['RANK']}-")
+        args = [a for a in args if not a.startswith(("hydra.run.dir=", "hydra.output_subdir="))]
+        args += [f"hydra.run.dir={scratch}", "hydra.output_subdir=null", "hydra.verbose=false",
+                 "hydra.job_logging.root.level=WARNING"]
+    if any(a in ("-m", "--multirun") for a in args):
+        jobs = sweep_jobs([a for a in args if not a.startswith(("-", "hydra"))])
+        args.append(f"++hydra.job.env_set.{SWEEP_JOBS_ENV}={jobs or 0}")
+    sys.argv = [sys.argv[0]] + args
     full_error = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"  # composition errors reach us as exceptions, not as Hydra's report
     try:
         _hydra_main()
+    except InputRefused as exc:
+        _error(str(exc))
+        sys.exit(USAGE_ERROR)
     except (HydraException, OmegaConfBaseException) as exc:
-        print(f"{PROG}: error: {composition_message(exc)}", file=sys.stderr)
+        _error(composition_message(exc))
         sys.exit(USAGE_ERROR)
     except Exception as exc:
-        print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
+        _error(one_line(exc))
         sys.exit(RUN_FAILED)
     finally:
         if full_error is None:
             os.environ.pop("HYDRA_FULL_ERROR", None)
         else:
             os.environ["HYDRA_FULL_ERROR"] = full_error
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     if _failures:
         sys.exit(max(status for _, status in _failures))

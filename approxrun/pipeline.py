@@ -1,24 +1,28 @@
 """``run(cfg, out_dir)``: one experiment, from a composed config to a complete output folder.
 
 The run loop only; each job it hands out has its module: the config check
-(:mod:`approxrun.config`), device/seeds/initial weights (:mod:`approxrun.runtime`), multiplier
-resolution (:mod:`approxrun.multipliers.resolver`), the stage cache (:mod:`approxrun.stage_cache`),
-the resume state (:mod:`approxrun.resume`), the stages (:mod:`approxrun.stages`) and the run's
-report (:mod:`approxrun.run_report`).
+(:mod:`approxrun.config`), device/seeds/initial weights (:mod:`approxrun.runtime`), trained weights
+(:mod:`approxrun.weights`), torch's threads (:mod:`approxrun.threads`), the ranks of a data-parallel
+job (:mod:`approxrun.distributed`), multiplier resolution (:mod:`approxrun.multipliers.resolver`),
+the stage cache (:mod:`approxrun.stage_cache`), the resume state (:mod:`approxrun.resume`), the
+stages (:mod:`approxrun.stages`) and the run's report (:mod:`approxrun.run_report`).
 
 Phases: check the config and build everything that can fail on bad input (multiplier, data, model,
 initial weights) before any training; run the schedule's stages in order up to ``cfg.stage``,
 reusing stage results from the stage cache and continuing from the run folder's resume state; write
-metrics, layer table, stage checkpoints and plots. Nothing here imports Hydra: call ``run`` from a
-notebook with an OmegaConf or plain mapping.
+metrics, layer table, stage checkpoints and plots. In a data-parallel job rank 0 alone writes the
+run folder and the stage cache; the other ranks compute in a scratch folder that is removed.
+Nothing here imports Hydra: call ``run`` from a notebook with an OmegaConf or plain mapping.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
+import tempfile
 import time
 import uuid
+from contextlib import ExitStack
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -26,38 +30,46 @@ from omegaconf import OmegaConf
 
 from approxrun.config import load_config, stage_configs
 from approxrun.data import build_data
+from approxrun.distributed import Distributed, Placement, placement_from_env, process_group
 from approxrun.energy import opcount_shares, relative_energy
 from approxrun.errors import ApproxrunError, one_line
 from approxrun.layers import approx_layers, approximate, count_ops
-from approxrun.models import build_model
+from approxrun.models import model_from_config
 from approxrun.multipliers.resolver import MultiplierResolver
 from approxrun.resume import RESUME_FILE, ResumeState
 from approxrun.run_report import describe_multiplier, print_summary, write_layers
 from approxrun.runtime import load_initial_weights, seed_everything, seed_stage, select_device
 from approxrun.stage_cache import StageCache, stage_keys
 from approxrun.stages import StageContext, StageKind, StageResult, stage_kind
+from approxrun.threads import thread_budget, torch_threads
 from approxrun.utils.files import atomic_torch_save, atomic_write_json, atomic_write_text
 from approxrun.utils.plots import plot_training_curves
+from approxrun.weights import WeightsFile, read_model_weights, weights_preprocessing
 
 log = logging.getLogger("approxrun")
 
 STAGE_CHECKPOINTS = "checkpoints"  # <run>/checkpoints/<stage>.pt: the weights after each stage
 
 
-def run(cfg, out_dir: str | Path) -> dict:
+def run(cfg, out_dir: str | Path, concurrent_jobs: int = 1) -> dict:
     """Run one experiment into ``out_dir``; returns the metrics written to ``metrics.json``.
 
-    On failure ``metrics.json`` says ``status: failed`` with the one-line reason, and the error is
-    raised again.
+    ``concurrent_jobs``: jobs running at once on this machine (a local parallel sweep), which share
+    its CPUs under ``threads: auto``. On failure ``metrics.json`` says ``status: failed`` with the
+    one-line reason, and the error is raised again.
     """
-    out_dir = Path(out_dir)
+    placement = placement_from_env()
+    out_dir = Path(out_dir) if placement.is_main else Path(tempfile.mkdtemp(prefix=f"approxrun-rank{placement.rank}-"))
     out_dir.mkdir(parents=True, exist_ok=True)
     for leftover in out_dir.glob(_artifact_dir.PREFIX + "*"):  # a killed run's temporary stage folders
         shutil.rmtree(leftover, ignore_errors=True)
     metrics: dict = {"status": "running", "error": None,
                      "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "stages": {}}
     try:
-        _run(cfg, out_dir, metrics)
+        with ExitStack() as scope:
+            if not placement.is_main:  # the other ranks write nothing that outlives the run
+                scope.callback(shutil.rmtree, out_dir, ignore_errors=True)
+            _run(cfg, out_dir, metrics, scope, max(concurrent_jobs, placement.local_world_size), placement)
         metrics["status"] = "completed"
         return metrics
     except BaseException as exc:
@@ -67,43 +79,52 @@ def run(cfg, out_dir: str | Path) -> dict:
         raise
     finally:
         metrics["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        atomic_write_json(out_dir / "metrics.json", metrics)
+        if placement.is_main:
+            atomic_write_json(out_dir / "metrics.json", metrics)
 
 
-def _run(cfg, out_dir: Path, metrics: dict) -> None:
+def _run(cfg, out_dir: Path, metrics: dict, scope: ExitStack, concurrent_jobs: int, placement: Placement) -> None:
     # --- configuration: everything that can be wrong in the input is checked here ---
     config = load_config(cfg)
     stages = stage_configs(config)
+    weights = config["model"]["weights"]
+    weights_file = read_model_weights(weights)
+    if weights:  # the weights are the baseline: not trained, only tested
+        stages = [dict(stage, epochs=0) if stage["kind"] == "baseline" else stage for stage in stages]
     device = select_device(config["device"])
+    placement.check_batch(config["dataset"]["batch_size"])
     seed = config["seed"]
     resolver = MultiplierResolver(config["evoapprox"]["root"], config["lut"])  # engines take lut.strategy
     multiplier = resolver.from_spec(config["multiplier"])
     exact_power = config["energy"]["exact_power_mw"]
-    metrics.update(device=str(device), seed=seed, multiplier=describe_multiplier(multiplier, exact_power))
+    threads = scope.enter_context(torch_threads(thread_budget(config["threads"], concurrent_jobs)))
+    log.info("torch threads: %d (%s)", threads.count, threads.source)
+    metrics.update(device=str(device), seed=seed, threads=threads.as_dict(),
+                   multiplier=describe_multiplier(multiplier, exact_power))
 
     # --- data and model ---
+    dist = scope.enter_context(process_group(placement, device))
+    device = dist.device
+    if dist.active:
+        metrics["distributed"] = {"world_size": dist.world_size, "backend": "nccl" if device.type == "cuda" else "gloo"}
     seed_everything(seed)
-    data = build_data(config["dataset"], config["data_dir"])
+    data = build_data(config["dataset"], config["data_dir"], weights_preprocessing(config["model"], config["dataset"]))
     ds = config["dataset"]
     loaders = data.loaders(ds["batch_size"], ds["eval_batch_size"], seed, ds["num_workers"])
-    model = build_model(config["model"]["name"], data.num_classes, data.in_channels, data.image_size)
-    quant = config["quant"]
-    approximate(model, skip=quant["skip"], multiplier=multiplier, bits_a=quant["bits_a"], bits_b=quant["bits_b"],
-                observer=quant["observer"], per_channel=quant["per_channel"], grad=quant["grad"])
-    model.to(device)
-    if config["init_weights"]:
-        load_initial_weights(config["init_weights"], model)
-    opcounts = count_ops(model, data.train[0][0].unsqueeze(0).to(device))
+    loaders = dist.shard(loaders, ds["batch_size"])
+    model = _build_model(config, data, multiplier, weights_file, dist)
+    opcounts = count_ops(model, data.example().unsqueeze(0).to(device))
     shares = opcount_shares(opcounts)
     atomic_write_text(out_dir / "config_resolved.yaml", OmegaConf.to_yaml(OmegaConf.create(config)))
 
     # --- stages ---
-    cache = StageCache(Path(config["cache"]["dir"]) if config["cache"]["enabled"] else None)
-    keys = stage_keys(config, stages, multiplier, lambda kind: stage_kind(kind).uses_multiplier)
+    cache = StageCache(Path(config["cache"]["dir"]) if config["cache"]["enabled"] and dist.is_main else None)
+    keys = stage_keys(config, stages, multiplier, lambda kind: stage_kind(kind).uses_multiplier,
+                      weights_file.fingerprint if weights_file is not None else None)
     ctx = StageContext(model=model, data=data, loaders=loaders, device=device, multiplier=multiplier,
-                       config=config, artifact_dir=out_dir, resolve_multiplier=resolver)
+                       config=config, artifact_dir=out_dir, resolve_multiplier=resolver, dist=dist)
     resume = ResumeState(out_dir / RESUME_FILE)
-    if config["resume"] and resume.load(keys):
+    if resume.share(dist, config["resume"] and resume.load(keys)):  # every rank goes on from rank 0's state
         _restore(ctx, resume, metrics)
     for index in range(len(resume.completed), len(stages)):
         stage, (name, key) = stages[index], keys[index]
@@ -113,6 +134,8 @@ def _run(cfg, out_dir: Path, metrics: dict) -> None:
         ctx.progress = resume.training_progress(name, key)
         record = _run_stage(ctx, stage, spec, key, cache, out_dir)
         ctx.progress = None
+        if weights and stage["kind"] == "baseline":
+            record["skipped"] = f"model.weights={weights}"
         if spec.uses_multiplier:
             layer_multipliers = {layer_name: layer.multiplier for layer_name, layer in approx_layers(model)}
             record["relative_energy"] = relative_energy(shares, layer_multipliers, exact_power)
@@ -121,7 +144,27 @@ def _run(cfg, out_dir: Path, metrics: dict) -> None:
         atomic_write_json(out_dir / "metrics.json", metrics)
         resume.stage_done(name, key, record, ctx)
     write_layers(out_dir / "layers.csv", model, opcounts, shares)
-    print_summary(stages, metrics, out_dir)
+    if dist.is_main:
+        print_summary(stages, metrics, out_dir)
+
+
+def _build_model(config: dict, data, multiplier, weights_file: WeightsFile | None, dist: Distributed):
+    """The model converted to approximate layers on the run's device, with its starting weights:
+    ``model.weights`` (a float state_dict before conversion, a stage checkpoint after it), then
+    ``init_weights``."""
+    model = model_from_config(config["model"], data.num_classes, data.in_channels, data.image_size)
+    if weights_file is not None and not weights_file.approximate:
+        weights_file.load_into(model)
+    quant = config["quant"]
+    approximate(model, skip=quant["skip"], multiplier=multiplier, bits_a=quant["bits_a"], bits_b=quant["bits_b"],
+                observer=quant["observer"], per_channel=quant["per_channel"], grad=quant["grad"])
+    model.to(dist.device)
+    if weights_file is not None and weights_file.approximate:
+        weights_file.load_into(model)
+    dist.sync_observers(model)
+    if config["init_weights"]:
+        load_initial_weights(config["init_weights"], model)
+    return model
 
 
 def _restore(ctx: StageContext, resume: ResumeState, metrics: dict) -> None:
@@ -155,7 +198,7 @@ def _apply_multipliers(ctx: StageContext, record: dict) -> None:
 def _run_stage(ctx: StageContext, stage: dict, spec: StageKind, key: str, cache: StageCache, out_dir: Path) -> dict:
     name = stage["name"]
     start = time.perf_counter()
-    cached = cache.load(name, key) if spec.cacheable else None
+    cached = ctx.dist.broadcast(cache.load(name, key) if spec.cacheable else None)  # rank 0's entry
     if cached is not None:
         state, result, files = cached
         ctx.model.load_state_dict(state)

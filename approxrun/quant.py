@@ -8,6 +8,8 @@ the operand domain the quantizer was given.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -65,6 +67,7 @@ class Observer(nn.Module):
     ``minmax``: running extremes; ``ema``: moving average of batch min/max; ``percentile``: moving
     average of the batch's 0.01/99.99 percentiles; ``mse``: moving average of the clipping range that
     minimises the batch's quantization MSE. ``frozen`` stops updates (calibrate, then freeze).
+    ``reduce_range`` (set for data-parallel training) turns a share's range into the global batch's.
     """
 
     def __init__(self, kind: str = "ema", momentum: float = 0.1, percentile: float = 99.99):
@@ -76,6 +79,7 @@ class Observer(nn.Module):
         self.register_buffer("max_val", torch.tensor(0.0))
         self.register_buffer("initialized", torch.tensor(False))
         self.register_buffer("frozen", torch.tensor(False))
+        self.reduce_range: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def _batch_range(self, x: torch.Tensor, domain: OperandDomain):
         if self.kind in ("minmax", "ema"):
@@ -94,6 +98,8 @@ class Observer(nn.Module):
         if self.frozen:
             return
         low, high = self._batch_range(x.detach(), domain)
+        if self.reduce_range is not None:
+            low, high = self.reduce_range(low, high)
         if not self.initialized:
             self.min_val.copy_(low)
             self.max_val.copy_(high)

@@ -3,19 +3,24 @@
 Rewritten atomically at every stage end and epoch end. It holds the completed stages (name,
 stage-cache key, metrics record), the state stages pass on, the model and random states at the end
 of the last completed stage, and the epoch state of the stage in progress (its training progress,
-see :class:`approxrun.training.TrainingProgress`).
+see :class:`approxrun.training.TrainingProgress`). In a data-parallel job rank 0's file is the one
+that counts: the other ranks write theirs into a scratch folder and take rank 0's (:meth:`share`).
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from approxrun.stages import StageContext
 from approxrun.training import TrainingProgress, rng_state
 from approxrun.utils.files import atomic_torch_save
+
+if TYPE_CHECKING:
+    from approxrun.distributed import Distributed
 
 log = logging.getLogger("approxrun")
 
@@ -54,6 +59,15 @@ class ResumeState:
             saved["completed"], saved["state"], saved["model"], saved["rng"]
         self.in_progress = in_progress
         return bool(self.completed) or in_progress is not None
+
+    def share(self, dist: Distributed, resumable: bool) -> bool:
+        """Every rank of a data-parallel job takes rank 0's resume state (the other ranks' run folders
+        are scratch); returns whether there is anything to resume."""
+        if not dist.active:
+            return resumable
+        resumable, self.completed, self.state, self.model, self.rng, self.in_progress = dist.broadcast(
+            (resumable, self.completed, self.state, self.model, self.rng, self.in_progress))
+        return resumable
 
     def training_progress(self, name: str, key: str) -> TrainingProgress:
         """The progress object of stage ``name``: saves each epoch here, resumes an interrupted one."""

@@ -33,12 +33,16 @@ def write_layers(path: Path, model, opcounts: dict, shares: dict) -> None:
 
 
 def print_summary(stages: list[dict], metrics: dict, out_dir: Path) -> None:
+    """The stages' table (a stage not trained because of ``model.weights`` says so) and the run folder."""
     rows = [("stage", "test acc", "time s", "cached", "rel. energy")]
     for stage in stages:
         r = metrics["stages"][stage["name"]]
         energy = r.get("relative_energy")
         rows.append((stage["name"], f"{r['test_accuracy']:.4f}", f"{r['wall_time_s']:.1f}",
-                     "yes" if r["cached"] else "no", "-" if energy is None else f"{energy:.3f}"))
+                     "skipped" if r.get("skipped") else "yes" if r["cached"] else "no",
+                     "-" if energy is None else f"{energy:.3f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+    lines += [f"{stage['name']}: not trained, the test accuracy of {metrics['stages'][stage['name']]['skipped']}"
+              for stage in stages if metrics["stages"][stage["name"]].get("skipped")]
     print("\n".join(lines) + f"\noutputs: {out_dir}", flush=True)

@@ -1,6 +1,6 @@
 """The stage cache: completed stage results on disk, keyed by a hash of everything that influences them.
 
-:func:`stage_keys` chains the keys (model, dataset, seed, quantization, initial weights, then each
+:func:`stage_keys` chains the keys (model, dataset, seed, quantization, trained and initial weights, then each
 stage's settings and, for stages that use it, the multiplier's LUT); :class:`StageCache` stores and
 finds entries. Runs of a sweep may share one cache folder: entries are complete or absent.
 """
@@ -32,14 +32,16 @@ def content_hash(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def stage_keys(config: dict, stages: list[dict], multiplier: Multiplier, uses_multiplier) -> list[tuple[str, str]]:
+def stage_keys(config: dict, stages: list[dict], multiplier: Multiplier, uses_multiplier,
+               weights_fingerprint: str | None = None) -> list[tuple[str, str]]:
     """(stage name, key) of each stage: a hash of the key before it, its settings and, when
-    ``uses_multiplier(kind)``, the multiplier's LUT. The first key covers everything upstream."""
+    ``uses_multiplier(kind)``, the multiplier's LUT. The first key covers everything upstream
+    (``weights_fingerprint``: the content of a ``model.weights`` file)."""
     from approxrun import __version__
 
     model_cfg = {k: v for k, v in config["model"].items() if k != "train"}
     key = content_hash(__version__, model_cfg, config["dataset"], config["seed"], config["quant"],
-                       config.get("init_weights"))
+                       config.get("init_weights"), *([weights_fingerprint] if weights_fingerprint else []))
     keys = []
     for stage in stages:
         key = content_hash(key, stage, multiplier_fingerprint(multiplier) if uses_multiplier(stage["kind"]) else None)

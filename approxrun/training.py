@@ -12,7 +12,7 @@ import math
 import random
 import time
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
 import numpy as np
 import torch
@@ -23,6 +23,9 @@ from tqdm import tqdm
 from approxrun.config import complete
 from approxrun.config.schema import TrainingConfig
 from approxrun.errors import ApproxrunError
+
+if TYPE_CHECKING:
+    from approxrun.distributed import Distributed
 
 log = logging.getLogger(__name__)
 
@@ -101,18 +104,24 @@ def make_scheduler(optimizer, cfg: Mapping, epochs: int):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, num_classes: int) -> dict:
-    """Loss, top-1 accuracy (a fraction) and, with more than 10 classes, top-5 accuracy."""
+def evaluate(model: nn.Module, loader, device: torch.device, num_classes: int, desc: str | None = None,
+             dist: Distributed | None = None) -> dict:
+    """Loss, top-1 accuracy (a fraction) and, with more than 10 classes (the dataset's or the
+    model's outputs), top-5 accuracy; ``desc`` shows a progress bar (on a terminal). With ``dist``
+    the loader holds this rank's share and the sums are taken over all ranks."""
     model.eval()
     total, loss_sum, correct1, correct5 = 0, 0.0, 0, 0
-    for x, y in loader:
+    for x, y in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None if desc else True):
         x, y = x.to(device), y.to(device)
         logits = model(x)
+        num_classes = max(num_classes, logits.shape[1])
         loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
         top = logits.topk(min(5, num_classes), dim=1).indices
         correct1 += (top[:, 0] == y).sum().item()
         correct5 += (top == y[:, None]).any(1).sum().item()
         total += len(y)
+    if dist is not None:
+        total, loss_sum, correct1, correct5 = dist.sum([total, loss_sum, correct1, correct5])
     result = {"loss": loss_sum / max(1, total), "accuracy": correct1 / max(1, total)}
     if num_classes > 10:
         result["top5"] = correct5 / max(1, total)
@@ -133,14 +142,16 @@ def _restore_epoch_state(state: Mapping, model: nn.Module, optimizer, scheduler,
 def train(model: nn.Module, train_loader, val_loader, stage_cfg: Mapping, device: torch.device,
           num_classes: int, params=None, extra_loss: Callable[[], torch.Tensor] | None = None,
           on_epoch_end: Callable[[int, dict], None] | None = None, desc: str = "",
-          progress: TrainingProgress | None = None) -> list[dict]:
+          progress: TrainingProgress | None = None, dist: Distributed | None = None) -> list[dict]:
     """Train for ``stage_cfg['epochs']`` epochs; returns one dict per epoch (loss, accuracies, lr).
 
     ``stage_cfg`` holds ``epochs``, ``optimizer`` and ``scheduler`` (schema defaults fill the rest).
     ``extra_loss`` is added to the cross-entropy at every step (e.g. the noise reward);
     ``on_epoch_end(epoch, record)`` may add entries to the epoch's record. With ``progress`` the
     state is saved at every epoch end and an interrupted call resumes (``on_epoch_end`` is not
-    called again for the epochs it restores).
+    called again for the epochs it restores). With ``dist`` (several ranks) the loader yields this
+    rank's share of each global batch, steps run through DistributedDataParallel and each share's
+    loss is weighted so that the gradient is the global batch's mean.
     """
     settings = complete(TrainingConfig, {key: stage_cfg[key] for key in ("epochs", "optimizer", "scheduler")
                                          if stage_cfg.get(key) is not None})
@@ -149,6 +160,7 @@ def train(model: nn.Module, train_loader, val_loader, stage_cfg: Mapping, device
     optimizer = make_optimizer(params, settings["optimizer"])
     scheduler = make_scheduler(optimizer, settings["scheduler"], epochs)
     loader_generator = getattr(train_loader, "generator", None)
+    step_model = dist.wrap(model) if dist is not None else model
     history, first_epoch, call, resume = [], 0, None, None
     if progress is not None:
         call, resume = progress.calls, progress.resume_from
@@ -160,27 +172,36 @@ def train(model: nn.Module, train_loader, val_loader, stage_cfg: Mapping, device
         model.train()
         start, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
         bar = tqdm(train_loader, desc=f"{desc} epoch {epoch + 1}/{epochs}", leave=False, dynamic_ncols=True,
-                   disable=None)
+                   disable=None if dist is None or dist.is_main else True)
         for x, y in bar:
             x, y = x.to(device), y.to(device)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
+            logits = step_model(x)
+            if dist is None or not dist.active:
+                loss = F.cross_entropy(logits, y)
+                batch_size, batch_loss, batch_correct = len(y), loss.item() * len(y), (logits.argmax(1) == y).sum().item()
+            else:
+                share_loss = F.cross_entropy(logits, y, reduction="sum")
+                batch_size, batch_loss, batch_correct = dist.sum(
+                    [len(y), share_loss.item(), (logits.argmax(1) == y).sum().item()])
+                loss = share_loss * (dist.world_size / batch_size)  # DDP averages: the global batch's mean
             total = loss + extra_loss() if extra_loss is not None else loss
-            if not math.isfinite(total.item()):
-                raise TrainingDiverged(f"stage {desc}: loss became {total.item()} in epoch {epoch + 1}; "
+            total_value = total.item() if dist is None or not dist.active else \
+                batch_loss / batch_size + (total - loss).item()
+            if not math.isfinite(total_value):
+                raise TrainingDiverged(f"stage {desc}: loss became {total_value} in epoch {epoch + 1}; "
                                        "lower the learning rate")
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             optimizer.step()
-            seen += len(y)
-            loss_sum += loss.item() * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
+            seen += int(batch_size)
+            loss_sum += batch_loss
+            correct += int(batch_correct)
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
         record = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, seen), "train_accuracy": correct / max(1, seen),
                   "lr": optimizer.param_groups[0]["lr"]}
         if scheduler is not None:
             scheduler.step()
-        val = evaluate(model, val_loader, device, num_classes)
+        val = evaluate(model, val_loader, device, num_classes, dist=dist)
         record.update(val_loss=val["loss"], val_accuracy=val["accuracy"], seconds=time.perf_counter() - start)
         history.append(record)
         log.info("%s epoch %d/%d: loss %.4f, train acc %.4f, val acc %.4f (%.1f s)", desc, epoch + 1, epochs,

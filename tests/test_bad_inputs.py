@@ -1,12 +1,14 @@
 """Bad-input corpus through ``approxrun``'s command-line entry point: broken LUT files, bad config
-values (found while composing or after), a C model that does not compile, unusable initial weights.
+values (found while composing or after), a C model that does not compile, unusable initial or trained
+weights, ``_target_`` factories that do not resolve.
 
 Each case must end with exactly one stderr line ``approxrun: error: ...`` naming the input and the
 problem, exit status 2 for a bad config and 1 for a run that fails, and no partial output: no stage
 checkpoint, resume state, stage-cache or LUT-cache entry, or temporary file (a ``metrics.json``
-saying ``failed`` is the job's record). ``tests/test_cli.py`` runs a few more through the installed
-command (unknown model and multiplier, negative epochs as a model default, a missing LUT file, an
-unknown key, a missing dataset).
+saying ``failed`` is the job's record). A world size that does not divide the batch is in
+``tests/test_distributed.py`` (it needs torchrun's environment). ``tests/test_cli.py`` runs a few more
+through the installed command (unknown model and multiplier, negative epochs as a model default, a
+missing LUT file, an unknown key, a missing dataset).
 """
 
 from __future__ import annotations
@@ -126,12 +128,27 @@ CASES = {
     "checkpoint_truncated": _checkpoint("truncated.pt", "not a readable weights-only torch checkpoint"),
     "checkpoint_with_code": _checkpoint("code.pt", "not a readable weights-only torch checkpoint"),
     "checkpoint_of_another_model": _checkpoint("other_model.pt", "does not fit the model"),
+    "target_without_module": (["model._target_=no_such_pkg.nets.build"],
+                              ["model._target_=no_such_pkg.nets.build", "no module named 'no_such_pkg'"]),
+    "target_not_a_module": (["model._target_=collections.OrderedDict"],
+                            ["model._target_=collections.OrderedDict", "expected a torch.nn.Module"]),
+    "target_misspelt": (["model._target_=torch.nn.Linaer"], ["model._target_=torch.nn.Linaer", "no attribute 'Linaer'"]),
+    "target_with_another_dataset": (["dataset._target_=torch.utils.data.TensorDataset"],
+                                    ["dataset._target_=torch.utils.data.TensorDataset", "dataset=synthetic"]),
+    "weights_missing": (["model.weights={corpus}/missing_weights.pt"], ["{corpus}/missing_weights.pt", "no such file"]),
+    "weights_of_another_model": (["model.weights={corpus}/other_model.pt"],
+                                 ["model.weights={corpus}/other_model.pt", "does not fit the model",
+                                  "missing features.0.weight", "unexpected weight"]),
+    "weights_unreadable": (["model.weights={corpus}/truncated.pt"], ["{corpus}/truncated.pt", "not a readable"]),
 }
 
-# A bad config is a usage error (exit status 2); the other cases are runs that fail (exit status 1).
+# A bad config is a usage error (exit status 2); the other cases are runs that fail (exit status 1):
+# a weights file that cannot be read or does not fit fails the run, like an initial-weights file.
 CONFIG_CASES = {"unknown_dataset", "bits_zero", "negative_schedule_epochs", "misspelt_stage_setting",
                 "unknown_lut_strategy", "negative_lookup_cost", "seed_not_a_number", "bits_a_nine",
-                "negative_learning_rate", "misspelt_section_key", "stage_setting_of_wrong_type", "unknown_optimizer"}
+                "negative_learning_rate", "misspelt_section_key", "stage_setting_of_wrong_type", "unknown_optimizer",
+                "target_without_module", "target_not_a_module", "target_misspelt", "target_with_another_dataset",
+                "weights_missing"}
 
 # Runs approxrun.cli.main (what the installed command calls) once per case in one process, so the
 # ~5 s import of torch and torchvision is paid once; stderr (file descriptor 2) goes to a file per case.

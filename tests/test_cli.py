@@ -37,6 +37,9 @@ def test_every_config_group_option_composes():
             overrides = [f"{group}={option}"]
             if group == "multiplier" and option == "file":
                 overrides.append("multiplier.path=lut.npy")
+            if option == "custom":  # a user's own factory (examples/tiny_nets.py)
+                overrides.append(f"{group}._target_=examples.tiny_nets."
+                                 + ("small_cnn" if group == "model" else "stripes"))
             GlobalHydra.instance().clear()
             with initialize_config_module("approxrun.conf", version_base="1.3"):
                 cfg = compose("config", overrides=overrides)

@@ -118,3 +118,26 @@ def test_composition_errors_are_one_line_and_exit_status_2(tmp_path, override, e
     assert result.stderr.splitlines() == [result.stderr.strip()]
     assert result.stderr.startswith(f"approxrun: error: {expected}")
     assert not (tmp_path / "run").exists()
+
+
+def test_factory_nodes_are_open_and_built_in_nodes_closed():
+    config = load_config(_compose("model._target_=examples.tiny_nets.small_cnn", "+model.width=8",
+                                  "dataset._target_=examples.tiny_nets.stripes", "+dataset.train_size=64"))
+    assert config["model"]["width"] == 8 and config["model"]["name"] == "examples.tiny_nets.small_cnn"
+    assert config["dataset"]["train_size"] == 64 and "val_fraction" not in config["dataset"]  # not a built-in's key
+    plain = OmegaConf.to_container(_compose("dataset._target_=examples.tiny_nets.stripes", "+dataset.classes=3"))
+    assert load_config(plain)["dataset"]["classes"] == 3  # a notebook's mapping: the same classes
+    with pytest.raises(ConfigError, match=r"^model.width: not a config key \(keys of model: name, weights, train\)"):
+        load_config(_compose("+model.width=8"))
+    with pytest.raises(ConfigError, match=r"^dataset.batch_size=0: expected a whole number >= 1"):
+        load_config(_compose("dataset._target_=examples.tiny_nets.stripes", "dataset.batch_size=0"))
+    with pytest.raises(ConfigError, match=r"^dataset.train_size=0: expected null or a whole number >= 1"):
+        load_config(_compose("dataset=synthetic", "dataset.train_size=0"))
+
+
+def test_new_keys_are_schema_fields():
+    config = load_config(_compose("schedule=eval", "threads=3", "model.weights=DEFAULT"))
+    assert config["threads"] == "3" and config["model"]["weights"] == "DEFAULT"
+    assert stage_configs(config)[0]["calibration_batches"] == 4
+    with pytest.raises(ConfigError, match=r"^schedule.stages.eval.calibration_batches=-1: expected a whole number >= 0"):
+        stage_configs(load_config(_compose("schedule=eval", "schedule.stages.eval.calibration_batches=-1")))

@@ -7,15 +7,16 @@ Every mistake is a :class:`ConfigError`: one line naming the key, the value and 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 import logging
 from typing import Mapping, Union, get_args, get_origin, get_type_hints
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from approxrun.config.schema import RunConfig, TrainingStage
+from approxrun.config.schema import FACTORIES, RunConfig, TrainingStage, section_schema
 from approxrun.errors import ConfigError, one_line
 
 log = logging.getLogger("approxrun")
@@ -41,6 +42,27 @@ def to_container(cfg, schema: type | None = None, where: str = "", missing_ok: b
         raise ConfigError(omegaconf_message(exc, where)) from None
 
 
+def _typed_sections(cfg) -> DictConfig:
+    """A copy of ``cfg`` whose ``model`` and ``dataset`` nodes have their own class (a plain mapping
+    from a notebook does not say it; a composed config does, through the group files' schema)."""
+    node = copy.deepcopy(cfg) if isinstance(cfg, DictConfig) else OmegaConf.create(_plain(cfg))
+    for section in FACTORIES:
+        value = node.get(section) if not OmegaConf.is_missing(node, section) else None
+        if not isinstance(value, DictConfig):
+            continue
+        schema = section_schema(section, value)
+        typed = OmegaConf.structured(schema)
+        if "_target_" in value:
+            OmegaConf.set_struct(typed, False)  # the factory's arguments
+        try:
+            typed = OmegaConf.merge(typed, value)
+        except OmegaConfBaseException as exc:
+            raise ConfigError(omegaconf_message(exc, f"{section}.")) from None
+        with open_dict(node):
+            node[section] = typed
+    return node
+
+
 def _plain(value):
     """Mappings and sequences as dicts and lists (for OmegaConf.create)."""
     if isinstance(value, Mapping):
@@ -56,8 +78,19 @@ def complete(schema: type, values: Mapping, where: str = "") -> dict:
 
 
 def load_config(cfg) -> dict:
-    """The run config as plain containers, checked against the schema (see module docstring)."""
-    config = to_container(cfg, RunConfig)
+    """The run config as plain containers, checked against the schema (see module docstring).
+
+    ``model`` and ``dataset`` are checked against their own class (:func:`schema.section_schema`):
+    a node with a ``_target_`` is a user's factory, whose other keys are its arguments.
+    """
+    config = to_container(_typed_sections(cfg), RunConfig)
+    for section in FACTORIES:
+        schema = section_schema(section, config[section])
+        known = [f.name for f in dataclasses.fields(schema)]
+        unknown = [key for key in config[section] if key not in known]
+        if unknown and "_target_" not in config[section]:
+            raise ConfigError(f"{section}.{unknown[0]}: not a config key (keys of {section}: {', '.join(known)})")
+        check_ranges(schema, config[section], lambda key: key, section + ".")
     if config.get("checkpoint") is not None:
         log.warning("config key 'checkpoint' is deprecated: use init_weights=PATH (the weights to start from)")
         if config.get("init_weights") is None:

@@ -63,20 +63,39 @@ class TrainingConfig:
 
 @dataclass
 class ModelConfig:
+    """A model: an own architecture (approxrun/models) or a torchvision classification model by name."""
+
     name: str = MISSING  # an own architecture (approxrun/models) or a torchvision classification model
+    # trained weights to start from: a state_dict file, a stage checkpoint of an earlier run, or for a
+    # torchvision model a weights name (DEFAULT, IMAGENET1K_V1); with weights the baseline is not trained
+    weights: Optional[str] = None
     train: Dict[str, TrainingConfig] = field(default_factory=dict)  # stage kind -> training defaults
 
 
 @dataclass
+class FactoryModelConfig(ModelConfig):
+    """A user's own network (``conf/model/custom.yaml``): any other key of the node is an argument of
+    the factory (the node is open, see :data:`FACTORIES`)."""
+
+    _target_: str = MISSING  # pkg.module.function (or class) returning a torch.nn.Module
+
+
+@dataclass
 class DatasetConfig:
-    """One class for every dataset; each ``conf/dataset`` file sets the keys its dataset reads."""
+    """What every dataset has: its name and how it is loaded."""
 
     name: str = MISSING
-    root: Optional[str] = None  # where the files are (null: the data dir)
-    download: bool = True  # torchvision datasets: download when missing
-    batch_size: int = checked(128, low=1)
+    batch_size: int = checked(128, low=1)  # the global batch (split across the ranks of a data-parallel job)
     eval_batch_size: int = checked(256, low=1)
     num_workers: int = checked(0, low=0)
+
+
+@dataclass
+class BuiltinDatasetConfig(DatasetConfig):
+    """One class for every built-in dataset; each ``conf/dataset`` file sets the keys its dataset reads."""
+
+    root: Optional[str] = None  # where the files are (null: the data dir)
+    download: bool = True  # torchvision datasets: download when missing
     split_seed: int = 0
     val_size: int = checked(5000, low=0)  # torchvision datasets: validation images taken from train
     val_fraction: float = checked(0.1, low=0.0, high=1.0)  # digits, imagefolder
@@ -87,6 +106,17 @@ class DatasetConfig:
     num_classes: Optional[int] = checked(None, low=2)  # synthetic
     train_size: Optional[int] = checked(None, low=1)  # synthetic
     test_size: Optional[int] = checked(None, low=1)  # synthetic
+    # imagefolder: auto (the transforms published with torchvision weights when model.weights names
+    # them), plain (resize to image_size, normalise to [-1, 1]) or a torchvision weights name
+    preprocess: str = "plain"
+
+
+@dataclass
+class FactoryDatasetConfig(DatasetConfig):
+    """A user's own data (``conf/dataset/custom.yaml``): any other key of the node is an argument of
+    the factory (the node is open, see :data:`FACTORIES`)."""
+
+    _target_: str = MISSING  # pkg.module.function returning the train and test datasets
 
 
 @dataclass
@@ -180,7 +210,13 @@ class RunConfig:
     stage: Optional[str] = None  # run the schedule up to and including this stage (null: all of it)
     seed: int = 0
     device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
-    init_weights: Optional[str] = None  # weights-only state_dict to start from (schedule eval needs one)
+    # torch's CPU threads: auto (OMP_NUM_THREADS if set, else the CPUs this job may use: affinity mask,
+    # SLURM_CPUS_PER_TASK, shared among a local sweep's concurrent jobs) or a whole number >= 1
+    # (checked by approxrun.threads.thread_budget: OmegaConf has no union of str and int)
+    threads: str = "auto"
+    # weights-only state_dict of the converted model (a stage checkpoint), loaded after conversion;
+    # model.weights is the network's own trained weights (schedule eval needs one of them)
+    init_weights: Optional[str] = None
     checkpoint: Optional[str] = None  # deprecated name of init_weights
     resume: bool = True  # continue a run killed in the same run folder (its resume.pt)
     quant: QuantConfig = field(default_factory=QuantConfig)
@@ -227,6 +263,8 @@ class SelectSettings(StageEntry):
 class EvalSettings(StageEntry):
     kind: str = "eval"
     mode: str = checked("approx", choices=("float", "quant", "approx"))
+    # training batches that calibrate the activation ranges the weights do not carry (float weights)
+    calibration_batches: int = checked(4, low=0)
 
 
 STAGE_SETTINGS = (GradientSettings, SelectSettings, EvalSettings)  # the ConfigStore group stage_settings
@@ -262,16 +300,36 @@ class EvalStage(EvalSettings, NamedStage):
 
 SCHEMA_NAME = "approxrun_schema"
 
+# Config-group files pull in their schema with ``- /schema@_here_: NAME`` (ConfigStore group
+# ``schema``) where it is not the field's own class: the built-in datasets' keys, and the factory
+# nodes of a user's own model and data, which are open: their other keys are the factory's arguments.
+SCHEMAS = {"dataset": BuiltinDatasetConfig, "model_factory": FactoryModelConfig,
+           "dataset_factory": FactoryDatasetConfig}
+FACTORIES = {"model": (ModelConfig, FactoryModelConfig), "dataset": (BuiltinDatasetConfig, FactoryDatasetConfig)}
+
+
+def section_schema(section: str, node) -> type:
+    """The class of a ``model`` or ``dataset`` node: its factory class when it has a ``_target_``."""
+    builtin, factory = FACTORIES[section]
+    return factory if "_target_" in node else builtin
+
 
 def register_configs() -> None:
-    """Put the schema (the base of ``conf/config.yaml``) and the default multiplier into Hydra's
-    ConfigStore; ``conf/__init__.py`` calls this, so every composition of the package's config has it."""
+    """Put the schema (the base of ``conf/config.yaml``), the group schemas and the default multiplier
+    into Hydra's ConfigStore; ``conf/__init__.py`` calls this, so every composition of the package's
+    config has it."""
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
 
     store = ConfigStore.instance()
     store.store(name=SCHEMA_NAME, node=RunConfig)
     for settings in STAGE_SETTINGS:
         store.store(group="stage_settings", name=settings.kind, node=settings)
+    for name, schema in SCHEMAS.items():
+        node = OmegaConf.structured(schema)
+        if schema in (FactoryModelConfig, FactoryDatasetConfig):
+            OmegaConf.set_struct(node, False)  # the factory's arguments
+        store.store(group="schema", name=name, node=node)
     register_multiplier_name("exact")
 
 

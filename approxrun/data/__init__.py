@@ -1,14 +1,16 @@
 """Datasets: ``build_data(cfg, data_dir)`` returns train/val/test loaders and the data's shape.
 
 Splits are deterministic (``split_seed``); only the training loader shuffles (with the run's seed).
-Missing data gives one line: which dataset, where it looked, what to do.
+Missing data gives one line: which dataset, where it looked, what to do. A user's own data comes
+from a factory, ``dataset._target_`` (see :func:`data_from_target`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
@@ -16,7 +18,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from approxrun.data.idx import load_idx_split
+from approxrun.config.schema import FactoryDatasetConfig
 from approxrun.errors import ApproxrunError, ConfigError, one_line
+from approxrun.targets import instantiate
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 NORMALIZATION = {
@@ -39,11 +43,25 @@ class DataBundle:
 
     def loaders(self, batch_size: int, eval_batch_size: int, seed: int, num_workers: int = 0):
         generator = torch.Generator().manual_seed(seed)
-        train = DataLoader(self.train, batch_size=batch_size, shuffle=True, generator=generator,
+        train = DataLoader(self.train, batch_size=batch_size, shuffle=len(self.train) > 0, generator=generator,
                            num_workers=num_workers, drop_last=False)
         val = DataLoader(self.val, batch_size=eval_batch_size, num_workers=num_workers)
         test = DataLoader(self.test, batch_size=eval_batch_size, num_workers=num_workers)
         return train, val, test
+
+    def example(self) -> torch.Tensor:
+        """One input image (from the training set, or the test set of an evaluation-only folder)."""
+        return (self.train if len(self.train) else self.test)[0][0]
+
+
+@dataclass
+class Preprocessing:
+    """Image transforms for folders of images, e.g. those published with a model's weights."""
+
+    train: Callable
+    eval: Callable
+    image_size: int
+    source: str
 
 
 def _split_indices(n: int, fractions: tuple[float, float], seed: int, labels: np.ndarray | None = None):
@@ -174,7 +192,7 @@ def _torchvision_dataset(name: str, cfg, data_dir: Path) -> DataBundle:
     return DataBundle(train, val, _Transformed(test_base, plain), num_classes, 3, 32)
 
 
-def _imagefolder(cfg) -> DataBundle:
+def _imagefolder(cfg, preprocess: Preprocessing | None) -> DataBundle:
     import torchvision
     from torchvision import transforms as T
 
@@ -183,12 +201,16 @@ def _imagefolder(cfg) -> DataBundle:
         raise ApproxrunError(f"dataset imagefolder: root {root} is not a folder; set dataset.root to a folder "
                              "of class subfolders")
     size, channels = int(cfg.get("image_size", 32)), int(cfg.get("channels", 3))
-    tf = T.Compose([T.Grayscale(channels) if channels == 1 else T.Lambda(lambda im: im.convert("RGB")),
-                    T.Resize((size, size)), T.ToTensor(), T.Normalize((0.5,) * channels, (0.5,) * channels)])
+    rgb = T.Grayscale(channels) if channels == 1 else T.Lambda(lambda im: im.convert("RGB"))
+    tf = T.Compose([rgb, T.Resize((size, size)), T.ToTensor(), T.Normalize((0.5,) * channels, (0.5,) * channels)])
+    train_tf = tf
+    if preprocess is not None:
+        tf, train_tf, size = T.Compose([rgb, preprocess.eval]), T.Compose([rgb, preprocess.train]), preprocess.image_size
     try:
-        if (root / "train").is_dir() and (root / "test").is_dir():
-            train = torchvision.datasets.ImageFolder(str(root / "train"), tf)
-            test = torchvision.datasets.ImageFolder(str(root / "test"), tf)
+        test_dir = root / "test" if (root / "test").is_dir() else root / "val"
+        if (root / "train").is_dir() and test_dir.is_dir():  # ImageNet's layout: train/ and val/
+            train = torchvision.datasets.ImageFolder(str(root / "train"), train_tf)
+            test = torchvision.datasets.ImageFolder(str(test_dir), tf)
             val = torchvision.datasets.ImageFolder(str(root / "val"), tf) if (root / "val").is_dir() else test
             return DataBundle(train, val, test, len(train.classes), channels, size)
         full = torchvision.datasets.ImageFolder(str(root), tf)
@@ -214,13 +236,65 @@ def _synthetic(cfg) -> DataBundle:
                       classes, channels, size)
 
 
+# keys of a dataset config that are approxrun's own, not arguments of a ``_target_`` factory
+DATASET_KEYS = tuple(f.name for f in dataclasses.fields(FactoryDatasetConfig))
+
+
+def data_from_target(cfg: Mapping, data_dir: Path) -> DataBundle:
+    """A user's dataset factory (``dataset._target_``), offered ``data_dir`` when it takes it.
+
+    It returns a :class:`DataBundle`, or ``(train, test)`` / ``(train, val, test)`` datasets of
+    ``(image tensor [C, H, W], integer label)`` pairs, or a dict with keys train, test and optionally
+    val, num_classes, in_channels, image_size. Missing facts are inferred: channels and image size
+    from the first training image, classes from ``classes``/``targets`` attributes or the labels.
+    """
+    target = cfg["_target_"]
+    result = instantiate(cfg, "dataset", reserved=DATASET_KEYS, offered={"data_dir": str(data_dir)})
+    if isinstance(result, DataBundle):
+        return result
+    facts: Mapping = {}
+    if isinstance(result, Mapping) and "train" in result and "test" in result:
+        facts, parts = result, (result["train"], result.get("val"), result["test"])
+    elif isinstance(result, (tuple, list)) and len(result) in (2, 3):
+        parts = (result[0], None, result[1]) if len(result) == 2 else tuple(result)
+    else:
+        raise ConfigError(f"dataset._target_={target}: returned {type(result).__name__}; expected (train, test), "
+                             "(train, val, test), a dict with train and test, or a DataBundle")
+    train, val, test = parts
+    try:
+        image, _ = train[0]
+    except Exception as exc:
+        raise ApproxrunError(f"dataset._target_={target}: reading the first training sample failed "
+                             f"({type(exc).__name__}: {exc})") from None
+    if not isinstance(image, torch.Tensor) or image.dim() != 3:
+        raise ApproxrunError(f"dataset._target_={target}: a sample's image is {type(image).__name__}"
+                             f"{list(image.shape) if isinstance(image, torch.Tensor) else ''}; expected a tensor "
+                             "[channels, height, width] (add a ToTensor transform)")
+    num_classes = facts.get("num_classes") or _count_classes(train)
+    return DataBundle(train, val if val is not None else test, test, int(num_classes),
+                      int(facts.get("in_channels") or image.shape[0]), int(facts.get("image_size") or image.shape[-1]))
+
+
+def _count_classes(dataset) -> int:
+    """Classes of a dataset: its ``classes`` attribute, else the largest label + 1."""
+    if getattr(dataset, "classes", None) is not None:
+        return len(dataset.classes)
+    labels = getattr(dataset, "targets", None)
+    if labels is None:
+        labels = [int(label) for _, label in dataset]
+    return int(torch.as_tensor(labels).max()) + 1
+
+
 DATASETS = ("digits", "fashion_mnist", "mnist", "cifar10", "cifar100", "svhn", "imagefolder", "synthetic")
 
 
-def build_data(cfg: Mapping, data_dir: str | Path) -> DataBundle:
-    """The dataset named by ``cfg['name']`` with its deterministic splits."""
+def build_data(cfg: Mapping, data_dir: str | Path, preprocess: Preprocessing | None = None) -> DataBundle:
+    """The dataset of ``cfg['_target_']`` or named by ``cfg['name']``, with its deterministic splits;
+    ``preprocess`` replaces an image folder's default transforms."""
     name = cfg.get("name")
     data_dir = Path(str(data_dir)).expanduser()
+    if cfg.get("_target_"):
+        return data_from_target(cfg, data_dir)
     if name == "digits":
         return _digits(cfg)
     if name in ("mnist", "fashion_mnist"):
@@ -228,7 +302,7 @@ def build_data(cfg: Mapping, data_dir: str | Path) -> DataBundle:
     if name in ("cifar10", "cifar100", "svhn"):
         return _torchvision_dataset(name, cfg, data_dir)
     if name == "imagefolder":
-        return _imagefolder(cfg)
+        return _imagefolder(cfg, preprocess)
     if name == "synthetic":
         return _synthetic(cfg)
     raise ConfigError(f"unknown dataset {name!r}: expected one of {', '.join(DATASETS)}")

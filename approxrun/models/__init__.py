@@ -1,18 +1,25 @@
 """Model builders: ``build_model(name, num_classes, in_channels, image_size)``.
 
 Own architectures (LeNet5, CIFAR ResNets, VGG-BN) plus any torchvision classification model by
-name, with its classifier and first convolution adapted to the dataset.
+name, with its classifier and first convolution adapted to the dataset; ``model_from_config`` adds
+a user's own factory (``model._target_``) and torchvision's published weights (``model.weights``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Mapping
+
 import torchvision
 from torch import nn
 
+from approxrun.config.schema import FactoryModelConfig
 from approxrun.errors import ApproxrunError, ConfigError
 from approxrun.models.lenet5 import lenet5
 from approxrun.models.resnet_cifar import resnet8, resnet14, resnet20, resnet32
 from approxrun.models.vgg import vgg11_bn, vgg16_bn
+from approxrun.targets import instantiate
+from approxrun.weights import is_weights_name, pretrained_torchvision
 
 BUILDERS = {
     "lenet5": lenet5,
@@ -59,4 +66,37 @@ def build_model(name: str, num_classes: int, in_channels: int, image_size: int) 
                          "or a torchvision classification model name")
 
 
-__all__ = ["build_model", "torchvision_names", "BUILDERS"]
+# keys of a model config that are approxrun's own, not arguments of a ``_target_`` factory
+MODEL_KEYS = tuple(f.name for f in dataclasses.fields(FactoryModelConfig))
+
+
+def model_from_config(cfg: Mapping, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    """The model a ``model`` config describes: ``_target_`` (any factory returning an nn.Module; it is
+    offered ``num_classes``, ``in_channels`` and ``image_size`` when it takes them), a torchvision
+    model with published weights (``weights: DEFAULT``; its classes are the weights' categories), or
+    a builder by ``name``. Weights files are loaded by the caller (before or after conversion)."""
+    weights = cfg.get("weights")
+    if cfg.get("_target_"):
+        model = instantiate(cfg, "model", reserved=MODEL_KEYS,
+                            offered=dict(num_classes=num_classes, in_channels=in_channels, image_size=image_size))
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"model._target_={cfg['_target_']}: returned {type(model).__name__}, "
+                                 "expected a torch.nn.Module")
+        return model
+    if isinstance(weights, str) and is_weights_name(weights):
+        model = pretrained_torchvision(cfg["name"], weights, in_channels)
+        classes = _output_features(model)
+        if classes is not None and classes < num_classes:
+            raise ConfigError(f"model.weights={weights}: the weights know {classes} classes, "
+                                 f"the dataset has {num_classes}")
+        return model
+    return build_model(cfg["name"], num_classes, in_channels, image_size)
+
+
+def _output_features(model: nn.Module) -> int | None:
+    """Outputs of the last Linear layer (the classes of a classifier), if there is one."""
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return last[-1].out_features if last else None
+
+
+__all__ = ["build_model", "model_from_config", "torchvision_names", "BUILDERS"]

@@ -20,6 +20,7 @@ from torch import nn
 from approxrun.config import complete
 from approxrun.config.schema import TrainingStage
 from approxrun.data import DataBundle
+from approxrun.distributed import Distributed, Placement
 from approxrun.errors import ConfigError
 from approxrun.multipliers.multiplier import Multiplier
 from approxrun.training import TrainingProgress
@@ -40,6 +41,8 @@ class StageContext:
     state: dict = field(default_factory=dict)
     progress: TrainingProgress | None = None  # epoch-end saving and resuming of the stage's training
     log: logging.Logger = logging.getLogger("approxrun")
+    # the ranks of a data-parallel job (one process: every collective is the identity)
+    dist: Distributed = field(default_factory=lambda: Distributed(Placement(), torch.device("cpu")))
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Mapping
 
 import torch
@@ -22,14 +23,15 @@ def train_and_test(ctx: StageContext, stage_cfg: Mapping, name: str, **kwargs) -
     """Train for the stage's epochs (``kwargs`` go to :func:`train`), then add test metrics."""
     train_loader, val_loader, test_loader = ctx.loaders
     history = train(ctx.model, train_loader, val_loader, stage_cfg, ctx.device, ctx.data.num_classes,
-                    params=kwargs.pop("params", _weights(ctx)), desc=name, progress=ctx.progress, **kwargs)
+                    params=kwargs.pop("params", _weights(ctx)), desc=name, progress=ctx.progress, dist=ctx.dist,
+                    **kwargs)
     return with_test_metrics(ctx, {"history": history, "epochs": len(history),
                                    "train_loss": history[-1]["train_loss"] if history else None})
 
 
-def with_test_metrics(ctx: StageContext, metrics: dict) -> dict:
+def with_test_metrics(ctx: StageContext, metrics: dict, desc: str | None = None) -> dict:
     """Adds test accuracy and loss (and top-5 with more than 10 classes) to ``metrics``."""
-    result = evaluate(ctx.model, ctx.loaders[2], ctx.device, ctx.data.num_classes)
+    result = evaluate(ctx.model, ctx.loaders[2], ctx.device, ctx.data.num_classes, desc=desc, dist=ctx.dist)
     metrics.update(test_accuracy=result["accuracy"], test_loss=result["loss"])
     if "top5" in result:
         metrics["test_top5"] = result["top5"]
@@ -74,13 +76,44 @@ def approx(ctx: StageContext, stage_cfg: Mapping) -> StageResult:
     return StageResult(metrics)
 
 
+def calibrate_observers(ctx: StageContext, batches: int) -> int:
+    """Set the range of every activation quantizer that has none yet (float weights: a pretrained
+    model) from ``batches`` training batches (test batches for an evaluation-only folder), with
+    quantized exact products and the network in eval mode; returns the layers calibrated."""
+    layers = [layer for _, layer in approx_layers(ctx.model) if not layer.act_quant.observer.initialized]
+    if not layers or batches <= 0:
+        return 0
+    loader = ctx.loaders[0] if len(ctx.data.train) else ctx.loaders[2]
+    set_mode(ctx.model, "quant")
+    ctx.model.eval()
+    for layer in layers:
+        layer.act_quant.train()
+    with torch.no_grad():
+        for _, (x, _) in zip(range(batches), loader):
+            ctx.model(x.to(ctx.device))
+    for layer in layers:
+        layer.act_quant.eval()
+    ctx.log.info("calibrated the activation ranges of %d layers on %d batches", len(layers), batches)
+    return len(layers)
+
+
 @register("eval", EvalStage, uses_multiplier=True, cacheable=False)
 def evaluate_weights(ctx: StageContext, stage_cfg: Mapping) -> StageResult:
-    """Test accuracy of the initial weights (``init_weights``) under the multiplier, without training."""
-    mode = stage_cfg["mode"]
+    """Test accuracy (top-1, and top-5 beyond 10 classes) of the loaded weights (``model.weights`` or
+    ``init_weights``) under the multiplier, without training; activation ranges the weights do not
+    carry are calibrated first."""
+    mode, batches = stage_cfg["mode"], stage_cfg["calibration_batches"]
     set_multiplier(ctx.model, ctx.multiplier)
+    calibrated = calibrate_observers(ctx, batches) if mode != "float" else 0
     set_mode(ctx.model, mode)
+    start = time.perf_counter()
     with torch.no_grad():
-        metrics = with_test_metrics(ctx, {"epochs": 0, "mode": mode})
+        metrics = with_test_metrics(ctx, {"epochs": 0, "mode": mode, "calibrated_layers": calibrated},
+                                    desc=f"{stage_cfg['name']} ({mode}, {ctx.multiplier.name})")
+    seconds = time.perf_counter() - start
+    metrics["images_per_s"] = round(len(ctx.data.test) / seconds, 2) if seconds > 0 else None
+    ctx.log.info("%s: %d test images, %.1f images/s, top-1 %.4f%s", stage_cfg["name"], len(ctx.data.test),
+                 metrics["images_per_s"] or 0.0, metrics["test_accuracy"],
+                 f", top-5 {metrics['test_top5']:.4f}" if "test_top5" in metrics else "")
     metrics["multipliers"] = {name: ctx.multiplier.name for name, _ in approx_layers(ctx.model)}
     return StageResult(metrics)
