@@ -32,11 +32,11 @@ from omegaconf import DictConfig, OmegaConf
 
 import approxrun
 from approxrun.data import build_data
-from approxrun.energy import opcount_shares, relative_cost, relative_energy
+from approxrun.energy import opcount_shares, reference_power, relative_cost, relative_energy
 from approxrun.errors import ApproxrunError
 from approxrun.layers import approx_layers, approximate, count_ops
 from approxrun.models import build_model
-from approxrun.multipliers import resolve_multiplier
+from approxrun.multipliers import resolve_multiplier, run_multiplier_spec
 from approxrun.multipliers.catalogue import catalogue_entries
 from approxrun.multipliers.multiplier import Multiplier
 from approxrun.quant import OBSERVERS
@@ -348,8 +348,11 @@ def _run(cfg, out_dir: Path, metrics: dict, scope: ExitStack) -> None:
     if not isinstance(resume, bool):
         raise ApproxrunError(f"resume={resume!r}: expected true or false")
     resolver = MultiplierResolver((config.get("evoapprox") or {}).get("root"))
-    multiplier = resolver.from_spec(config["multiplier"])
-    exact_power = float(config["energy"]["exact_power_mw"])
+    multiplier = resolver.from_spec(run_multiplier_spec(config["multiplier"], config.get("library")))
+    exact_power = reference_power(config["energy"].get("exact_power_mw"), multiplier)
+    for stage in stages:  # a select stage's exact_power_mw: null means the run's reference
+        if "exact_power_mw" in stage and stage["exact_power_mw"] is None:
+            stage["exact_power_mw"] = exact_power
     metrics.update(device=str(device), seed=seed, multiplier=_describe(multiplier, exact_power))
 
     # --- data and model ---
@@ -373,7 +376,9 @@ def _run(cfg, out_dir: Path, metrics: dict, scope: ExitStack) -> None:
     # --- stages ---
     cache = StageCache(Path(config["cache"]["dir"]) if config["cache"].get("enabled", True) else None)
     model_cfg = {k: v for k, v in config["model"].items() if k != "train"}
-    key = _hash(approxrun.__version__, model_cfg, config["dataset"], seed, quant, config.get("checkpoint"))
+    # the operand domains set the quantizers, so every stage depends on them (unsigned library: affine weights)
+    key = _hash(approxrun.__version__, model_cfg, config["dataset"], seed, quant, config.get("checkpoint"),
+                str(multiplier.domain_a), str(multiplier.domain_b))
     keys = []
     for stage in stages:
         key = _hash(key, stage, multiplier_fingerprint(multiplier) if stage_kind(stage["kind"]).uses_multiplier
@@ -393,8 +398,9 @@ def _run(cfg, out_dir: Path, metrics: dict, scope: ExitStack) -> None:
                                in_progress if in_progress is not None and in_progress["name"] == name else None):
             record = _run_stage(ctx, stage, spec, key, cache, out_dir)
         layer_multipliers = {layer_name: layer.multiplier for layer_name, layer in approx_layers(model)}
-        if spec.uses_multiplier:
+        if spec.uses_multiplier and record.get("multipliers"):  # stages whose products ran through the LUTs
             record["relative_energy"] = relative_energy(shares, layer_multipliers, exact_power)
+            record["relative_costs"] = {m.name: relative_cost(m, exact_power) for m in layer_multipliers.values()}
             metrics["relative_energy"] = record["relative_energy"]
         metrics["stages"][name] = record
         atomic_write_json(out_dir / "metrics.json", metrics)
@@ -507,4 +513,10 @@ def _print_summary(stages: list[dict], metrics: dict, out_dir: Path) -> None:
                      "yes" if r["cached"] else "no", "-" if energy is None else f"{energy:.3f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+    last = metrics["stages"][stages[-1]["name"]]
+    if last.get("multipliers"):  # the multipliers the final stage ran with, and their relative cost
+        costs = last.get("relative_costs") or {}
+        lines.append(f"multipliers ({stages[-1]['name']}, relative cost): " + ", ".join(
+            f"{layer} {name}" + ("" if costs.get(name) is None else f" {costs[name]:.3f}")
+            for layer, name in last["multipliers"].items()))
     print("\n".join(lines) + f"\noutputs: {out_dir}", flush=True)

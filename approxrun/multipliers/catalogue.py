@@ -1,4 +1,5 @@
-"""The packaged multiplier catalogue: ``conf/multiplier/*.yaml`` (designs, LUT files, published circuits)."""
+"""The packaged multiplier catalogue: ``conf/multiplier/*.yaml`` (designs, LUT files) and the bundled
+EvoApproxLib circuits with their published figures (``evoapprox_data/catalogue.json``)."""
 
 from __future__ import annotations
 
@@ -18,4 +19,8 @@ def catalogue_entries() -> dict[str, dict]:
             entry = yaml.safe_load(item.read_text()) or {}
             name = entry.get("name")
             entries[name if isinstance(name, str) and "${" not in name else item.name[:-5]] = entry
+    from approxrun.multipliers.bundled import Bundle, catalogue_entry  # bundled imports the importer, which imports us
+
+    for name, entry in Bundle.packaged().catalogue().items():
+        entries.setdefault(name, catalogue_entry(entry))
     return entries
