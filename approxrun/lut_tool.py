@@ -91,10 +91,10 @@ BUNDLED_COLUMNS = (("PWR mW", "pdk45_pwr_mw"), ("AREA um2", "pdk45_area_um2"), (
 def _list_bundled(entries: list[dict]) -> None:
     """The bundled EvoApproxLib circuits with their published figures (no checkout needed)."""
     print(f"EvoApproxLib circuits bundled with approxrun ({len(entries)}; published figures, PDK45):")
-    print(f"  {'name':<12}" + "".join(f"{label:>11}" for label, _ in BUNDLED_COLUMNS))
+    print(f"  {'name':<12}" + "".join(f"{label:>12}" for label, _ in BUNDLED_COLUMNS))
     for entry in entries:
         published = entry["published"]
-        print(f"  {entry['name']:<12}" + "".join(f"{_format_number(published.get(key)):>11}"
+        print(f"  {entry['name']:<12}" + "".join(f"{_format_number(published.get(key)):>12}"
                                                    for _, key in BUNDLED_COLUMNS))
 
 

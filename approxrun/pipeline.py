@@ -39,7 +39,7 @@ from approxrun.models import build_model
 from approxrun.multipliers import resolve_multiplier, run_multiplier_spec
 from approxrun.multipliers.catalogue import catalogue_entries
 from approxrun.multipliers.multiplier import Multiplier
-from approxrun.quant import OBSERVERS
+from approxrun.quant import ACTIVATION_SCHEMES, OBSERVERS
 from approxrun.stages import StageContext, StageResult, stage_kind
 from approxrun.training import epoch_checkpoints, rng_state, set_rng_state
 from approxrun.utils.files import atomic_torch_save, atomic_write_json, atomic_write_text
@@ -112,6 +112,9 @@ def _check_quant(quant: dict) -> None:
         bits = quant.get(key)
         if bits is not None and (not isinstance(bits, int) or not 2 <= bits <= 8):
             raise ApproxrunError(f"quant.{key}={bits!r}: expected null or a whole number from 2 to 8")
+    if quant.get("activations", "affine") not in ACTIVATION_SCHEMES:
+        raise ApproxrunError(f"quant.activations={quant.get('activations')!r}: expected one of "
+                             f"{', '.join(ACTIVATION_SCHEMES)}")
     if quant.get("observer") not in OBSERVERS:
         raise ApproxrunError(f"quant.observer={quant.get('observer')!r}: expected one of {', '.join(OBSERVERS)}")
     if quant.get("grad") not in approxrun.ops.GRAD_MODES:
@@ -365,7 +368,7 @@ def _run(cfg, out_dir: Path, metrics: dict, scope: ExitStack) -> None:
     quant = config["quant"]
     approximate(model, skip=quant.get("skip") or [], multiplier=multiplier, bits_a=quant["bits_a"],
                 bits_b=quant["bits_b"], observer=quant["observer"], per_channel=quant["per_channel"],
-                grad=quant["grad"])
+                grad=quant["grad"], activations=quant.get("activations", "affine"))
     model.to(device)
     if config.get("checkpoint"):
         _load_checkpoint(config["checkpoint"], model)

@@ -85,8 +85,12 @@ def _resolve_costs(multiplier: Multiplier, name: str, spec: Mapping, cost: Cost 
 
 def run_multiplier_spec(spec: Mapping, library: Mapping | None) -> Mapping:
     """The run's multiplier entry: ``multiplier=auto`` stands for the library's exact multiplier
-    (``library.exact``; its operand domains set the quantization before a selection)."""
+    (``library.exact``; its operand domains set the quantization before a selection); a bundled
+    circuit's name brings its catalogue entry (published cost and figures)."""
     if spec.get("name") != AUTO:
+        entry = catalogue_entries().get(spec.get("name"))
+        if entry and entry.get("bundled") and not spec.get("path") and not spec.get("cost"):
+            return {**entry, "swap_operands": spec.get("swap_operands", False)}  # its published figures
         return spec
     exact = (library or {}).get("exact")
     if not exact:
@@ -109,7 +113,7 @@ def get_multiplier(name: str, signed: bool = True, evoapprox_root: str | os.Path
 
     ``signed`` applies to built-in designs and LUT files; EvoApproxLib circuits take their operand
     domains from their name or folder. Circuit names are looked up in the checkout given by
-    ``evoapprox_root`` or ``EVOAPPROX_ROOT``.
+    ``evoapprox_root`` or ``EVOAPPROX_ROOT``, then among the circuits bundled with approxrun.
     """
     if is_builtin(name):
         return builtin_multiplier(name, signed)
@@ -119,18 +123,21 @@ def get_multiplier(name: str, signed: bool = True, evoapprox_root: str | os.Path
     if suffix == ".c":
         return evoapprox.multiplier_from_c_file(name)
     bundle = Bundle.packaged()
-    if bundle.lookup(name) is not None:
-        return bundle.multiplier(name)
+    bundled = bundle.lookup(name) is not None
     try:
-        return evoapprox.evoapprox_multiplier(name, evoapprox_root)
+        return evoapprox.evoapprox_multiplier(name, evoapprox_root)  # a user's checkout comes first
+    except evoapprox.CircuitNotFoundError as exc:
+        if bundled:
+            return bundle.multiplier(name)
+        raise ApproxrunError(f"unknown multiplier {name!r}: not a built-in design ({', '.join(DESIGN_EXAMPLES)}; "
+                             f"numbers are parameters), not a LUT file ({', '.join(LUT_SUFFIXES)}), and not "
+                             f"an EvoApproxLib circuit: {exc}") from None
     except evoapprox.RootNotSetError:
+        if bundled:
+            return bundle.multiplier(name)
         if evoapprox.looks_like_circuit(name):
             raise ApproxrunError(f"EvoApproxLib circuit {name!r} is not bundled with approxrun (bundled: the 8x8 "
                                  f"mul8s/mul8u Pareto circuits); get the library: {CLONE_COMMAND}") from None
         raise ApproxrunError(f"unknown multiplier {name!r}: not a built-in design ({', '.join(DESIGN_EXAMPLES)}; "
                              f"numbers are parameters), not a LUT file ({', '.join(LUT_SUFFIXES)}), and not "
                              f"a bundled EvoApproxLib circuit (others: {CLONE_COMMAND})") from None
-    except evoapprox.CircuitNotFoundError as exc:
-        raise ApproxrunError(f"unknown multiplier {name!r}: not a built-in design ({', '.join(DESIGN_EXAMPLES)}; "
-                             f"numbers are parameters), not a LUT file ({', '.join(LUT_SUFFIXES)}), and not "
-                             f"an EvoApproxLib circuit: {exc}") from None

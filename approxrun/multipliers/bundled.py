@@ -107,8 +107,9 @@ class Bundle:
         except (lzma.LZMAError, ValueError) as exc:
             raise DamagedBundleError(f"bundled EvoApproxLib table {path} cannot be decoded ({exc})") from None
         published = entry["published"]
-        cost = Cost(published["pdk45_pwr_mw"], "power", "mW", PUBLISHED_COST_SOURCE,
-                    area=published.get("pdk45_area_um2"), delay=published.get("pdk45_delay_ns"))
+        cost = None if published.get("pdk45_pwr_mw") is None else Cost(
+            published["pdk45_pwr_mw"], "power", "mW", PUBLISHED_COST_SOURCE,
+            area=published.get("pdk45_area_um2"), delay=published.get("pdk45_delay_ns"))
         multiplier = Multiplier(name, assemble_lut(table, domain_a, domain_b), domain_a, domain_b, cost=cost,
                                 description=f"EvoApproxLib {entry['name']} ({domain_a}x{domain_b}), bundled; "
                                             f"C signature {entry['signature']} (activation: first parameter)")
@@ -120,10 +121,11 @@ class Bundle:
 def catalogue_entry(entry: dict) -> dict:
     """A bundled circuit as a multiplier config entry (name, signed, cost, published figures)."""
     published = entry["published"]
+    cost = None if published.get("pdk45_pwr_mw") is None else {
+        "value": published["pdk45_pwr_mw"], "kind": "power", "unit": "mW", "source": PUBLISHED_COST_SOURCE,
+        "area": published.get("pdk45_area_um2"), "delay": published.get("pdk45_delay_ns")}
     return {"name": entry["name"], "signed": bool(entry["domains"][0]["signed"]), "path": None, "format": None,
-            "cost": {"value": published["pdk45_pwr_mw"], "kind": "power", "unit": "mW",
-                     "source": PUBLISHED_COST_SOURCE, "area": published.get("pdk45_area_um2"),
-                     "delay": published.get("pdk45_delay_ns")},
+            "cost": cost,
             "published": published, "printed": entry.get("printed") or {}, "bundled": True}
 
 
@@ -151,7 +153,8 @@ def _smallest_dtype(error: np.ndarray) -> str:
 def build_bundle(root: str | os.PathLike, out: str | os.PathLike) -> list[dict]:
     """Import every 8x8 circuit of the checkout and write the bundle into ``out``; returns the entries.
 
-    A circuit whose LUT disagrees with its header metrics (MAE, WCE, EP, MRE, MSE) is refused.
+    A circuit whose LUT disagrees with its header metrics (MAE, WCE, EP, MRE, MSE) is refused; the
+    header figures become the circuit's published figures (PDK45 power, when given, its cost).
     """
     root, out = checkout_root(root), Path(out)
     sources = bundle_sources(root)
@@ -164,8 +167,6 @@ def build_bundle(root: str | os.PathLike, out: str | os.PathLike) -> list[dict]:
         if m.extra["header_mismatch"]:
             raise ApproxrunError(f"{path}: LUT disagrees with the header: {'; '.join(m.extra['header_mismatch'])}")
         header = m.extra["header_metrics"]
-        if "pdk45_pwr_mw" not in header:
-            raise ApproxrunError(f"{path}: no PDK45_PWR in the header; a bundled circuit needs its published power")
         va, vb, ia, ib = domain_grid(m.domain_a, m.domain_b)
         error = m.lut[np.ix_(ia, ib)] - np.outer(va, vb)
         dtype = _smallest_dtype(error)

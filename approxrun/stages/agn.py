@@ -171,7 +171,10 @@ def gradient(ctx: StageContext, stage_cfg: Mapping) -> StageResult:
         for name, value in values.items():
             ctx.log.info("gradient epoch %d | layer %s | sigma %+.4f", epoch + 1, name, value)
 
-    params = [p for p in ctx.model.parameters() if p.requires_grad]  # weights and sigmas
+    sigma_ids = {id(sigma) for sigma in sigmas.values()}
+    weights = [p for p in ctx.model.parameters() if p.requires_grad and id(p) not in sigma_ids]
+    # sigma in its own group without weight decay (decay would pull the tolerances to 0)
+    params = [{"params": weights}, {"params": list(sigmas.values()), "weight_decay": 0.0}]
     metrics = train_and_test(ctx, stage_cfg, stage_cfg["name"], params=params, on_epoch_end=log_sigma,
                               extra_loss=lambda: -lmbd * noise_reward(sigmas, shares, sigma_max))
     final = {name: sigma.item() for name, sigma in sigmas.items()}
