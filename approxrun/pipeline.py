@@ -379,13 +379,13 @@ def _run(cfg, out_dir: Path, metrics: dict, scope: ExitStack) -> None:
     # --- stages ---
     cache = StageCache(Path(config["cache"]["dir"]) if config["cache"].get("enabled", True) else None)
     model_cfg = {k: v for k, v in config["model"].items() if k != "train"}
-    # the operand domains set the quantizers, so every stage depends on them (unsigned library: affine weights)
-    key = _hash(approxrun.__version__, model_cfg, config["dataset"], seed, quant, config.get("checkpoint"),
-                str(multiplier.domain_a), str(multiplier.domain_b))
+    key = _hash(approxrun.__version__, model_cfg, config["dataset"], seed, quant, config.get("checkpoint"))
+    # the operand domains set the quantizers: every stage after an FP32 baseline depends on them
+    domains = [str(multiplier.domain_a), str(multiplier.domain_b)]
     keys = []
     for stage in stages:
         key = _hash(key, stage, multiplier_fingerprint(multiplier) if stage_kind(stage["kind"]).uses_multiplier
-                    else None)
+                    else None, None if stage["kind"] == "baseline" else domains)
         keys.append((stage["name"], key))
     ctx = StageContext(model=model, data=data, loaders=loaders, device=device, multiplier=multiplier,
                        config=config, artifact_dir=out_dir, resolve_multiplier=resolver)

@@ -3,7 +3,8 @@ straight-through gradients, observers, and the exact zero-point correction of an
 
 Activations are affine (``affine``: a zero point, the range always includes 0; ReLU zero -> the lowest
 code) or ``symmetric`` (zero point 0: non-negative activations on codes 0..127 of a signed domain or
-0..255 of an unsigned one, as agn-approx/TorchApprox quantize). Their range comes from an observer,
+0..255 of an unsigned one, as agn-approx/TorchApprox quantize; an input with negative values on an
+unsigned domain keeps a zero point, since zero point 0 would clip its negative half away). Their range comes from an observer,
 or is learned (``pact``: a clipping bound alpha trained with the weights). Weights are symmetric per
 tensor or per output channel, or affine when the multiplier's B operand is unsigned. Codes always lie
 in the operand domain the quantizer was given.
@@ -162,7 +163,9 @@ class ActivationQuantizer(nn.Module):
     def forward(self, x: torch.Tensor):
         """(codes, scale, zero_point) of x; the observer updates in training mode."""
         x, low, high = self._range(x)
-        qparams = affine_qparams if self.scheme == "affine" else zero_centred_qparams
+        # zero point 0 on an unsigned operand would clip negative inputs (e.g. normalized images) to 0
+        affine = self.scheme == "affine" or (not self.domain.signed and bool(low < 0))
+        qparams = affine_qparams if affine else zero_centred_qparams
         scale, zp = qparams(low, high, self.domain)
         return quantize_codes(x, scale, zp, self.domain.qmin, self.domain.qmax), scale, zp
 
