@@ -198,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     plot = commands.add_parser("plot", parents=[target], help="PNG: error heatmap and error histogram")
     plot.add_argument("--out", default=None, help="PNG file (default: NAME_error.png)")
     bundle = commands.add_parser("bundle", help="generate the bundled 8x8 EvoApproxLib tables from a checkout")
-    bundle.add_argument("root_dir", metavar="ROOT", help="EvoApproxLib checkout (git clone https://github.com/ehw-fit/evoapproxlib)")
+    bundle.add_argument("root_dir", metavar="ROOT",
+                        help="EvoApproxLib checkout (git clone https://github.com/ehw-fit/evoapproxlib)")
     bundle.add_argument("--out", default=None, help="bundle folder (default: approxrun's package data)")
     return parser
 

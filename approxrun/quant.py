@@ -4,10 +4,10 @@ straight-through gradients, observers, and the exact zero-point correction of an
 Activations are affine (``affine``: a zero point, the range always includes 0; ReLU zero -> the lowest
 code) or ``symmetric`` (zero point 0: non-negative activations on codes 0..127 of a signed domain or
 0..255 of an unsigned one, as agn-approx/TorchApprox quantize; an input with negative values on an
-unsigned domain keeps a zero point, since zero point 0 would clip its negative half away). Their range comes from an observer,
-or is learned (``pact``: a clipping bound alpha trained with the weights). Weights are symmetric per
-tensor or per output channel, or affine when the multiplier's B operand is unsigned. Codes always lie
-in the operand domain the quantizer was given.
+unsigned domain keeps a zero point, since zero point 0 would clip its negative half away). Their
+range comes from an observer, or is learned (``pact``: a clipping bound alpha trained with the
+weights). Weights are symmetric per tensor or per output channel, or affine when the multiplier's B
+operand is unsigned. Codes always lie in the operand domain the quantizer was given.
 """
 
 from __future__ import annotations

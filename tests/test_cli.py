@@ -129,7 +129,8 @@ def test_lut_strategies_train_identically(tmp_path, cache_dir):
 
 
 def test_sweep_writes_summary_and_reuses_cache(tmp_path, cache_dir):
-    args = ["-m", "dataset=synthetic", "schedule=uniform", "model.train.baseline.epochs=1", "multiplier=exact,truncated_8",
+    args = ["-m", "dataset=synthetic", "schedule=uniform", "model.train.baseline.epochs=1",
+            "multiplier=exact,truncated_8",
             f"hydra.sweep.dir={tmp_path / 'sweep'}", f"cache.dir={cache_dir}"]
     first = approxrun(*args, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-2000:]

@@ -217,7 +217,8 @@ def test_pact_learns_its_clipping_range():
     quantizer = ActivationQuantizer(OperandDomain(True), "pact", "symmetric")
     first = torch.relu(torch.linspace(-1, 2, 301))
     codes, scale, _ = quantizer(first)
-    assert float(quantizer.alpha.detach()) == pytest.approx(2.0) and float(scale.detach()) == pytest.approx(2 / 127, rel=1e-5)
+    assert float(quantizer.alpha.detach()) == pytest.approx(2.0)
+    assert float(scale.detach()) == pytest.approx(2 / 127, rel=1e-5)
     larger = torch.linspace(0, 4, 401, requires_grad=True)
     codes, scale, zp = quantizer(larger)
     assert codes.max() == 127  # values above alpha are clipped

@@ -20,7 +20,8 @@ from approxrun.multipliers.io import FORMATS, infer_format, load_lut, save_lut
 from approxrun.multipliers.multiplier import Cost, ErrorMetrics, Multiplier, compute_metrics
 
 __all__ = ["Cost", "ErrorMetrics", "Multiplier", "compute_metrics", "builtin_multiplier", "load_lut",
-           "save_lut", "load_multiplier", "get_multiplier", "resolve_multiplier", "run_multiplier_spec", "AUTO", "FORMATS", "DESIGN_EXAMPLES"]
+           "save_lut", "load_multiplier", "get_multiplier", "resolve_multiplier", "run_multiplier_spec", "AUTO",
+           "FORMATS", "DESIGN_EXAMPLES"]
 
 log = logging.getLogger(__name__)
 # multiplier=auto: no named multiplier; the select stage chooses per layer from the library
@@ -44,7 +45,8 @@ def resolve_multiplier(spec: Mapping, evoapprox_root: str | None = None) -> Mult
 
     ``name`` (a built-in design, an EvoApproxLib circuit, or the file's display name), ``signed``
     (default true; EvoApproxLib circuits take theirs from the name), ``path`` and ``format`` for a LUT
-    file, ``swap_operands`` (the activation on operand B: the transposed LUT), ``cost`` (value, kind, unit, source, area, delay) when known and ``published`` error figures.
+    file, ``swap_operands`` (the activation on operand B: the transposed LUT), ``cost`` (value, kind,
+    unit, source, area, delay) when known and ``published`` error figures.
     A cost given here replaces the design's own (e.g. a published power figure), unless the
     EvoApproxLib file found holds another circuit than the entry names (the two names that mean
     different circuits on the library's branches).

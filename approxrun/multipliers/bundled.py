@@ -173,7 +173,8 @@ def build_bundle(root: str | os.PathLike, out: str | os.PathLike) -> list[dict]:
         payload = lzma.compress(error.astype(dtype).tobytes(), preset=9 | lzma.PRESET_EXTREME)
         atomic_write_bytes(out / f"{name}.xz", payload)
         entries.append({
-            "name": name, "v2022_name": V2022_NAMES.get(name), "folder": str(path.parent.relative_to(circuits_folder(root))),
+            "name": name, "v2022_name": V2022_NAMES.get(name),
+            "folder": str(path.parent.relative_to(circuits_folder(root))),
             "signature": m.extra["signature"],
             "domains": [{"signed": d.signed, "bits": d.bits} for d in (m.domain_a, m.domain_b)],
             "file": f"{name}.xz", "dtype": dtype, "sha256": hashlib.sha256(payload).hexdigest(),

@@ -6,9 +6,9 @@ checkout's ``multiplers/`` tree (the library's spelling). Its C function is comp
 C compiler together with a generated driver that calls it on every operand pair; the products fill a
 byte-indexed LUT (:mod:`approxrun.lut`). The activation (LUT row, operand A of approxrun) is the FIRST
 declared parameter, as the rest of the field calls these functions (EvoApproxLib's Python binding
-``calc(a, b)``, TFApprox's tables): most 8x8 unsigned files declare ``(B, A)``. Operand widths and signedness come from the name (``mul8s``, ``mul8x4u``, ``mul7u``) or
-else the folder (``8x8_signed``), and a signed circuit whose C result is unsigned returns the bits of
-the two's-complement product. The file's header metrics become the multiplier's cost and are
+``calc(a, b)``, TFApprox's tables): most 8x8 unsigned files declare ``(B, A)``. Operand widths and
+signedness come from the name (``mul8s``, ``mul8x4u``, ``mul7u``) or else the folder (``8x8_signed``),
+and a signed circuit whose C result is unsigned returns the bits of the two's-complement product. The file's header metrics become the multiplier's cost and are
 checked against the metrics of the LUT. LUTs are cached under ``APPROXRUN_CACHE`` (default
 ``~/.cache/approxrun/luts``), keyed by the hash of the file's content.
 """
