@@ -9,10 +9,14 @@ codes to indices and indices to values through the functions here.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported by whoever passes tensors: listing or showing a LUT needs none
+    import torch
 
 LUT_SIZE = 256
 
@@ -55,7 +59,8 @@ def code_to_index(codes, out: torch.Tensor | None = None):
 
     ``out``: an int32 or int64 tensor of the codes' shape to write the indices into (tensor codes).
     """
-    if isinstance(codes, torch.Tensor):
+    torch = sys.modules.get("torch")  # codes can only be a tensor once torch is imported
+    if torch is not None and isinstance(codes, torch.Tensor):
         if codes.dtype in (torch.int8, torch.uint8):  # the byte is the index: no masking pass
             return codes.view(torch.uint8).to(torch.int64) if out is None else out.copy_(codes.view(torch.uint8))
         if out is None:

@@ -18,8 +18,7 @@ import numpy as np
 
 from approxrun.errors import ApproxrunError
 from approxrun.lut import code_to_index
-from approxrun.multipliers import (DESIGN_EXAMPLES, FORMATS, Multiplier, get_multiplier, resolve_multiplier,
-                                   save_lut)
+from approxrun.multipliers import DESIGN_EXAMPLES, FORMATS, Multiplier, get_multiplier, save_lut
 from approxrun.multipliers import evoapprox
 from approxrun.multipliers.catalogue import catalogue_entries
 from approxrun.multipliers.designs import is_builtin
@@ -34,10 +33,6 @@ METRIC_ROWS = (("MAE", "mae"), ("MAE%", "mae_percent"), ("WCE", "wce"), ("WCE%",
 
 def _multiplier(spec: str, args) -> Multiplier:
     """A name goes through its catalogue entry when there is one (published cost), as in a run."""
-    entry = catalogue_entries().get(spec)
-    if entry is not None and not entry.get("path"):
-        return resolve_multiplier({**entry, "signed": not args.unsigned} if args.unsigned else entry,
-                                  evoapprox_root=args.root)
     return get_multiplier(spec, signed=not args.unsigned, evoapprox_root=args.root)
 
 

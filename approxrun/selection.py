@@ -1,4 +1,5 @@
-"""Multiplier selection math (agn-approx, ``shared/reference/agn-method.md``) as plain functions.
+"""Multiplier selection math of agn-approx (E. Trommer, B. Waschneck, A. Kumar, "Combining Gradients
+and Probabilities for Heterogeneous Approximation of Neural Networks", ICCAD 2022) as plain functions.
 
 A layer output is E_ij = sum_k lut(a_ik, w_kj) over the fan_in (K) products of activation row i
 and weight column j (codes; the zero-point correction passes the LUT's error through unchanged).

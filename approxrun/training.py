@@ -1,6 +1,6 @@
 """The training loop, evaluation, and optimizer/scheduler construction from a stage config.
 
-Inside :func:`epoch_checkpoints` (the runner opens one around each stage), :func:`train` hands its
+Given a :class:`TrainingProgress` (the runner passes one per stage), :func:`train` hands its
 complete state to a callback at every epoch end and, given the state of an interrupted run,
 continues from it; the resumed run is bit-identical to an uninterrupted one on the CPU.
 """
@@ -11,10 +11,8 @@ import logging
 import math
 import random
 import time
-from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
@@ -22,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from approxrun.config import complete
+from approxrun.config.schema import TrainingConfig
 from approxrun.errors import ApproxrunError
 
 log = logging.getLogger(__name__)
@@ -60,12 +60,12 @@ def set_rng_state(state: Mapping, loader_generator: torch.Generator | None) -> N
 
 
 @dataclass
-class EpochCheckpoints:
-    """Epoch-end checkpointing of the :func:`train` calls inside one stage.
+class TrainingProgress:
+    """Epoch-end saving and resuming of the :func:`train` calls of one stage.
 
-    ``save`` receives a dict (``call``, ``epoch``, ``model``, ``optimizer``, ``scheduler``, ``rng``,
-    ``history``) at every epoch end; ``resume_from`` is such a dict from an interrupted run, used by
-    the train call with the same ``call`` number (a stage's first train call is 0).
+    ``save`` receives the epoch state (``call``, ``epoch``, ``model``, ``optimizer``, ``scheduler``,
+    ``rng``, ``history``) at every epoch end; ``resume_from`` is such a state from an interrupted
+    run, taken up by the train call with the same ``call`` number (a stage's first call is 0).
     """
 
     save: Callable[[dict], None]
@@ -73,25 +73,11 @@ class EpochCheckpoints:
     calls: int = 0
 
 
-_active_checkpoints: ContextVar[EpochCheckpoints | None] = ContextVar("approxrun_epoch_checkpoints", default=None)
-
-
-@contextmanager
-def epoch_checkpoints(save: Callable[[dict], None], resume_from: dict | None = None) -> Iterator[EpochCheckpoints]:
-    """Checkpoint (and resume) every :func:`train` call made inside the ``with`` block."""
-    checkpoints = EpochCheckpoints(save, resume_from)
-    token = _active_checkpoints.set(checkpoints)
-    try:
-        yield checkpoints
-    finally:
-        _active_checkpoints.reset(token)
-
-
 def make_optimizer(params, cfg: Mapping) -> torch.optim.Optimizer:
-    name = cfg.get("name", "sgd")
-    lr, wd = float(cfg["lr"]), float(cfg.get("weight_decay", 0.0))
+    """The optimizer of complete settings (:class:`~approxrun.config.schema.OptimizerConfig`)."""
+    name, lr, wd = cfg["name"], float(cfg["lr"]), float(cfg["weight_decay"])
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=float(cfg.get("momentum", 0.9)), weight_decay=wd)
+        return torch.optim.SGD(params, lr=lr, momentum=float(cfg["momentum"]), weight_decay=wd)
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=wd)
     if name == "adamw":
@@ -99,16 +85,16 @@ def make_optimizer(params, cfg: Mapping) -> torch.optim.Optimizer:
     raise ApproxrunError(f"optimizer.name: unknown optimizer {name!r}, expected one of {', '.join(OPTIMIZERS)}")
 
 
-def make_scheduler(optimizer, cfg: Mapping | None, epochs: int):
-    cfg = cfg or {}
-    name = cfg.get("name", "none")
+def make_scheduler(optimizer, cfg: Mapping, epochs: int):
+    """The LR schedule of complete settings (:class:`~approxrun.config.schema.SchedulerConfig`)."""
+    name = cfg["name"]
     if name == "none":
         return None
     if name == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, int(cfg["step_size"]), float(cfg.get("gamma", 0.1)))
+        return torch.optim.lr_scheduler.StepLR(optimizer, int(cfg["step_size"]), float(cfg["gamma"]))
     if name == "multistep":
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, [int(m) for m in cfg["milestones"]],
-                                                    float(cfg.get("gamma", 0.1)))
+                                                    float(cfg["gamma"]))
     if name == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, epochs))
     raise ApproxrunError(f"scheduler.name: unknown scheduler {name!r}, expected one of {', '.join(SCHEDULERS)}")
@@ -133,33 +119,42 @@ def evaluate(model: nn.Module, loader, device: torch.device, num_classes: int) -
     return result
 
 
+def _restore_epoch_state(state: Mapping, model: nn.Module, optimizer, scheduler, loader_generator) -> tuple[list, int]:
+    """Bring model, optimizer, LR schedule and random states to a saved epoch state; returns its
+    history and the number of epochs done."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"], loader_generator)
+    return list(state["history"]), int(state["epoch"])
+
+
 def train(model: nn.Module, train_loader, val_loader, stage_cfg: Mapping, device: torch.device,
           num_classes: int, params=None, extra_loss: Callable[[], torch.Tensor] | None = None,
-          on_epoch_end: Callable[[int, dict], None] | None = None, desc: str = "") -> list[dict]:
+          on_epoch_end: Callable[[int, dict], None] | None = None, desc: str = "",
+          progress: TrainingProgress | None = None) -> list[dict]:
     """Train for ``stage_cfg['epochs']`` epochs; returns one dict per epoch (loss, accuracies, lr).
 
+    ``stage_cfg`` holds ``epochs``, ``optimizer`` and ``scheduler`` (schema defaults fill the rest).
     ``extra_loss`` is added to the cross-entropy at every step (e.g. the noise reward);
-    ``on_epoch_end(epoch, record)`` may add entries to the epoch's record. Inside
-    :func:`epoch_checkpoints` the state is saved at every epoch end and an interrupted call resumes
-    (``on_epoch_end`` is not called again for the epochs it restores).
+    ``on_epoch_end(epoch, record)`` may add entries to the epoch's record. With ``progress`` the
+    state is saved at every epoch end and an interrupted call resumes (``on_epoch_end`` is not
+    called again for the epochs it restores).
     """
-    epochs = int(stage_cfg["epochs"])
+    settings = complete(TrainingConfig, {key: stage_cfg[key] for key in ("epochs", "optimizer", "scheduler")
+                                         if stage_cfg.get(key) is not None})
+    epochs = int(settings["epochs"])
     params = list(params if params is not None else (p for p in model.parameters() if p.requires_grad))
-    optimizer = make_optimizer(params, stage_cfg["optimizer"])
-    scheduler = make_scheduler(optimizer, stage_cfg.get("scheduler"), epochs)
+    optimizer = make_optimizer(params, settings["optimizer"])
+    scheduler = make_scheduler(optimizer, settings["scheduler"], epochs)
     loader_generator = getattr(train_loader, "generator", None)
-    checkpoints = _active_checkpoints.get()
     history, first_epoch, call, resume = [], 0, None, None
-    if checkpoints is not None:
-        call, resume = checkpoints.calls, checkpoints.resume_from
-        checkpoints.calls += 1
+    if progress is not None:
+        call, resume = progress.calls, progress.resume_from
+        progress.calls += 1
     if resume is not None and resume["call"] == call:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(resume["scheduler"])
-        set_rng_state(resume["rng"], loader_generator)
-        history, first_epoch = list(resume["history"]), int(resume["epoch"])
+        history, first_epoch = _restore_epoch_state(resume, model, optimizer, scheduler, loader_generator)
         log.info("%s: resuming after epoch %d/%d", desc, first_epoch, epochs)
     for epoch in range(first_epoch, epochs):
         model.train()
@@ -192,8 +187,8 @@ def train(model: nn.Module, train_loader, val_loader, stage_cfg: Mapping, device
                  record["train_loss"], record["train_accuracy"], record["val_accuracy"], record["seconds"])
         if on_epoch_end is not None:
             on_epoch_end(epoch, record)
-        if checkpoints is not None:
-            checkpoints.save({"call": call, "epoch": epoch + 1, "model": model.state_dict(),
+        if progress is not None:
+            progress.save({"call": call, "epoch": epoch + 1, "model": model.state_dict(),
                               "optimizer": optimizer.state_dict(),
                               "scheduler": None if scheduler is None else scheduler.state_dict(),
                               "rng": rng_state(loader_generator), "history": history})

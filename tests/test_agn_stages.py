@@ -19,7 +19,7 @@ from approxrun.data import build_data
 from approxrun.energy import relative_cost
 from approxrun.errors import ApproxrunError
 from approxrun.layers import approx_layers, approximate, count_ops
-from approxrun.pipeline import MultiplierResolver
+from approxrun.multipliers import MultiplierResolver
 from approxrun.stages import StageContext, stage_kind
 from approxrun.stages.agn import noise_reward
 

@@ -1,12 +1,12 @@
 """Bad-input corpus through ``approxrun``'s command-line entry point: broken LUT files, bad config
-values, a C model that does not compile, unusable checkpoints.
+values (found while composing or after), a C model that does not compile, unusable initial weights.
 
 Each case must end with exactly one stderr line ``approxrun: error: ...`` naming the input and the
-problem, a non-zero exit status, and no partial output: no checkpoint, resume point, stage-cache or
-LUT-cache entry, or temporary file (a ``metrics.json`` saying ``failed`` is the job's record).
-The cases that ``tests/test_cli.py`` already runs through the installed command (unknown model and
-multiplier, negative epochs as a model default, activation bits 9, a missing LUT file, an unknown
-key, a missing dataset) are not repeated here.
+problem, exit status 2 for a bad config and 1 for a run that fails, and no partial output: no stage
+checkpoint, resume state, stage-cache or LUT-cache entry, or temporary file (a ``metrics.json``
+saying ``failed`` is the job's record). ``tests/test_cli.py`` runs a few more through the installed
+command (unknown model and multiplier, negative epochs as a model default, a missing LUT file, an
+unknown key, a missing dataset).
 """
 
 from __future__ import annotations
@@ -111,11 +111,27 @@ CASES = {
     "unknown_lut_strategy": (["lut.strategy=fastest"], ["lut.strategy='fastest'", "auto, gather, lowrank"]),
     "negative_lookup_cost": (["lut.lookup_cost=-2"], ["lut.lookup_cost=-2", "a number > 0"]),
     "c_model_does_not_compile": (["multiplier=mul8s_BAD"], [f"{{corpus}}/{C_MODEL}", "does not compile"]),
+    "seed_not_a_number": (["seed=abc"], ["seed=abc", "could not be converted to Integer"]),
+    "bits_a_nine": (["quant.bits_a=9"], ["quant.bits_a=9", "from 2 to 8"]),
+    "negative_learning_rate": (["model.train.quant.optimizer.lr=-1"],
+                               ["model.train.quant.optimizer.lr=-1", "a number > 0"]),
+    "misspelt_section_key": (["quant.bitz=3"], ["quant.bitz", "not a config key", "bits_a"]),
+    "stage_setting_of_wrong_type": (["schedule=agn", "schedule.stages.gradient.lmbd=lots"],
+                                    ["schedule.stages.gradient.lmbd=lots", "Float"]),
+    "unknown_optimizer": (["model.train.baseline.optimizer.name=rmsprop"],
+                          ["model.train.baseline.optimizer.name='rmsprop'", "sgd, adam, adamw"]),
+    "initial_weights_missing": (["schedule=eval", "init_weights={corpus}/missing.pt"],
+                                ["{corpus}/missing.pt", "no such file"]),
     "checkpoint_missing": _checkpoint("missing.pt", "no such file"),
     "checkpoint_truncated": _checkpoint("truncated.pt", "not a readable weights-only torch checkpoint"),
     "checkpoint_with_code": _checkpoint("code.pt", "not a readable weights-only torch checkpoint"),
     "checkpoint_of_another_model": _checkpoint("other_model.pt", "does not fit the model"),
 }
+
+# A bad config is a usage error (exit status 2); the other cases are runs that fail (exit status 1).
+CONFIG_CASES = {"unknown_dataset", "bits_zero", "negative_schedule_epochs", "misspelt_stage_setting",
+                "unknown_lut_strategy", "negative_lookup_cost", "seed_not_a_number", "bits_a_nine",
+                "negative_learning_rate", "misspelt_section_key", "stage_setting_of_wrong_type", "unknown_optimizer"}
 
 # Runs approxrun.cli.main (what the installed command calls) once per case in one process, so the
 # ~5 s import of torch and torchvision is paid once; stderr (file descriptor 2) goes to a file per case.
@@ -168,7 +184,7 @@ def outcomes(tmp_path_factory) -> dict:
 @pytest.mark.parametrize("case", CASES)
 def test_bad_input_fails_with_one_line_and_no_partial_output(outcomes, case):
     root, run_dir = outcomes["root"], outcomes["root"] / "runs" / case
-    assert outcomes["codes"][case] != 0
+    assert outcomes["codes"][case] == (2 if case in CONFIG_CASES else 1)
     stderr = (root / f"{case}.stderr").read_text()
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert len(lines) == 1, stderr[-3000:]

@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 
 from approxrun.cli import GROUPS, group_options
-from approxrun.pipeline import stage_configs, to_container
+from approxrun.config import stage_configs, to_container
 
 pytestmark = pytest.mark.slow
 

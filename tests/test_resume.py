@@ -17,6 +17,7 @@ import torch
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 
+from approxrun.cli import expand_arguments
 from approxrun.pipeline import run
 from approxrun.training import rng_state, set_rng_state
 
@@ -134,7 +135,7 @@ def test_killed_during_the_approx_stage_resumes_without_rerunning_earlier_stages
 def _config(*overrides: str):
     GlobalHydra.instance().clear()
     with initialize_config_module("approxrun.conf", version_base="1.3"):
-        return compose("config", overrides=[*ARGS, "model.train.approx.epochs=1", *overrides])
+        return compose("config", overrides=expand_arguments([*ARGS, "model.train.approx.epochs=1", *overrides]))
 
 
 @pytest.fixture

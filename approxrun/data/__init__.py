@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from approxrun.data.idx import load_idx_split
-from approxrun.errors import ApproxrunError
+from approxrun.errors import ApproxrunError, ConfigError, one_line
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 NORMALIZATION = {
@@ -164,7 +164,7 @@ def _torchvision_dataset(name: str, cfg, data_dir: Path) -> DataBundle:
             num_classes = 10 if name == "cifar10" else 100
     except Exception as exc:
         raise ApproxrunError(f"dataset {name}: not found in {root} and could not be downloaded "
-                             f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                             f"({one_line(exc)}); "
                              "download it there or set dataset.root") from None
     rng = np.random.default_rng(cfg.get("split_seed", 0))
     order = rng.permutation(len(train_base))
@@ -231,4 +231,4 @@ def build_data(cfg: Mapping, data_dir: str | Path) -> DataBundle:
         return _imagefolder(cfg)
     if name == "synthetic":
         return _synthetic(cfg)
-    raise ApproxrunError(f"unknown dataset {name!r}: expected one of {', '.join(DATASETS)}")
+    raise ConfigError(f"unknown dataset {name!r}: expected one of {', '.join(DATASETS)}")

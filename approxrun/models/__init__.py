@@ -9,7 +9,7 @@ from __future__ import annotations
 import torchvision
 from torch import nn
 
-from approxrun.errors import ApproxrunError
+from approxrun.errors import ApproxrunError, ConfigError
 from approxrun.models.lenet5 import lenet5
 from approxrun.models.resnet_cifar import resnet8, resnet14, resnet20, resnet32
 from approxrun.models.vgg import vgg11_bn, vgg16_bn
@@ -55,12 +55,8 @@ def build_model(name: str, num_classes: int, in_channels: int, image_size: int) 
             raise ApproxrunError(f"model {name}: {exc}") from None
     if name in torchvision_names():
         return torchvision_model(name, num_classes, in_channels)
-    raise ApproxrunError(f"unknown model {name!r}: expected one of {', '.join(BUILDERS)} "
+    raise ConfigError(f"unknown model {name!r}: expected one of {', '.join(BUILDERS)} "
                          "or a torchvision classification model name")
 
 
-def model_names() -> list[str]:
-    return list(BUILDERS)
-
-
-__all__ = ["build_model", "model_names", "torchvision_names", "BUILDERS"]
+__all__ = ["build_model", "torchvision_names", "BUILDERS"]

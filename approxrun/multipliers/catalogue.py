@@ -1,5 +1,6 @@
-"""The packaged multiplier catalogue: ``conf/multiplier/*.yaml`` (designs, LUT files) and the bundled
-EvoApproxLib circuits with their published figures (``evoapprox_data/catalogue.json``)."""
+"""The packaged multiplier catalogue: ``conf/multiplier/*.yaml`` (``file``, a LUT file; ``auto``) and
+the EvoApproxLib circuits bundled with approxrun, with their published figures
+(``evoapprox_data/catalogue.json``). Any other name resolves without an entry."""
 
 from __future__ import annotations
 

@@ -23,6 +23,7 @@ from approxrun.utils.files import atomic_write_bytes
 
 FORMATS = ("npy", "txt", "bin")
 _SUFFIX_FORMAT = {".npy": "npy", ".txt": "txt", ".lut": "txt", ".bin": "bin"}
+LUT_SUFFIXES = tuple(_SUFFIX_FORMAT)  # file names that mean a LUT file (multiplier=lut.npy)
 
 
 def infer_format(path: str | os.PathLike, fmt: str | None = None) -> str:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.nn.modules.utils import _pair
 
-from approxrun.errors import ApproxrunError
+from approxrun.errors import ApproxrunError, one_line
 from approxrun.lut import LUT_SIZE, code_to_index
 
 __all__ = ["INSTALL_HINT", "Launch", "LutImage", "CupyRunner", "runner_for", "lut_image", "plan_gemm",
@@ -101,10 +101,6 @@ class Runner(Protocol):
 # CuPy
 
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
 def _cuda_version(code: int) -> str:
     return f"{code // 1000}.{code % 1000 // 10}"
 
@@ -114,16 +110,16 @@ def _import_cupy():
     try:
         import cupy
     except ImportError as exc:
-        raise ApproxrunError(f"CUDA tensors need the CuPy LUT kernels, but CuPy is not installed ({_one_line(exc)}): "
+        raise ApproxrunError(f"CUDA tensors need the CuPy LUT kernels, but CuPy is not installed ({one_line(exc)}): "
                              f"{INSTALL_HINT}") from None
     except Exception as exc:  # installed but broken, e.g. CUDA libraries missing
-        raise ApproxrunError(f"CuPy failed to load ({_one_line(exc)}): reinstall it with {INSTALL_HINT} "
+        raise ApproxrunError(f"CuPy failed to load ({one_line(exc)}): reinstall it with {INSTALL_HINT} "
                              "(or the cupy-cudaXXx wheel matching your CUDA)") from None
     try:
         driver = cupy.cuda.runtime.driverGetVersion()
         runtime = cupy.cuda.runtime.runtimeGetVersion()
     except Exception as exc:
-        raise ApproxrunError(f"CuPy {cupy.__version__} cannot use the CUDA driver ({_one_line(exc)}): check the "
+        raise ApproxrunError(f"CuPy {cupy.__version__} cannot use the CUDA driver ({one_line(exc)}): check the "
                              f"NVIDIA driver, then {INSTALL_HINT}") from None
     if driver == 0:
         raise ApproxrunError(f"CuPy {cupy.__version__} finds no NVIDIA driver: install one for CUDA "

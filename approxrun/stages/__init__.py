@@ -1,7 +1,10 @@
 """Stages: plain functions ``(ctx, stage_cfg) -> StageResult`` kept in a registry by kind.
 
 A schedule (``conf/schedule/*.yaml``) is data: an ordered list of stage names, each with a
-``kind``. Adding a stage kind means registering a function here; the runner does not change.
+``kind``. Adding a stage kind means a settings class in approxrun/config/schema.py and a function
+registered with it; the runner does not change. ``ctx.progress`` is the stage's training progress
+(epoch-end saving and resuming), which :func:`approxrun.stages.training_stages.train_and_test`
+hands to :func:`approxrun.training.train`.
 """
 
 from __future__ import annotations
@@ -14,9 +17,12 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
+from approxrun.config import complete
+from approxrun.config.schema import TrainingStage
 from approxrun.data import DataBundle
-from approxrun.errors import ApproxrunError
+from approxrun.errors import ConfigError
 from approxrun.multipliers.multiplier import Multiplier
+from approxrun.training import TrainingProgress
 
 
 @dataclass
@@ -32,6 +38,7 @@ class StageContext:
     artifact_dir: Path  # files the stage writes (kept with the stage's cache entry and the run)
     resolve_multiplier: Callable[[str], Multiplier]
     state: dict = field(default_factory=dict)
+    progress: TrainingProgress | None = None  # epoch-end saving and resuming of the stage's training
     log: logging.Logger = logging.getLogger("approxrun")
 
 
@@ -43,32 +50,32 @@ class StageResult:
     state: dict = field(default_factory=dict)
 
 
-TRAINING_SETTINGS = ("epochs", "optimizer", "scheduler")
-
-
 @dataclass(frozen=True)
 class StageKind:
-    run: Callable[[StageContext, Mapping], StageResult]
+    """A registered stage function with its settings class (approxrun/config/schema.py)."""
+
+    fn: Callable[[StageContext, Mapping], StageResult]
+    settings: type  # the stage's settings (a TrainingStage subclass when it trains)
     uses_multiplier: bool  # the multiplier is part of the stage's cache key
     cacheable: bool = True
-    trains: bool = True  # needs epochs/optimizer settings
-    settings: tuple[str, ...] = ()  # the stage's own config keys, besides kind, name and training
 
     @property
-    def accepted(self) -> tuple[str, ...]:
-        """The settings a stage entry of this kind may hold besides kind and name (others are typos)."""
-        return (*(TRAINING_SETTINGS if self.trains else ()), *self.settings)
+    def trains(self) -> bool:
+        return issubclass(self.settings, TrainingStage)
+
+    def run(self, ctx: StageContext, stage_cfg: Mapping) -> StageResult:
+        """Run the stage on its settings, the schema's defaults filled in."""
+        return self.fn(ctx, complete(self.settings, stage_cfg, f"schedule.stages.{stage_cfg.get('name')}."))
 
 
 STAGE_KINDS: dict[str, StageKind] = {}
 
 
-def register(kind: str, uses_multiplier: bool = False, cacheable: bool = True, trains: bool = True,
-             settings: tuple[str, ...] = ()):
-    """Decorator adding a stage function to the registry under ``kind``; ``settings`` lists the
-    stage's own config keys, so that a misspelt one is refused before any stage runs."""
+def register(kind: str, settings: type = TrainingStage, uses_multiplier: bool = False, cacheable: bool = True):
+    """Decorator adding a stage function to the registry under ``kind``; ``settings`` is the class of
+    the stage's config entry (a misspelt key is refused before any stage runs)."""
     def wrap(fn):
-        STAGE_KINDS[kind] = StageKind(fn, uses_multiplier, cacheable, trains, tuple(settings))
+        STAGE_KINDS[kind] = StageKind(fn, settings, uses_multiplier, cacheable)
         return fn
     return wrap
 
@@ -76,7 +83,7 @@ def register(kind: str, uses_multiplier: bool = False, cacheable: bool = True, t
 def stage_kind(kind: str) -> StageKind:
     _load_builtin_stages()
     if kind not in STAGE_KINDS:
-        raise ApproxrunError(f"unknown stage kind {kind!r}: expected one of {', '.join(sorted(STAGE_KINDS))}")
+        raise ConfigError(f"unknown stage kind {kind!r}: expected one of {', '.join(sorted(STAGE_KINDS))}")
     return STAGE_KINDS[kind]
 
 

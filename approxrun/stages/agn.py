@@ -1,9 +1,8 @@
 """The agn-approx stages: ``gradient`` learns how much output noise each layer tolerates, ``select``
 picks the cheapest multiplier per layer within that tolerance (math in :mod:`approxrun.selection`).
 
-Stage settings (``conf/schedule/agn.yaml``): gradient ``lmbd``, ``sigma_max``, ``initial_noise``;
-both ``sample_size`` (training images whose layer operands are recorded) and ``rows`` (activation
-rows per layer for the row part of the prediction).
+Stage settings: :class:`~approxrun.config.schema.GradientStage` and
+:class:`~approxrun.config.schema.SelectStage` (types, defaults, ranges).
 """
 
 from __future__ import annotations
@@ -16,8 +15,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
+from approxrun.config.schema import GradientStage, SelectStage
 from approxrun.energy import opcount_shares, relative_energy
-from approxrun.errors import ApproxrunError
+from approxrun.errors import ApproxrunError, ConfigError
 from approxrun.layers import approx_layers, count_ops, record_operands, set_mode
 from approxrun.multipliers import AUTO
 from approxrun.multipliers.multiplier import Multiplier
@@ -45,29 +45,12 @@ def noise_reward(sigmas: Mapping[str, torch.Tensor], shares: Mapping[str, float]
     return sum(shares[name] * torch.clamp(sigma.abs(), max=sigma_max) for name, sigma in sigmas.items())
 
 
-def _number(stage_cfg: Mapping, key: str, default: float, minimum: float, strict: bool = False) -> float:
-    value = stage_cfg.get(key, default)
-    bad = not isinstance(value, (int, float)) or isinstance(value, bool) or \
-        (value <= minimum if strict else value < minimum)
-    if bad:
-        raise ApproxrunError(f"schedule.stages.{stage_cfg['name']}.{key}={value!r}: expected a number "
-                             f"{'>' if strict else '>='} {minimum}")
-    return float(value)
-
-
-def _count(stage_cfg: Mapping, key: str, default: int) -> int:
-    value = stage_cfg.get(key, default)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ApproxrunError(f"schedule.stages.{stage_cfg['name']}.{key}={value!r}: expected a whole number >= 1")
-    return value
-
-
 def record_samples(ctx: StageContext, stage_cfg: Mapping) -> dict[str, LayerSample]:
     """Each layer's :class:`LayerSample` from its quantized operands on ``sample_size`` training images.
 
     The images and rows are drawn with the run's seed, so the result is deterministic.
     """
-    sample_size, rows = _count(stage_cfg, "sample_size", 128), _count(stage_cfg, "rows", 512)
+    sample_size, rows = stage_cfg["sample_size"], stage_cfg["rows"]
     generator = torch.Generator().manual_seed(int(ctx.config.get("seed", 0)))
     indices = torch.randperm(len(ctx.data.train), generator=generator)[:sample_size].tolist()
     batch_size = int(ctx.config["dataset"].get("eval_batch_size", 256))
@@ -143,8 +126,7 @@ def multiplier_fit(samples: Mapping[str, LayerSample], sigmas: Mapping[str, floa
     return report
 
 
-@register("gradient", uses_multiplier=True,
-          settings=("lmbd", "sigma_max", "initial_noise", "sample_size", "rows"))
+@register("gradient", GradientStage, uses_multiplier=True)
 def gradient(ctx: StageContext, stage_cfg: Mapping) -> StageResult:
     """Noise-aware training with a learnable noise scale sigma per layer (agn-approx gradient search).
 
@@ -152,9 +134,7 @@ def gradient(ctx: StageContext, stage_cfg: Mapping) -> StageResult:
     ``multiplier`` the report also says, per layer, whether its predicted error fits the tolerance
     (which is why the multiplier is part of this stage's cache key).
     """
-    lmbd = _number(stage_cfg, "lmbd", 0.2, 0.0)
-    sigma_max = _number(stage_cfg, "sigma_max", 0.5, 0.0, strict=True)
-    initial = _number(stage_cfg, "initial_noise", 0.1, 0.0)
+    lmbd, sigma_max, initial = stage_cfg["lmbd"], stage_cfg["sigma_max"], stage_cfg["initial_noise"]
     shares = layer_shares(ctx)
     layers = approx_layers(ctx.model)
     sigmas = {name: layer.sigma for name, layer in layers}
@@ -210,8 +190,7 @@ def _check_domains(library: str, candidates: list[Multiplier], ctx: StageContext
                                      f"{ctx.multiplier.name})")
 
 
-@register("select", uses_multiplier=True, trains=False,
-          settings=("library", "multiplier", "exact_power_mw", "sample_size", "rows"))
+@register("select", SelectStage, uses_multiplier=True)
 def select(ctx: StageContext, stage_cfg: Mapping) -> StageResult:
     """Per layer, the cheapest ``library`` multiplier whose predicted error std fits the learned tolerance;
     with a named run multiplier (``multiplier`` setting not ``auto``) that one in every layer.
@@ -223,19 +202,19 @@ def select(ctx: StageContext, stage_cfg: Mapping) -> StageResult:
     """
     sigmas = ctx.state.get("sigma")
     if not sigmas:
-        raise ApproxrunError(f"stage {stage_cfg['name']}: needs the noise tolerances of a gradient stage earlier "
+        raise ConfigError(f"stage {stage_cfg['name']}: needs the noise tolerances of a gradient stage earlier "
                              "in the schedule (schedule agn: baseline, quant, gradient, select, approx)")
     where = f"schedule.stages.{stage_cfg['name']}"
     library, exact_power = stage_cfg.get("library"), stage_cfg.get("exact_power_mw")
     if not isinstance(library, Mapping) or not isinstance(exact_power, (int, float)):
-        raise ApproxrunError(f"{where}: needs 'library' and 'exact_power_mw' (set them to ${{library}} and "
+        raise ConfigError(f"{where}: needs 'library' and 'exact_power_mw' (set them to ${{library}} and "
                              "${energy.exact_power_mw} as conf/schedule/agn.yaml does)")
     library_name, names = library.get("name", "library"), list(library.get("multipliers") or [])
     named = stage_cfg.get("multiplier", AUTO) != AUTO  # multiplier=X: X in every layer, no choice
     if named:
         library_name, candidates = f"multiplier={ctx.multiplier.name}", [ctx.multiplier]
     elif not names:
-        raise ApproxrunError(f"library {library_name}: 'multipliers' lists no candidates")
+        raise ConfigError(f"library {library_name}: 'multipliers' lists no candidates")
     else:
         candidates = [ctx.resolve_multiplier(name) for name in names]
     _check_domains(library_name, candidates, ctx)

@@ -6,7 +6,7 @@ from typing import Mapping
 
 import torch
 
-from approxrun.errors import ApproxrunError
+from approxrun.config.schema import EvalStage
 from approxrun.layers import approx_layers, set_mode, set_multiplier
 from approxrun.stages import StageContext, StageResult, register
 from approxrun.training import evaluate, train
@@ -22,7 +22,7 @@ def train_and_test(ctx: StageContext, stage_cfg: Mapping, name: str, **kwargs) -
     """Train for the stage's epochs (``kwargs`` go to :func:`train`), then add test metrics."""
     train_loader, val_loader, test_loader = ctx.loaders
     history = train(ctx.model, train_loader, val_loader, stage_cfg, ctx.device, ctx.data.num_classes,
-                    params=kwargs.pop("params", _weights(ctx)), desc=name, **kwargs)
+                    params=kwargs.pop("params", _weights(ctx)), desc=name, progress=ctx.progress, **kwargs)
     return with_test_metrics(ctx, {"history": history, "epochs": len(history),
                                    "train_loss": history[-1]["train_loss"] if history else None})
 
@@ -74,12 +74,10 @@ def approx(ctx: StageContext, stage_cfg: Mapping) -> StageResult:
     return StageResult(metrics)
 
 
-@register("eval", uses_multiplier=True, cacheable=False, trains=False, settings=("mode",))
-def evaluate_checkpoint(ctx: StageContext, stage_cfg: Mapping) -> StageResult:
-    """Test accuracy of the loaded checkpoint under the multiplier, without training."""
-    mode = stage_cfg.get("mode", "approx")
-    if mode not in ("float", "quant", "approx"):
-        raise ApproxrunError(f"schedule stage {stage_cfg['name']}: mode {mode!r}, expected float, quant or approx")
+@register("eval", EvalStage, uses_multiplier=True, cacheable=False)
+def evaluate_weights(ctx: StageContext, stage_cfg: Mapping) -> StageResult:
+    """Test accuracy of the initial weights (``init_weights``) under the multiplier, without training."""
+    mode = stage_cfg["mode"]
     set_multiplier(ctx.model, ctx.multiplier)
     set_mode(ctx.model, mode)
     with torch.no_grad():
