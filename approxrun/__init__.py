@@ -8,6 +8,9 @@ Notebook API (TorchApprox-like)::
     approxrun.set_multiplier(model, approxrun.get_multiplier("drum_6"))
     approxrun.set_mode(model, "approx")           # ... then every product through the LUT
 
+``set_multiplier`` also takes a raw 256x256 array or tensor ``lut[a][w]``; ``LutEngine`` is the
+object that owns one table's derived forms and route choice (see ``approxrun.ops.engine``).
+
 The names below are imported on first use, so that the command line starts without torch.
 """
 
@@ -23,7 +26,7 @@ _EXPORTS = {
                      "count_ops", "freeze_quantizers", "set_mode", "set_multiplier"], "approxrun.layers"),
     **dict.fromkeys(["Multiplier", "builtin_multiplier", "get_multiplier", "load_lut", "load_multiplier",
                      "save_lut"], "approxrun.multipliers"),
-    **dict.fromkeys(["lut_conv2d", "lut_matmul"], "approxrun.ops"),
+    **dict.fromkeys(["LutEngine", "lut_conv2d", "lut_matmul"], "approxrun.ops"),
 }
 
 __all__ = list(_EXPORTS)

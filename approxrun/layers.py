@@ -145,7 +145,7 @@ class ApproxLinear(ApproxLayer, nn.Linear):
     def _approx_forward(self, codes_a, codes_w, scale_a, zp_a, scale_w, zp_w):
         lead = codes_a.shape[:-1]
         a = codes_a.reshape(-1, self.in_features)
-        acc = lut_matmul(a, codes_w.t(), self.multiplier, grad=self.grad)  # float64 [M, O]
+        acc = lut_matmul(a, codes_w.t(), self.multiplier.engine, grad=self.grad)  # float64 [M, O]
         exact = zero_point_corrected(acc, a.sum(1, keepdim=True).double(), codes_w.sum(1).double(),
                                      self.in_features, zp_a.double(), zp_w.double())
         return exact.mul_((scale_a * scale_w).double()).reshape(*lead, self.out_features)
@@ -214,7 +214,7 @@ class ApproxConv2d(ApproxLayer, nn.Conv2d):
 
     def _approx_forward(self, codes_a, codes_w, scale_a, zp_a, scale_w, zp_w):
         padded = self._pad(codes_a, zp_a)
-        acc = lut_conv2d(padded, codes_w, self.multiplier, self.stride, 0, self.dilation, self.groups,
+        acc = lut_conv2d(padded, codes_w, self.multiplier.engine, self.stride, 0, self.dilation, self.groups,
                          grad=self.grad)
         self._count_ops(acc)
         sum_a = self._window_sums(padded)
@@ -286,7 +286,14 @@ def set_mode(model: nn.Module, mode: str, names: Iterable[str] | None = None) ->
         layer.set_mode(mode)
 
 
-def set_multiplier(model: nn.Module, multiplier: Multiplier, names: Iterable[str] | None = None) -> None:
+def set_multiplier(model: nn.Module, multiplier, names: Iterable[str] | None = None, *, signed_a: bool = True,
+                   signed_b: bool = True) -> None:
+    """Use ``multiplier`` in the approximate layers (all, or those ``names`` match): a
+    :class:`Multiplier`, or a raw 256x256 array/tensor ``lut[a][w]`` in the byte-indexed convention
+    with operand signedness ``signed_a`` (activation), ``signed_b`` (weight); one multiplier (one
+    engine, one analysis of the table) is shared by every layer."""
+    if not isinstance(multiplier, Multiplier):
+        multiplier = Multiplier.from_table(multiplier, signed_a, signed_b)
     for _, layer in approx_layers(model, names):
         layer.set_multiplier(multiplier)
 

@@ -166,6 +166,26 @@ def cmd_plot(args) -> None:
     print(f"wrote {out}")
 
 
+def cmd_calibrate(args) -> None:
+    """The LUT routes' measured costs on this machine (cached per machine key; --refresh re-measures)."""
+    from approxrun.ops.lowrank.calibration import calibration_dir, load_or_measure  # imports torch
+
+    cal = load_or_measure(refresh=args.refresh)
+    cpu = cal.machine["cpu"]
+    print(f"machine: {cpu['model']}; flags: {' '.join(cpu['flags']) or '-'}; torch {cal.machine['torch']} "
+          f"({cal.machine['capability']}), {cal.machine['threads']} threads; ISA env: {cal.machine['isa_env'] or '-'}")
+    print(f"cache: {calibration_dir()}")
+    print(f"gather (torch ops): {cal.gather_lookup * 1e9:.3g} ns/lookup, {cal.gather_row * 1e9:.3g} ns/row, "
+          f"{cal.gather_table * 1e9:.3g} ns/table entry; direct {cal.direct_lookup * 1e9:.3g} ns/lookup")
+    print(f"gather (compiled kernel): {cal.native_lookup * 1e9:.3g} ns/lookup direct, "
+          f"{cal.native_table_lookup * 1e9:.3g} ns/lookup with tables")
+    for dtype, rates in cal.gemm.items():
+        print(f"{dtype} GEMM: " + ", ".join(f"N={n}: {1e-9 / r:.3g} GMAC/s" for n, r in zip((8, 32, 128), rates)))
+    print(f"maps: {cal.map_entry * 1e9:.3g} ns/float entry, {cal.word_index * 1e9:.3g} ns/int8 word, "
+          f"{cal.pair_index * 1e9:.3g} ns/byte pair; int8 call {cal.int8_call * 1e6:.3g} us; "
+          f"int8 GEMM exact: {cal.int8_exact}")
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage mistakes become one-line errors like any other bad input."""
 
@@ -196,10 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
     bundle.add_argument("root_dir", metavar="ROOT",
                         help="EvoApproxLib checkout (git clone https://github.com/ehw-fit/evoapproxlib)")
     bundle.add_argument("--out", default=None, help="bundle folder (default: approxrun's package data)")
+    calibrate = commands.add_parser("calibrate", help="measured costs of the LUT GEMM routes on this machine")
+    calibrate.add_argument("--refresh", action="store_true", help="measure again, replacing the cached figures")
     return parser
 
 
-COMMANDS = {"list": cmd_list, "show": cmd_show, "convert": cmd_convert, "plot": cmd_plot, "bundle": cmd_bundle}
+COMMANDS = {"list": cmd_list, "show": cmd_show, "convert": cmd_convert, "plot": cmd_plot, "bundle": cmd_bundle,
+            "calibrate": cmd_calibrate}
 
 
 def main(argv: list[str] | None = None) -> int:

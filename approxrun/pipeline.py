@@ -19,13 +19,11 @@ import logging
 import shutil
 import time
 import uuid
-from contextlib import ExitStack
 from datetime import datetime, timezone
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from approxrun import ops
 from approxrun.config import load_config, stage_configs
 from approxrun.data import build_data
 from approxrun.energy import opcount_shares, reference_power, relative_cost, relative_energy
@@ -59,8 +57,7 @@ def run(cfg, out_dir: str | Path) -> dict:
     metrics: dict = {"status": "running", "error": None,
                      "started": datetime.now(timezone.utc).isoformat(timespec="seconds"), "stages": {}}
     try:
-        with ExitStack() as scope:
-            _run(cfg, out_dir, metrics, scope)
+        _run(cfg, out_dir, metrics)
         metrics["status"] = "completed"
         return metrics
     except BaseException as exc:
@@ -73,14 +70,13 @@ def run(cfg, out_dir: str | Path) -> dict:
         atomic_write_json(out_dir / "metrics.json", metrics)
 
 
-def _run(cfg, out_dir: Path, metrics: dict, scope: ExitStack) -> None:
+def _run(cfg, out_dir: Path, metrics: dict) -> None:
     # --- configuration: everything that can be wrong in the input is checked here ---
     config = load_config(cfg)
     stages = stage_configs(config)
-    scope.enter_context(ops.use_strategy(config["lut"]["strategy"], config["lut"]["lookup_cost"]))  # until the end
     device = select_device(config["device"])
     seed = config["seed"]
-    resolver = MultiplierResolver(config["evoapprox"]["root"])
+    resolver = MultiplierResolver(config["evoapprox"]["root"], config["lut"])  # engines take lut.strategy
     multiplier = resolver.from_spec(run_multiplier_spec(config["multiplier"], config.get("library")))
     exact_power = reference_power(config["energy"]["exact_power_mw"], multiplier)
     for stage in stages:  # a select stage's exact_power_mw: null means the run's reference

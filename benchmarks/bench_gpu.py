@@ -173,7 +173,7 @@ def main(argv=None) -> None:
     clock_hz = cupy.cuda.runtime.deviceGetAttribute(cupy.cuda.runtime.cudaDevAttrClockRate, device) * 1e3
     generator = torch.Generator(device="cuda").manual_seed(0)
     lut = torch.randint(-(2**15), 2**15, (256, 256), generator=generator, device="cuda").double()
-    image = cuda.lut_image(lut)
+    image = cuda.build_image(lut)
     print(f"{props.name}: {props.multi_processor_count} SMs at {clock_hz / 1e9:.2f} GHz, torch {torch.__version__}, "
           f"CuPy {cupy.__version__}, best of {args.repeats}")
     print(f"bound = {SHARED_BYTES_PER_CLOCK} shared bytes/clock x SMs x clock / shared bytes per lookup; "

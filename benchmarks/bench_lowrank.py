@@ -8,7 +8,7 @@ shape, the path ``strategy="auto"`` picks (``lr-int8``/``lr-float32``/``lr-float
 plan, or ``gather``), G lookup-equivalents/s (M*K*N LUT products per second of ``lut_matmul`` on int8
 codes, best of ``--repeats``, the two paths timed in turns) of the gather and of ``strategy="lowrank"``
 (the cheapest exact low-rank plan), and the speed-up. Every low-rank result is checked to equal the
-gather's. Target: >= 3x the gather for every multiplier of rank <= 4 on the three larger shapes (the
+gather's (the torch-op gather: ``routes=()`` leaves out the compiled kernel). Target: >= 3x the gather for every multiplier of rank <= 4 on the three larger shapes (the
 most M*K*N products).
 """
 
@@ -23,8 +23,9 @@ import numpy as np
 import torch
 
 from approxrun.multipliers import DESIGN_EXAMPLES, get_multiplier
-from approxrun.ops import lut_matmul, use_strategy
+from approxrun.ops import LutEngine, lut_matmul
 from approxrun.ops import lowrank
+from approxrun.ops.lowrank.calibration import cpu_description
 from bench_ops import SHAPES
 
 TARGET_RANK = 4
@@ -43,7 +44,7 @@ def multipliers(designs: list[str], evoapprox_root: str | None):
 
 
 def rank_text(multiplier) -> str:
-    table = lowrank.factorize_lut(multiplier)
+    table = multiplier.engine.lowrank
     if table is not None:
         return str(table.rank)
     return f">={lowrank.modular_rank(multiplier.error_table.astype(np.int64))}"
@@ -63,11 +64,8 @@ def alternating_best(fns, repeats: int) -> list[float]:
     return best
 
 
-def run_with(strategy: str, multiplier, a, b):
-    def call():
-        with use_strategy(strategy):
-            return lut_matmul(a, b, multiplier)
-    return call
+def run_with(engine: LutEngine, a, b):
+    return lambda: lut_matmul(a, b, engine)
 
 
 def bench(multiplier, shape, repeats: int, generator: torch.Generator):
@@ -75,14 +73,14 @@ def bench(multiplier, shape, repeats: int, generator: torch.Generator):
     m, k, n = shape
     a = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=generator)
     b = torch.randint(-128, 128, (k, n), dtype=torch.int8, generator=generator)
-    table = lowrank.factorize_lut(multiplier)
     cpu = torch.device("cpu")
-    plan, _ = lowrank.choose_plan(table, 1, m, k, n, cpu, "auto", byte_codes=True)
-    choice = "gather" if plan is None else f"lr-{str(plan.dtype).removeprefix('torch.')}"
-    gather = run_with("gather", multiplier, a, b)
-    if lowrank.choose_plan(table, 1, m, k, n, cpu, "lowrank", byte_codes=True)[0] is None:
+    auto, forced = multiplier.engine, LutEngine(multiplier.lut, strategy="lowrank")
+    plan, _ = auto.plan(1, m, k, n, cpu, byte_codes=True)
+    choice = "gather" if plan is None else f"lr-{plan.kind}"
+    gather = run_with(LutEngine(multiplier.lut, strategy="gather", routes=()), a, b)
+    if forced.plan(1, m, k, n, cpu, byte_codes=True)[0] is None:
         return choice, m * k * n / alternating_best([gather], repeats)[0] / 1e9, None
-    low = run_with("lowrank", multiplier, a, b)
+    low = run_with(forced, a, b)
     if not torch.equal(low(), gather()):
         raise AssertionError(f"{multiplier.name} {shape}: low-rank result differs from the gather")
     gather_s, lowrank_s = alternating_best([gather, low], repeats)
@@ -101,6 +99,8 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     generator = torch.Generator().manual_seed(0)
 
+    cpu = cpu_description()
+    print(f"CPU: {cpu['model']}; flags: {' '.join(cpu['flags']) or '-'}; load average {os.getloadavg()[0]:.2f}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, best of {args.repeats}; "
           "G lookup-equivalents/s = M*K*N / time")
     header = (f"{'multiplier':>15} {'rank':>5} {'M':>6} {'K':>5} {'N':>4} | {'auto':>9} "

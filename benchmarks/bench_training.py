@@ -8,6 +8,7 @@ Run: python benchmarks/bench_training.py [--fashion-samples N] [--threads T] [--
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import numpy as np
@@ -19,7 +20,7 @@ from approxrun.data import build_data
 from approxrun.lut import OperandDomain
 from approxrun.models import build_model
 from approxrun.multipliers import Multiplier, get_multiplier
-from approxrun.ops.lowrank import factorize_lut
+from approxrun.ops.lowrank.calibration import cpu_description
 from approxrun.training import make_optimizer
 import torch.nn.functional as F
 
@@ -49,7 +50,9 @@ def main() -> None:
     setups = [("digits", {"name": "digits", "image_size": 28}, 32, None),
               ("fashion_mnist", {"name": "fashion_mnist", "val_size": 5000}, 128, args.fashion_samples)]
     low_rank = get_multiplier(args.low_rank)
-    table = factorize_lut(low_rank)
+    table = low_rank.engine.lowrank
+    cpu = cpu_description()
+    print(f"CPU: {cpu['model']}; flags: {' '.join(cpu['flags']) or '-'}; load average {os.getloadavg()[0]:.2f}")
     print(f"threads: {args.threads}; approx: random full-range LUT; approx-lr: {low_rank.name} "
           f"(error rank {'above the limit' if table is None else table.rank})")
     print(f"{'dataset':<14} {'samples':>7} {'float s':>8} {'quant s':>8} {'approx s':>9} {'approx/quant':>12} "

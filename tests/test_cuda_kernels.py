@@ -24,7 +24,7 @@ from conftest import conv2d_oracle, matmul_oracle, random_lut
 
 from approxrun.errors import ApproxrunError
 from approxrun.lut import exact_lut
-from approxrun.ops import cuda
+from approxrun.ops import EngineRegistry, cuda, engine_for
 from approxrun.ops.gradients import gradient_tables, grouped_lut_gemm_backward
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,13 +38,15 @@ SOURCES = sorted({*cuda.KERNEL_FILES.values()})
 
 @pytest.fixture(scope="session")
 def driver(tmp_path_factory) -> Path:
-    """The emulation driver, compiled once per test session."""
+    """The emulation driver, compiled once per test session; misaligned vector loads abort it
+    (``-fsanitize=alignment``: plain x86 loads never fault, a GPU's do)."""
     compiler = shutil.which("g++")
     if compiler is None:
         pytest.skip("g++ is needed for the SIMT emulation")
     binary = tmp_path_factory.mktemp("simt") / "driver"
     defines = [option for option in cuda.compile_options() if option.startswith("-D")]
     subprocess.run([compiler, "-std=c++20", "-O2", "-pthread", "-fno-strict-aliasing", "-Wall",
+                    "-fsanitize=alignment", "-fno-sanitize-recover=alignment",
                     "-Wno-unknown-pragmas", f"-I{ROOT / 'kernels'}", f"-I{EMULATION}", *defines,
                     str(EMULATION / "driver.cpp"), "-o", str(binary)], check=True)
     return binary
@@ -114,7 +116,7 @@ def operands(rng, groups, m, k, n):
 
 def emulated_gemm(runner, lut, a_idx, b_idx):
     return cuda.index_gemm(torch.from_numpy(a_idx), torch.from_numpy(b_idx),
-                           torch.from_numpy(lut).double(), runner=runner).numpy()
+                           cuda.build_image(torch.from_numpy(lut).double()), runner=runner).numpy()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,7 +217,8 @@ def test_conv2d_matches_oracle(emulator, groups, w_shape, stride, padding, dilat
     w = rng.integers(-128, 128, size=w_shape)
     pad_value = -3  # a nonzero zero point: padding must hold its code, not 0
     runner = emulator()
-    out = cuda.conv2d(torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(lut).double(), stride, padding,
+    out = cuda.conv2d(torch.from_numpy(x), torch.from_numpy(w), cuda.build_image(torch.from_numpy(lut).double()),
+                      stride, padding,
                       dilation, groups, pad_value, runner=runner)
     assert runner.kernels[0] == "lut_im2col"
     expected = conv2d_oracle(x, w, lut, stride, padding, dilation, groups, pad_value)
@@ -245,35 +248,55 @@ def test_lut_gradients_match_oracle_and_cpu_path(emulator):
 
 
 def test_lut_image_width_and_bias():
-    signed = cuda.lut_image(torch.from_numpy(exact_lut(True, True)).double())
+    signed = cuda.build_image(torch.from_numpy(exact_lut(True, True)).double())
     assert not signed.wide and signed.bias == -16256 and signed.table.dtype == torch.int16
-    unsigned = cuda.lut_image(torch.from_numpy(exact_lut(False, False)).double())
+    unsigned = cuda.build_image(torch.from_numpy(exact_lut(False, False)).double())
     assert not unsigned.wide and unsigned.bias == 0
     # stored entries are lut - bias read as uint16, transposed
     stored = unsigned.table.numpy().view(np.uint16).astype(np.int64)
     np.testing.assert_array_equal(stored.T + unsigned.bias, exact_lut(False, False))
     rng = np.random.default_rng(0)
-    assert cuda.lut_image(torch.from_numpy(lut_spanning(rng, **NARROW_FULL)).double()).wide is False
-    wide = cuda.lut_image(torch.from_numpy(lut_spanning(rng, low=0, high=65536)).double())
+    assert cuda.build_image(torch.from_numpy(lut_spanning(rng, **NARROW_FULL)).double()).wide is False
+    wide = cuda.build_image(torch.from_numpy(lut_spanning(rng, low=0, high=65536)).double())
     assert wide.wide and wide.table.dtype == torch.int32
 
 
-def test_lut_image_is_cached_per_tensor_and_version():
+def test_engine_builds_the_lut_image_once_per_device():
+    """The engine owns the image: repeated GEMMs on a raw tensor LUT reuse it (no host round trip)."""
     lut = torch.from_numpy(exact_lut()).double()
-    first = cuda.lut_image(lut)
-    assert cuda.lut_image(lut) is first
-    lut[0, 0] = 5  # in-place change: a new image
-    second = cuda.lut_image(lut)
-    assert second is not first and second.table[0, 0] == 5 - second.bias
+    engine = engine_for(lut, engines=EngineRegistry())
+    first = engine.cuda_image(torch.device("cpu"))
+    assert engine.cuda_image(torch.device("cpu")) is first
+    assert engine_for(lut.clone(), engines=EngineRegistry()).cuda_image(torch.device("cpu")) is not first
+    np.testing.assert_array_equal(first.table.numpy().view(np.uint16).astype(np.int64).T + first.bias, exact_lut())
+
+
+def test_gemm_codes_refuses_misaligned_or_strided_operands(emulator):
+    """The kernels load 16 codes as one uint4: an operand view that starts off a 16-byte boundary
+    (or is strided) would fault on a GPU, so the host refuses it with one line."""
+    rng = np.random.default_rng(2)
+    image = cuda.build_image(torch.from_numpy(exact_lut()).double())
+    a_t = torch.from_numpy(rng.integers(0, 256, size=(1, 8, 33)).astype(np.uint8))
+    b = torch.from_numpy(rng.integers(0, 256, size=(1, 8, 5)).astype(np.uint8))
+    with pytest.raises(ValueError, match="aligned to 16 bytes"):
+        cuda.gemm_codes(a_t.reshape(-1)[1:1 + 8 * 32].view(1, 8, 32), b, 20, image, runner=emulator())
+    with pytest.raises(ValueError, match="multiple of 16"):
+        cuda.gemm_codes(a_t[:, :, :20].contiguous(), b, 20, image, runner=emulator())
+    with pytest.raises(ValueError, match="contiguous"):
+        cuda.gemm_codes(a_t[:, :, :32], b, 20, image, runner=emulator())
+    aligned = a_t[:, :, :32].contiguous()
+    out = cuda.gemm_codes(aligned, b, 20, image, runner=emulator())
+    expected = matmul_oracle(aligned[0, :, :20].T.numpy().astype(np.int64), b[0].numpy().astype(np.int64), exact_lut())
+    np.testing.assert_array_equal(out[0].numpy(), expected)
 
 
 def test_lut_image_rejects_fractional_and_huge_luts():
     with pytest.raises(ValueError, match="integer LUT entries"):
-        cuda.lut_image(torch.full((256, 256), 0.5, dtype=torch.float64))
+        cuda.build_image(torch.full((256, 256), 0.5, dtype=torch.float64))
     huge = torch.zeros(256, 256, dtype=torch.float64)
     huge[0, 0] = 2.0**33
     with pytest.raises(ValueError, match="32 bits"):
-        cuda.lut_image(huge)
+        cuda.build_image(huge)
 
 
 def test_plan_caps_narrow_k_per_block_and_fills_the_gpu():
@@ -366,5 +389,5 @@ def test_gpu_conv2d_matches_cpu_lut_conv2d():
     x = torch.from_numpy(rng.integers(-128, 128, size=(4, 16, 15, 13)))
     w = torch.from_numpy(rng.integers(-128, 128, size=(24, 8, 3, 3)))
     expected = lut_conv2d(x, w, lut, stride=2, padding=1, groups=2, pad_value=7).double()
-    got = cuda.conv2d(x.cuda(), w.cuda(), lut.cuda(), stride=2, padding=1, groups=2, pad_value=7)
+    got = cuda.conv2d(x.cuda(), w.cuda(), cuda.build_image(lut.cuda()), stride=2, padding=1, groups=2, pad_value=7)
     torch.testing.assert_close(got.cpu(), expected, rtol=0, atol=0)

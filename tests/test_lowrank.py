@@ -1,6 +1,8 @@
-"""Exact low-rank LUT GEMMs against the float64 gather oracle over the LUT."""
+"""Exact low-rank LUT GEMMs against the float64 gather oracle over the LUT; routes chosen through
+the engine's arguments (strategy, routes, an injected calibration)."""
 
 import logging
+import math
 
 import numpy as np
 import pytest
@@ -8,9 +10,13 @@ import torch
 
 from approxrun.lut import exact_lut
 from approxrun.multipliers import get_multiplier
-from approxrun.ops import get_strategy, lut_conv2d, lut_matmul, set_strategy, use_strategy
+from approxrun.ops import EngineRegistry, LutEngine, engine_for, lut_conv2d, lut_matmul
 from approxrun.ops import lowrank
 from approxrun.ops.gradients import gradient_tables
+from approxrun.ops.lowrank import Calibration, GemmPlan, calibration as calibration_module
+from approxrun.ops.lowrank.calibration import GEMM_WIDTHS
+
+INT8_EXACT = lowrank.int8_gemm_is_exact()
 
 
 def matmul_oracle(a, b, lut):
@@ -52,15 +58,32 @@ def codes(rng, shape, lo=-128, hi=128):
     return torch.as_tensor(rng.integers(lo, hi, shape))
 
 
-@pytest.fixture(autouse=True)
-def default_strategy():
-    yield
-    set_strategy("auto")
+def machine(int8_mac: float, float32_mac: float, gather_lookup: float = 1e-9) -> Calibration:
+    """Injected calibration figures: seconds per multiply-add of int8 and float32 GEMMs at every
+    width, and per gathered lookup (other primitives at plausible values)."""
+    return Calibration(gather_lookup=gather_lookup, gather_row=5 * gather_lookup, gather_table=gather_lookup, direct_lookup=2 * gather_lookup,
+                       gemm={"float32": [float32_mac] * len(GEMM_WIDTHS), "float64": [2 * float32_mac] * len(GEMM_WIDTHS),
+                             "int8": [int8_mac] * len(GEMM_WIDTHS)},
+                       map_entry=2e-10, word_index=4e-10, pair_index=6e-10, int8_call=1e-5, accumulate=1e-10,
+                       int8_exact=INT8_EXACT)
+
+
+AVX2_ONLY = machine(int8_mac=5e-10, float32_mac=3e-11)  # int8 GEMMs ~15x slower than float32 (issue 13)
+AMX_LIKE = machine(int8_mac=1e-12, float32_mac=1e-11)  # int8 GEMMs nearly free
+PLAN_LOG = {"int8": "int8 GEMMs", "float32": "float32 GEMMs", "float64": "float64 GEMM"}
+
+
+def forced(lut, kind: str, signed=(True, True)) -> LutEngine:
+    """An engine that runs every GEMM on one low-rank plan kind (or a conv route)."""
+    if kind == "int8" and not INT8_EXACT:
+        pytest.skip("torch's int8 GEMM is not exact here")
+    lut = lut.lut if hasattr(lut, "lut") else lut
+    return LutEngine(lut, *signed, strategy="lowrank", routes=(kind,), calibration=AMX_LIKE)
 
 
 @pytest.fixture
 def lowrank_log(caplog):
-    """The debug log of the strategy choices, to check that the low-rank path really ran."""
+    """The debug log of the route choices, to check that the low-rank path really ran."""
     with caplog.at_level(logging.DEBUG, logger="approxrun.ops.lowrank"):
         yield caplog
 
@@ -68,46 +91,35 @@ def lowrank_log(caplog):
 @pytest.mark.parametrize("rank", range(1, 9))
 def test_random_low_rank_lut_is_factored_exactly(rank):
     lut = low_rank_lut(rank, seed=rank)
-    table = lowrank.factorize_lut(lut)
+    table = LutEngine(lut).lowrank
     assert table is not None and table.rank == rank and table.exact_part == (True, True)
     x, y = table.x.astype(object), table.y.astype(object)
     assert np.array_equal(x.dot(y.T), lut.astype(object) * table.denominator)
 
 
+@pytest.mark.parametrize("kind", ["int8", "float32", "float64"])
 @pytest.mark.parametrize("rank", range(1, 9))
-def test_matmul_matches_oracle_for_random_ranks(rank, lowrank_log):
+def test_every_plan_matches_oracle_for_asymmetric_ranks(rank, kind, lowrank_log):
     rng = np.random.default_rng(100 + rank)
     lut = low_rank_lut(rank, seed=rank)
-    for m, k, n in ((23, 115, 15), (1, 23, 1)):
+    engine = forced(lut, kind)
+    ran = False
+    for m, k, n in ((23, 115, 15), (1, 23, 1), (40, 64, 7)):
         a, b = codes(rng, (m, k)), codes(rng, (k, n))
-        with use_strategy("lowrank"):
-            out = lut_matmul(a, b, lut)
-        assert out.dtype == torch.int64 and f"low rank {rank}," in lowrank_log.text
+        ran |= engine.plan(1, m, k, n, torch.device("cpu"))[0] is not None
+        out = lut_matmul(a, b, engine)
+        assert out.dtype == torch.int64
         assert np.array_equal(out.numpy(), matmul_oracle(a, b, lut))
+    exists = {"int8": engine.lowrank.int8 is not None, "float32": engine.lowrank.term_bound < 2**24,
+              "float64": True}  # rational factors of ranks >= 3 are too large for int8 or float32 maps
+    assert ran == exists[kind] and (PLAN_LOG[kind] in lowrank_log.text) == exists[kind]
+    assert rank > 2 or exists[kind]
 
 
-PATH_LOG = {torch.int8: "int8 GEMMs", torch.float32: "float32 GEMMs", torch.float64: "float64 GEMM"}
-
-
-@pytest.fixture
-def only_path(monkeypatch):
-    """Restrict the planner to one GEMM path (by dtype), so that every exact path gets tested."""
-    def restrict(dtype):
-        if dtype == torch.int8 and not lowrank.int8_gemm_is_exact():
-            pytest.skip("torch's int8 GEMM is not exact here")
-        candidates = lowrank.candidate_plans
-        monkeypatch.setattr(lowrank, "candidate_plans",
-                            lambda *args: [p for p in candidates(*args) if p.dtype == dtype])
-        monkeypatch.setattr(lowrank, "_by_content", type(lowrank._by_content)())  # fresh tables:
-        monkeypatch.setattr(lowrank, "_by_tensor", {})  # no plans cached from other tests
-    return restrict
-
-
-@pytest.mark.parametrize("path", [torch.int8, torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", ["int8", "float32", "float64"])
 @pytest.mark.parametrize("rank, signed", [(1, (True, True)), (2, (False, False)), (2, (True, False))])
-def test_large_k_matches_oracle(path, rank, signed, only_path, lowrank_log):
+def test_large_k_matches_oracle(kind, rank, signed, lowrank_log):
     """K = 4100: sums reach far beyond 2**24, so one float32 GEMM could not be exact."""
-    only_path(path)
     rng = np.random.default_rng(7)
     lut = low_rank_lut(rank, seed=20 + rank, signed=signed)
     k = 4100
@@ -115,35 +127,34 @@ def test_large_k_matches_oracle(path, rank, signed, only_path, lowrank_log):
     lo_a, hi_a = (-128, 128) if signed[0] else (0, 256)
     lo_b, hi_b = (-128, 128) if signed[1] else (0, 256)
     a, b = codes(rng, (23, k), lo_a, hi_a), codes(rng, (k, 9), lo_b, hi_b)
-    with use_strategy("lowrank"):
-        out = lut_matmul(a, b, lut)
-    assert PATH_LOG[path] in lowrank_log.text
+    out = lut_matmul(a, b, forced(lut, kind, signed))
+    assert PLAN_LOG[kind] in lowrank_log.text
     assert np.array_equal(out.numpy(), matmul_oracle(a, b, lut))
 
 
 @pytest.mark.parametrize("rank", [3, 8])
-def test_large_k_rational_factors_match_oracle(rank, only_path, lowrank_log):
+def test_large_k_rational_factors_match_oracle(rank, lowrank_log):
     """Random errors of rank >= 3 factor with rational coefficients: the float64 path rounds."""
-    only_path(torch.float64)
     rng = np.random.default_rng(8)
     lut = low_rank_lut(rank, seed=20 + rank)
-    assert lowrank.factorize_lut(lut).denominator > 1
-    a, b = codes(rng, (1, 23, 4100)) & 0xFF, codes(rng, (1, 4100, 9)) & 0xFF
-    out = lowrank.try_lowrank_gemm(a, b, torch.as_tensor(lut, dtype=torch.float64), "lowrank")
-    assert out is not None and "float64 GEMM" in lowrank_log.text
-    assert np.array_equal(out[0].numpy(), matmul_oracle(a[0], b[0], lut))
+    engine = forced(lut, "float64")
+    assert engine.lowrank.denominator > 1
+    a, b = codes(rng, (23, 4100)), codes(rng, (4100, 9))
+    out = lut_matmul(a, b, engine)
+    assert "float64 GEMM" in lowrank_log.text
+    assert np.array_equal(out.numpy(), matmul_oracle(a, b, lut))
 
 
 def test_plans_keep_every_partial_sum_exact():
-    drum = lowrank.factorize_lut(get_multiplier("drum_4"))
-    plans = {p.dtype: p for p in lowrank.candidate_plans(drum, 1, 64, 4096, 64, torch.device("cpu"))}
-    assert plans[torch.float32].k_chunk * drum.term_bound < 2**24 and plans[torch.float32].k_chunk < 4096
-    assert plans[torch.float64].k_chunk == 4096
-    if lowrank.int8_gemm_is_exact():
-        assert plans[torch.int8].k_chunk * drum.int8.bound < 2**31
-    rational = lowrank.factorize_lut(low_rank_lut(5, seed=5))
+    drum = LutEngine(get_multiplier("drum_4").lut).lowrank
+    plans = {p.kind: p for p in lowrank.candidate_plans(drum, 1, 64, 4096, 64, torch.device("cpu"), AMX_LIKE)}
+    assert plans["float32"].k_chunk * drum.term_bound < 2**24 and plans["float32"].k_chunk < 4096
+    assert plans["float64"].k_chunk == 4096
+    if INT8_EXACT:
+        assert plans["int8"].k_chunk * drum.int8.bound < 2**31
+    rational = LutEngine(low_rank_lut(5, seed=5)).lowrank
     assert rational.denominator > 1  # random factors are rational: the digits hold D * lut
-    assert lowrank.plan_gemm(rational, 1, 64, 4096, 64, torch.device("cpu")) is not None
+    assert lowrank.candidate_plans(rational, 1, 64, 4096, 64, torch.device("cpu"), AMX_LIKE)
 
 
 @pytest.mark.parametrize("name, signed, width, code_gemm", [
@@ -153,7 +164,7 @@ def test_plans_keep_every_partial_sum_exact():
     ("exact", False, 4, False)])  # unsigned operands: centred columns and an offset
 def test_int8_maps_reproduce_the_table(name, signed, width, code_gemm):
     multiplier = get_multiplier(name, signed)
-    maps = lowrank.factorize_lut(multiplier).int8
+    maps = multiplier.engine.lowrank.int8
     assert maps.x.dtype == maps.y.dtype == np.int8 and maps.width == width
     assert bool(maps.code_scale) == code_gemm
     values = np.arange(256, dtype=np.uint8).view(np.int8).astype(np.int64)  # a byte read as int8
@@ -166,45 +177,26 @@ def test_int8_maps_reproduce_the_table(name, signed, width, code_gemm):
 @pytest.mark.parametrize("name, signed", [("drum_4", True), ("truncated_4", True), ("kulkarni", False),
                                           ("exact", False)])
 @pytest.mark.parametrize("dtype", [torch.int8, torch.float32, torch.int64])
-def test_int8_plan_matches_oracle_for_code_dtypes_and_blocks(name, signed, dtype, monkeypatch, only_path,
-                                                             lowrank_log):
+def test_int8_plan_matches_oracle_for_code_dtypes_and_chunks(name, signed, dtype, lowrank_log):
     """int8/uint8 codes with an even K gather byte pairs; other dtypes and odd K one code at a
-    time; small blocks and int32 limits force several row blocks and K chunks."""
-    only_path(torch.int8)
-    rng = np.random.default_rng(14)
+    time; explicit plans with short K chunks sum several int8 GEMMs."""
     multiplier = get_multiplier(name, signed)
+    engine = forced(multiplier, "int8", (signed, signed))
+    rng = np.random.default_rng(14)
     lo, hi = (-128, 128) if signed else (0, 256)
     dtype = torch.uint8 if dtype == torch.int8 and not signed else dtype
     for m, k, n in ((37, 150, 16), (23, 151, 5), (1, 2, 1), (9, 7, 1), (64, 700, 3)):
         a, b = codes(rng, (m, k), lo, hi), codes(rng, (k, n), lo, hi)
         expected = matmul_oracle(a, b, multiplier.lut)
-        for map_bytes, int32_limit in ((lowrank.MAP_BYTES, lowrank.INT32_EXACT), (4096, 2**22)):
-            monkeypatch.setattr(lowrank, "MAP_BYTES", map_bytes)
-            monkeypatch.setattr(lowrank, "INT32_EXACT", int32_limit)
-            with use_strategy("lowrank"):
-                out = lut_matmul(a.to(dtype), b.to(dtype), multiplier)
-                transposed = lut_matmul(a.to(dtype), b.to(dtype).t().contiguous().t(), multiplier)
-            assert np.array_equal(out.numpy(), expected), (m, k, n, map_bytes)
-            assert np.array_equal(transposed.numpy(), expected)
+        out = lut_matmul(a.to(dtype), b.to(dtype), engine)
+        transposed = lut_matmul(a.to(dtype), b.to(dtype).t().contiguous().t(), engine)
+        assert np.array_equal(out.numpy(), expected), (m, k, n)
+        assert np.array_equal(transposed.numpy(), expected)
+        for chunk in (1, 3, 64):
+            chunked = lowrank.lowrank_gemm(a.to(dtype)[None], b.to(dtype)[None], engine.lowrank,
+                                           GemmPlan("int8", min(chunk, k), 0.0))
+            assert np.array_equal(chunked[0].numpy(), expected), (m, k, n, chunk)
     assert "int8 GEMMs" in lowrank_log.text
-
-
-@pytest.mark.parametrize("name, signed", [("drum_4", False), ("truncated_6_c", True), ("kulkarni", True)])
-def test_int8_plan_matches_oracle_with_k_chunks(name, signed, monkeypatch, only_path, lowrank_log):
-    """A small int32 limit forces several K chunks per GEMM; the sums must still be exact."""
-    only_path(torch.int8)
-    monkeypatch.setattr(lowrank, "INT32_EXACT", 2**22)
-    rng = np.random.default_rng(12)
-    multiplier = get_multiplier(name, signed)
-    lo, hi = (-128, 128) if signed else (0, 256)
-    a, b = codes(rng, (23, 1500), lo, hi), codes(rng, (1500, 9), lo, hi)
-    table = lowrank.factorize_lut(multiplier)
-    plan = lowrank.plan_gemm(table, 1, 23, 1500, 9, torch.device("cpu"))
-    assert plan.dtype == torch.int8 and plan.k_chunk < 1500
-    with use_strategy("lowrank"):
-        out = lut_matmul(a, b, multiplier)
-    assert "int8 GEMMs" in lowrank_log.text
-    assert np.array_equal(out.numpy(), matmul_oracle(a, b, multiplier.lut))
 
 
 def test_no_exact_plan_falls_back_to_gather():
@@ -212,17 +204,14 @@ def test_no_exact_plan_falls_back_to_gather():
     rounding bound fails; for K = 256 it holds."""
     rng = np.random.default_rng(4)
     lut = exact_lut() + rng.integers(-2**14, 2**14, (256, 3)) @ rng.integers(-2**14, 2**14, (256, 3)).T
-    table = lowrank.factorize_lut(lut)
-    assert table.rank == 3 and table.int8 is None
-    assert lowrank.plan_gemm(table, 1, 3, 4096, 2, torch.device("cpu")) is None
-    assert lowrank.plan_gemm(table, 1, 3, 256, 2, torch.device("cpu")).dtype == torch.float64
+    engine = LutEngine(lut, strategy="lowrank", calibration=AMX_LIKE)
+    assert engine.lowrank.rank == 3 and engine.lowrank.int8 is None
+    cpu = torch.device("cpu")
+    assert engine.plan(1, 3, 4096, 2, cpu)[0] is None
+    assert engine.plan(1, 3, 256, 2, cpu)[0].kind == "float64"
     a, b = codes(rng, (3, 4096)), codes(rng, (4096, 2))
-    with use_strategy("lowrank"):
-        assert lowrank.try_lowrank_gemm(a[None] & 0xFF, b[None] & 0xFF, torch.as_tensor(lut)) is None
-        out = lut_matmul(a, b, lut)
-        out_short = lut_matmul(a[:, :256], b[:256], lut)
-    assert np.array_equal(out.numpy(), matmul_oracle(a, b, lut))
-    assert np.array_equal(out_short.numpy(), matmul_oracle(a[:, :256], b[:256], lut))
+    assert np.array_equal(lut_matmul(a, b, engine).numpy(), matmul_oracle(a, b, lut))
+    assert np.array_equal(lut_matmul(a[:, :256], b[:256], engine).numpy(), matmul_oracle(a[:, :256], b[:256], lut))
 
 
 @pytest.mark.parametrize("rank", [1, 4, 8])
@@ -232,105 +221,81 @@ def test_conv_matches_oracle(rank, stride, padding, dilation, groups, pad_value,
     rng = np.random.default_rng(rank * 10 + groups)
     lut = low_rank_lut(rank, seed=30 + rank)
     x, w = codes(rng, (2, 6, 9, 11)), codes(rng, (4, 6 // groups, 3, 2))
-    with use_strategy("lowrank"):
-        out = lut_conv2d(x, w, lut, stride, padding, dilation, groups, pad_value=pad_value)
+    engine = LutEngine(lut, strategy="lowrank", calibration=AVX2_ONLY)
+    out = lut_conv2d(x, w, engine, stride, padding, dilation, groups, pad_value=pad_value)
     expected = conv_oracle(x.numpy(), w.numpy(), lut, stride, padding, dilation, groups, pad_value)
     assert f"low rank {rank}," in lowrank_log.text
     assert np.array_equal(out.numpy(), expected)
 
 
-@pytest.mark.parametrize("path", [torch.int8, torch.float32, torch.float64])
-def test_conv_paths_match_oracle(path, only_path, conv_route, lowrank_log):
+@pytest.mark.parametrize("kind", ["int8", "float32", "float64"])
+def test_conv_unfolded_plans_match_oracle(kind, lowrank_log):
     """Every GEMM plan inside a convolution (unfolded rows: the maps-first routes are off)."""
-    conv_route[1]("unfold")
-    only_path(path)
     rng = np.random.default_rng(13)
     lut = get_multiplier("drum_4", signed=False).lut
     x, w = codes(rng, (2, 4, 9, 8), 0, 256), codes(rng, (6, 2, 3, 3), 0, 256)
-    with use_strategy("lowrank"):
-        out = lut_conv2d(x, w, lut, stride=2, padding=2, groups=2, pad_value=200)
-    assert PATH_LOG[path] in lowrank_log.text
+    out = lut_conv2d(x, w, forced(lut, kind, (False, False)), stride=2, padding=2, groups=2, pad_value=200)
+    assert PLAN_LOG[kind] in lowrank_log.text
     assert np.array_equal(out.numpy(), conv_oracle(x.numpy(), w.numpy(), lut, 2, 2, 1, 2, 200))
 
 
-@pytest.fixture
-def conv_route(monkeypatch):
-    """Count the convolution routes taken; ``only(route)`` disables the routes tried before it:
-    "map" (map-then-conv), "int8" (im2col of packed int8 maps) or "unfold" (unfold, then GEMMs)."""
-    taken = {"map": 0, "int8": 0}
-
-    def spy(route, fn):
-        def run(*args):
-            out = fn(*args)
-            taken[route] += out is not None
-            return out
-        return run
-
-    monkeypatch.setattr(lowrank, "map_conv2d", spy("map", lowrank.map_conv2d))
-    monkeypatch.setattr(lowrank, "int8_conv2d", spy("int8", lowrank.int8_conv2d))
-
-    def only(route):
-        if route in ("int8", "unfold"):
-            monkeypatch.setattr(lowrank, "map_conv2d", lambda *args: None)
-        if route == "unfold":
-            monkeypatch.setattr(lowrank, "int8_conv2d", lambda *args: None)
-    return taken, only
+CONV_ROUTES = {"map": ("map_conv",), "int8": ("int8",), "unfold": ("float32",)}
+ROUTE_LOG = {"map": "map-then-conv", "int8": "int8 im2col"}
 
 
 @pytest.mark.parametrize("route", ["map", "int8", "unfold"])
 @pytest.mark.parametrize("name, signed", [("drum_4", True), ("kulkarni", False), ("truncated_4", True)])
 @pytest.mark.parametrize("stride, padding, dilation, groups, pad_value", [
     (1, 2, 1, 1, -3), (2, 1, 2, 2, 5), (1, 1, 1, 6, 0)])
-def test_conv_routes_match_oracle(route, name, signed, stride, padding, dilation, groups, pad_value,
-                                  conv_route, only_path):
-    taken, only = conv_route
-    only(route)
-    if route == "int8":
-        only_path(torch.int8)
+def test_conv_routes_match_oracle(route, name, signed, stride, padding, dilation, groups, pad_value, lowrank_log):
+    if route == "int8" and not INT8_EXACT:
+        pytest.skip("torch's int8 GEMM is not exact here")
     rng = np.random.default_rng(15)
     multiplier = get_multiplier(name, signed)
+    engine = LutEngine(multiplier.lut, signed, signed, strategy="lowrank", routes=CONV_ROUTES[route],
+                       calibration=AMX_LIKE)
     lo, hi = (-128, 128) if signed else (0, 256)
     pad_value = pad_value & 0xFF if not signed else pad_value
     x, w = codes(rng, (3, 6, 11, 9), lo, hi), codes(rng, (12, 6 // groups, 3, 2), lo, hi)
     expected = conv_oracle(x.numpy(), w.numpy(), multiplier.lut, stride, padding, dilation, groups, pad_value)
     for dtype in (torch.float32, torch.int64):
-        with use_strategy("lowrank"):
-            out = lut_conv2d(x.to(dtype), w.to(dtype), multiplier, stride, padding, dilation, groups,
-                             pad_value=pad_value)
+        out = lut_conv2d(x.to(dtype), w.to(dtype), engine, stride, padding, dilation, groups, pad_value=pad_value)
         assert np.array_equal(out.numpy(), expected)
-    code_gemm = lowrank.factorize_lut(multiplier).int8.code_scale != 0  # not an int8 conv: unfold instead
-    assert taken["map"] == (2 if route == "map" else 0)
-    assert taken["int8"] == (2 if route == "int8" and not code_gemm else 0)
+    code_gemm = engine.lowrank.int8.code_scale != 0  # not an int8 conv: unfold instead
+    for taken, text in ROUTE_LOG.items():
+        assert (text in lowrank_log.text) == (taken == route and not (route == "int8" and code_gemm))
 
 
-def test_map_conv_refuses_unproven_cases(monkeypatch, conv_route, only_path):
+def test_map_conv_refuses_unproven_cases(monkeypatch, lowrank_log):
     """Sums that could reach 2**24, or a conv backend that might use Winograd/FFT: no map-then-conv,
     and the int8 route gives the same exact result."""
-    taken, _ = conv_route
-    only_path(torch.int8)
+    if not INT8_EXACT:
+        pytest.skip("torch's int8 GEMM is not exact here")
     rng = np.random.default_rng(16)
     multiplier = get_multiplier("drum_4")
-    table = lowrank.factorize_lut(multiplier)
+    engine = LutEngine(multiplier.lut, strategy="lowrank", routes=("map_conv", "int8"), calibration=AMX_LIKE)
     x, w = codes(rng, (2, 100, 6, 6)), codes(rng, (3, 100, 3, 3))
-    assert 100 * 9 * table.conv_maps.bound >= 2**24
+    assert 100 * 9 * engine.lowrank.conv_maps.bound >= 2**24
     expected = conv_oracle(x.numpy(), w.numpy(), multiplier.lut, 1, 1, 1, 1, 4)
-    with use_strategy("lowrank"):
-        assert np.array_equal(lut_conv2d(x, w, multiplier, padding=1, pad_value=4).numpy(), expected)
-    assert taken == {"map": 0, "int8": 1}
+
+    def routes_taken(*args):
+        lowrank_log.clear()
+        out = lut_conv2d(*args, engine, padding=1, pad_value=4)
+        return out, [r for r, text in ROUTE_LOG.items() if text in lowrank_log.text]
+
+    out, taken = routes_taken(x, w)
+    assert np.array_equal(out.numpy(), expected) and taken == ["int8"]
     small_x, small_w = x[:, :4], w[:, :4]
-    with use_strategy("lowrank"):
-        lut_conv2d(small_x, small_w, multiplier, padding=1, pad_value=4)
-        assert taken["map"] == 1
-        precision = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision("medium")  # float32 products may round through bfloat16
-        try:
-            lut_conv2d(small_x, small_w, multiplier, padding=1, pad_value=4)
-        finally:
-            torch.set_float32_matmul_precision(precision)
-        assert taken == {"map": 1, "int8": 2}
-        monkeypatch.setattr(torch._C, "_select_conv_backend", lambda *args: "_ConvBackend.NnpackSpatial")
-        out = lut_conv2d(small_x, small_w, multiplier, padding=1, pad_value=4)
-    assert taken == {"map": 1, "int8": 3}
+    assert routes_taken(small_x, small_w)[1] == ["map"]
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")  # float32 products may round through bfloat16
+    try:
+        assert routes_taken(small_x, small_w)[1] == ["int8"]
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    monkeypatch.setattr(torch._C, "_select_conv_backend", lambda *args: "_ConvBackend.NnpackSpatial")
+    out, taken = routes_taken(small_x, small_w)
+    assert taken == ["int8"]
     assert np.array_equal(out.numpy(), conv_oracle(small_x.numpy(), small_w.numpy(), multiplier.lut, 1, 1, 1, 1, 4))
 
 
@@ -339,8 +304,8 @@ def test_depthwise_conv_matches_oracle(strategy, lowrank_log):
     rng = np.random.default_rng(11)
     lut = get_multiplier("drum_4").lut
     x, w = codes(rng, (2, 5, 7, 7)), codes(rng, (5, 1, 3, 3))
-    with use_strategy(strategy):
-        out = lut_conv2d(x, w, lut, padding=1, groups=5, pad_value=-7)
+    out = lut_conv2d(x, w, LutEngine(lut, strategy=strategy, calibration=AVX2_ONLY), padding=1, groups=5,
+                     pad_value=-7)
     assert strategy == "auto" or "G=5 M=98 K=9 N=1" in lowrank_log.text
     assert np.array_equal(out.numpy(), conv_oracle(x.numpy(), w.numpy(), lut, 1, 1, 1, 5, -7))
 
@@ -351,7 +316,7 @@ def test_depthwise_conv_matches_oracle(strategy, lowrank_log):
 @pytest.mark.parametrize("signed", [True, False])
 def test_builtin_design_ranks(name, rank, signed):
     multiplier = get_multiplier(name, signed)
-    table = lowrank.factorize_lut(multiplier)
+    table = multiplier.engine.lowrank
     assert table.rank == rank and table.exact_part == (signed, signed)
     assert table.denominator == 1  # integer factors: the float32 path applies
     error = table.x[:, 1:].astype(object).dot(table.y[:, 1:].T.astype(object))
@@ -360,57 +325,101 @@ def test_builtin_design_ranks(name, rank, signed):
 
 def test_mitchell_is_high_rank_and_falls_back():
     mitchell = get_multiplier("mitchell")
-    assert lowrank.factorize_lut(mitchell) is None
+    assert mitchell.engine.lowrank is None
     assert lowrank.modular_rank(mitchell.error_table.astype(np.int64)) > lowrank.MAX_FACTOR_RANK
 
 
-def test_full_rank_lut_falls_back_to_gather():
+def test_full_rank_lut_falls_back_to_gather(lowrank_log):
     rng = np.random.default_rng(5)
     lut = rng.integers(-2000, 2000, (256, 256))
-    assert lowrank.factorize_lut(lut) is None
     a, b = codes(rng, (23, 40)), codes(rng, (40, 7))
     for strategy in ("auto", "lowrank"):
-        lut_tensor = torch.as_tensor(lut)
-        assert lowrank.try_lowrank_gemm(a[None] & 0xFF, b[None] & 0xFF, lut_tensor, strategy) is None
-        with use_strategy(strategy):
-            assert np.array_equal(lut_matmul(a, b, lut).numpy(), matmul_oracle(a, b, lut))
+        engine = LutEngine(lut, strategy=strategy, calibration=AMX_LIKE)
+        assert engine.lowrank is None
+        assert np.array_equal(lut_matmul(a, b, engine).numpy(), matmul_oracle(a, b, lut))
+    assert "low rank" not in lowrank_log.text
 
 
-def test_strategy_setting_and_overrides(lowrank_log):
-    rng = np.random.default_rng(6)
-    lut = torch.tensor(get_multiplier("drum_4").lut, dtype=torch.float64)
-    a, b = codes(rng, (1, 64, 128)) & 0xFF, codes(rng, (1, 128, 32)) & 0xFF
-    assert get_strategy() == "auto"
-    assert lowrank.try_lowrank_gemm(a, b, lut) is not None
-    assert "low rank 2" in lowrank_log.text
-    set_strategy("gather")
-    assert lowrank.try_lowrank_gemm(a, b, lut) is None
-    assert lowrank.try_lowrank_gemm(a, b, lut, strategy="lowrank") is not None
-    with use_strategy("auto", lookup_cost=1e-6):  # lookups nearly free: the cost model keeps the gather
-        assert lowrank.try_lowrank_gemm(a, b, lut) is None
-    assert get_strategy() == "gather"
+def test_router_follows_injected_calibration():
+    """The same table and shape: an int8-slow machine (AVX2 only) picks float32 low rank, an
+    AMX-like one int8; a machine whose lookups are nearly free keeps the gather."""
+    cpu = torch.device("cpu")
+    shapes = ((8192, 150, 16), (4096, 576, 64), (4096, 1152, 128))
+    avx2 = LutEngine(get_multiplier("drum_4").lut, calibration=AVX2_ONLY)
+    for m, k, n in shapes:
+        assert avx2.plan(1, m, k, n, cpu)[0].kind == "float32"
+    if INT8_EXACT:
+        amx = LutEngine(get_multiplier("drum_4").lut, calibration=AMX_LIKE)
+        assert amx.plan(1, 4096, 1152, 128, cpu)[0].kind == "int8"
+    free_lookups = LutEngine(get_multiplier("drum_4").lut, calibration=machine(5e-10, 3e-11, gather_lookup=1e-15))
+    assert free_lookups.plan(1, 4096, 576, 64, cpu)[0] is None
+    biased = LutEngine(get_multiplier("drum_4").lut, calibration=AVX2_ONLY, lookup_cost=1e-9)
+    assert biased.plan(1, 4096, 576, 64, cpu)[0] is None  # lookup_cost scales the gather's time
+    gather = LutEngine(get_multiplier("drum_4").lut, strategy="gather", calibration=AMX_LIKE)
+    assert gather.plan(1, 4096, 576, 64, cpu) == (None, "gather (strategy)")
+
+
+def test_auto_times_close_routes_then_keeps_the_fastest(lowrank_log):
+    """Under auto the first calls of a shape run the candidate routes (each exact), then the fastest
+    measured one stays; trials=0, or a shape modelled under 2 ms, keeps the model's choice untimed."""
+    rng = np.random.default_rng(17)
+    lut = get_multiplier("drum_4").lut
+    a, b = codes(rng, (300, 64)), codes(rng, (64, 40))
+    even = machine(int8_mac=1e-9, float32_mac=1e-9, gather_lookup=1e-8)  # routes modelled close, over 2 ms
+    engine = LutEngine(lut, calibration=even)
+    for _ in range(10):
+        assert np.array_equal(lut_matmul(a, b, engine).numpy(), matmul_oracle(a, b, lut))
+    measured = [line for line in lowrank_log.text.splitlines() if "lut gemm: measured" in line]
+    assert len(measured) == 1 and measured[0].count(" ms for ") == 1 and "GEMM" in measured[0]
+    lowrank_log.clear()
+    model_only = LutEngine(lut, calibration=even, trials=0)
+    lut_matmul(a, b, model_only)
+    assert "measured" not in lowrank_log.text and "shape G=1 M=300 K=64 N=40" in lowrank_log.text
+    lowrank_log.clear()
+    quick = LutEngine(lut, calibration=machine(int8_mac=1e-12, float32_mac=1e-12, gather_lookup=1e-11))
+    for _ in range(10):
+        lut_matmul(a, b, quick)
+    assert "measured" not in lowrank_log.text
+
+
+def test_engine_settings_are_checked():
     with pytest.raises(ValueError, match="strategy"):
-        set_strategy("fast")
+        LutEngine(exact_lut(), strategy="fast")
     with pytest.raises(ValueError, match="lookup_cost"):
-        set_strategy("auto", lookup_cost=0)
+        LutEngine(exact_lut(), lookup_cost=0)
+    with pytest.raises(ValueError, match="routes"):
+        LutEngine(exact_lut(), routes=("int4",))
+    with pytest.raises(ValueError, match="256x256"):
+        LutEngine(np.zeros((16, 16)))
 
 
-def test_factorization_is_cached_per_content_and_tensor_version():
-    multiplier = get_multiplier("drum_6")
-    table = lowrank.factorize_lut(multiplier)
-    assert lowrank.factorize_lut(multiplier.lut.copy()) is table
-    tensor = torch.tensor(multiplier.lut, dtype=torch.float64)
-    assert lowrank.factorize_lut(tensor) is table
+def test_raw_tensor_lut_is_analysed_once_across_calls():
+    """A notebook's 256x256 tensor: one engine (one factorization, one plan per shape) however often
+    it is passed; an in-place change or another object of other content gets another engine."""
+    registry = EngineRegistry()
+    rng = np.random.default_rng(3)
+    tensor = torch.tensor(get_multiplier("drum_4").lut, dtype=torch.float64)
+    a, b = codes(rng, (40, 64)), codes(rng, (64, 9))
+    first = engine_for(tensor, engines=registry)
+    first.configure(calibration=AVX2_ONLY)
+    table = first.lowrank
+    for _ in range(3):
+        assert np.array_equal(lut_matmul(a, b, tensor, engines=registry).numpy(), matmul_oracle(a, b, tensor))
+    assert engine_for(tensor, engines=registry) is first and first.lowrank is table and len(registry) == 1
+    assert engine_for(tensor.clone(), engines=registry) is first  # same content
+    assert engine_for(tensor.numpy().astype(np.int64), engines=registry) is first
     tensor.copy_(torch.as_tensor(exact_lut(), dtype=torch.float64))  # in-place change: new version
-    assert lowrank.factorize_lut(tensor).rank == 0
+    assert engine_for(tensor, engines=registry).lowrank.rank == 0 and len(registry) == 2
+    multiplier = get_multiplier("drum_6")
+    assert engine_for(multiplier, engines=registry) is multiplier.engine and len(registry) == 2
 
 
 @pytest.mark.parametrize("name", ["drum_4", "truncated_4"])
 def test_lut_gradients_match_gather_backward(name):
     multiplier = get_multiplier(name)
     da, db = gradient_tables(multiplier.lut, True, True)
-    for table in (da, db):
-        factors = lowrank.factorize_table(torch.as_tensor(table))
+    engine = LutEngine(multiplier.lut, calibration=AVX2_ONLY)
+    for table, factors in zip((da, db), engine.gradient_lowrank):
         x, y = factors.x.astype(object), factors.y.astype(object)
         assert np.allclose(x.dot(y.T).astype(float) / factors.denominator, table, rtol=1e-14, atol=0)
     rng = np.random.default_rng(8)
@@ -419,15 +428,27 @@ def test_lut_gradients_match_gather_backward(name):
     results = {}
     for strategy in ("gather", "lowrank"):
         a, b = a_codes.clone().requires_grad_(), b_codes.clone().requires_grad_()
-        with use_strategy(strategy):
-            out = lut_matmul(a, b, multiplier, grad="lut")
-            out.backward(grad_out)
+        out = lut_matmul(a, b, engine.configure(strategy), grad="lut")
+        out.backward(grad_out)
         results[strategy] = (out.detach(), a.grad, b.grad)
     (out_g, grad_a_g, grad_b_g), (out_l, grad_a_l, grad_b_l) = results["gather"], results["lowrank"]
     assert torch.equal(out_g, out_l)
     torch.testing.assert_close(grad_a_l, grad_a_g, rtol=1e-12, atol=1e-9)
     torch.testing.assert_close(grad_b_l, grad_b_g, rtol=1e-12, atol=1e-9)
     assert not torch.equal(grad_a_g, grad_out @ b_codes.T)  # the LUT gradient differs from the STE one
+
+
+def test_calibration_is_measured_once_per_machine_key(tmp_path):
+    """Measured figures are positive and cached under the machine key; a cached file is reused."""
+    first = calibration_module.load_or_measure(tmp_path)
+    assert first.machine == calibration_module.machine_key()
+    assert all(v > 0 for v in (first.gather_lookup + first.gather_row + first.gather_table, first.direct_lookup,
+                               first.map_entry, first.word_index, first.accumulate))
+    assert all(math.isfinite(v) and v > 0 for v in first.gemm["float32"] + first.gemm["float64"])
+    files = list(tmp_path.glob("calibration-*.json"))
+    assert len(files) == 1
+    assert calibration_module.load_or_measure(tmp_path) == first
+    assert 0 < first.gemm_mac("float32", 20) and first.gemm_mac("float32", 1) == first.gemm["float32"][0]
 
 
 @pytest.mark.cuda
@@ -438,8 +459,30 @@ def test_cuda_lowrank_matches_oracle(rank):
     lut = low_rank_lut(rank, seed=40 + rank)
     a, b = codes(rng, (37, 4100)), codes(rng, (4100, 21))
     x, w = codes(rng, (2, 4, 8, 8)), codes(rng, (6, 2, 3, 3))
-    with use_strategy("lowrank"):
-        out = lut_matmul(a.cuda(), b.cuda(), lut)
-        conv = lut_conv2d(x.cuda(), w.cuda(), lut, padding=1, groups=2, pad_value=3)
+    engine = LutEngine(lut, strategy="lowrank")
+    out = lut_matmul(a.cuda(), b.cuda(), engine)
+    conv = lut_conv2d(x.cuda(), w.cuda(), engine, padding=1, groups=2, pad_value=3)
     assert np.array_equal(out.cpu().numpy(), matmul_oracle(a, b, lut))
     assert np.array_equal(conv.cpu().numpy(), conv_oracle(x.numpy(), w.numpy(), lut, 1, 1, 1, 2, 3))
+
+
+@pytest.mark.parametrize("low, high, k", [(-2**15, 2**15, 300), (-2**30, 2**30, 40)])
+def test_native_gather_matches_oracle(low, high, k, lowrank_log):
+    """The compiled CPU kernel (int32 sums, or int64 when K * max|lut| could pass 2**31), on int8,
+    int32 and float codes, several groups."""
+    from approxrun.ops import native
+    if native.load() is None:
+        pytest.skip("no C++ toolchain to build the CPU LUT kernel")
+    rng = np.random.default_rng(21)
+    lut = rng.integers(low, high, (256, 256))
+    for figure, route in (("native_lookup", "native gather"), ("native_table_lookup", "native tables")):
+        fast_native = Calibration(**{**AVX2_ONLY.as_dict(), figure: 1e-15})
+        engine = LutEngine(lut, strategy="gather", calibration=fast_native)
+        for dtype in (torch.int8, torch.int32, torch.float32):
+            a, b = codes(rng, (37, k)), codes(rng, (k, 19))
+            out = lut_matmul(a.to(dtype), b.to(dtype), engine)
+            assert np.array_equal(out.numpy(), matmul_oracle(a, b, lut))
+        x, w = codes(rng, (2, 4, 6, 6)), codes(rng, (6, 2, 3, 3))
+        out = lut_conv2d(x, w, engine, padding=1, groups=2, pad_value=9)
+        assert np.array_equal(out.numpy(), conv_oracle(x.numpy(), w.numpy(), lut, 1, 1, 1, 2, 9))
+        assert engine.chosen_route(2, 72, 18, 3, "cpu") == route  # each strategy modelled fastest in turn

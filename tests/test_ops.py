@@ -7,10 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import approxrun.ops as ops
 from approxrun.lut import exact_lut, index_values
 from approxrun.multipliers import Multiplier
-from approxrun.ops import gather, lut_conv2d, lut_matmul
+from approxrun.ops import LutEngine, gather, lut_conv2d, lut_matmul
 from conftest import conv2d_oracle, matmul_oracle, random_codes, random_lut
 
 GATHER_PATHS = ("direct", "table")
@@ -126,11 +125,11 @@ def test_conv2d_unsigned_codes_and_pad_code(rng):
     np.testing.assert_array_equal(out.numpy(), conv2d_oracle(x, w, lut, padding=1, pad_value=200))
 
 
-def test_conv2d_batch_chunks(rng, monkeypatch):
-    monkeypatch.setattr(ops, "UNFOLD_ELEMENTS", 500)  # a few images per unfold chunk
+def test_conv2d_batch_chunks(rng):
     lut = random_lut(rng)
+    engine = LutEngine(lut, unfold_elements=500)  # a few images per unfold chunk
     x, w = random_codes(rng, (7, 2, 5, 5)), random_codes(rng, (3, 2, 3, 3))
-    out = lut_conv2d(x, w, lut, padding=1, pad_value=3)
+    out = lut_conv2d(x, w, engine, padding=1, pad_value=3)
     np.testing.assert_array_equal(out.numpy(), conv2d_oracle(x, w, lut, padding=1, pad_value=3))
 
 

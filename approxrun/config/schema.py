@@ -147,8 +147,10 @@ class QuantConfig:
 class LutConfig:
     """How LUT GEMMs run; every choice gives the same exact result, only the speed differs."""
 
-    strategy: str = checked("auto", choices="approxrun.ops:STRATEGIES")  # auto (cost model) | gather | lowrank
-    lookup_cost: Optional[float] = checked(None, low=0.0, low_open=True)  # auto's cost of one gathered product
+    # auto (this machine's measured costs, then timed first calls) | gather | lowrank
+    strategy: str = checked("auto", choices="approxrun.ops:STRATEGIES")
+    # a factor on auto's measured gather time (null: 1); raise it to prefer low rank
+    lookup_cost: Optional[float] = checked(None, low=0.0, low_open=True)
 
 
 @dataclass

@@ -104,6 +104,22 @@ class Multiplier:
         self.lut.flags.writeable = False
 
     @classmethod
+    def from_table(cls, lut, signed_a: bool = True, signed_b: bool = True, name: str = "custom") -> "Multiplier":
+        """A multiplier from a raw 256x256 table (numpy array, torch tensor or nested lists) in the
+        byte-indexed convention ``lut[a][b]``; float entries must be whole numbers."""
+        values = lut.detach().cpu().numpy() if hasattr(lut, "detach") else np.asarray(lut)
+        if values.shape != (LUT_SIZE, LUT_SIZE):
+            raise ValueError(f"multiplier {name!r}: LUT shape {values.shape}, expected (256, 256)")
+        if values.dtype.kind == "f":
+            if not (np.isfinite(values).all() and (values == np.round(values)).all()):
+                raise ValueError(f"multiplier {name!r}: LUT entries must be whole numbers")
+            values = values.astype(np.int64)
+        elif values.dtype.kind == "b":
+            values = values.astype(np.int64)
+        return cls(name, values, OperandDomain(signed=signed_a), OperandDomain(signed=signed_b),
+                   description="raw 256x256 table")
+
+    @classmethod
     def exact(cls, signed_a: bool = True, signed_b: bool = True, bits_a: int = 8, bits_b: int = 8,
               name: str = "exact", cost: Cost | None = None) -> "Multiplier":
         return cls(name, exact_lut(signed_a, signed_b), OperandDomain(signed_a, bits_a),
@@ -116,6 +132,14 @@ class Multiplier:
                              description=f"{self.description} [operands swapped: the activation takes operand B]",
                              extra=dict(self.extra, swapped_from=self.name))
         return swapped
+
+    @cached_property
+    def engine(self):
+        """This multiplier's :class:`~approxrun.ops.engine.LutEngine`: its table's exact factorizations,
+        maps, device images and per-shape plans, built on first use and kept with the multiplier.
+        Its route settings (``engine.configure(strategy=...)``) belong to this multiplier only."""
+        from approxrun.ops.engine import LutEngine  # ops build on multipliers, not the reverse
+        return LutEngine(self.lut, self.domain_a.signed, self.domain_b.signed)
 
     @cached_property
     def metrics(self) -> ErrorMetrics:

@@ -154,11 +154,13 @@ class MultiplierResolver:
     """Multiplier names and config entries -> Multiplier objects, each resolved once per run.
 
     Stages resolve the per-layer names of an assignment through it; a name resolved before (e.g.
-    the run's own multiplier, from its config entry) gives the same object.
+    the run's own multiplier, from its config entry) gives the same object. ``lut_settings``
+    (``strategy``, ``lookup_cost``: the run's ``lut`` section) configure each multiplier's engine.
     """
 
-    def __init__(self, evoapprox_root: str | None):
+    def __init__(self, evoapprox_root: str | None, lut_settings: Mapping | None = None):
         self.evoapprox_root = evoapprox_root
+        self.lut_settings = dict(lut_settings or {})
         self._by_spec: dict[str, Multiplier] = {}
         self._by_name: dict[str, Multiplier] = {}
 
@@ -166,6 +168,7 @@ class MultiplierResolver:
         key = json.dumps(dict(spec), sort_keys=True, default=str)
         if key not in self._by_spec:
             multiplier = resolve_multiplier(spec, evoapprox_root=self.evoapprox_root)
+            multiplier.engine.configure(**self.lut_settings)  # the run's LUT route settings
             self._by_spec[key] = self._by_name.setdefault(multiplier.name, multiplier)
         return self._by_spec[key]
 

@@ -16,7 +16,6 @@ import functools
 import logging
 import math
 import re
-import weakref
 from dataclasses import dataclass
 from importlib import resources
 from typing import Protocol
@@ -28,7 +27,7 @@ from torch.nn.modules.utils import _pair
 from approxrun.errors import ApproxrunError, one_line
 from approxrun.lut import LUT_SIZE, code_to_index
 
-__all__ = ["INSTALL_HINT", "Launch", "LutImage", "CupyRunner", "runner_for", "lut_image", "plan_gemm",
+__all__ = ["INSTALL_HINT", "Launch", "LutImage", "CupyRunner", "runner_for", "build_image", "plan_gemm",
            "index_gemm", "gemm_codes", "transposed_codes", "conv2d", "lut_gemm_backward", "kernel_source", "compile_options"]
 
 log = logging.getLogger(__name__)
@@ -173,7 +172,9 @@ class CupyRunner:
                     if not arg.is_contiguous() or arg.device.index != self.device_index:
                         raise RuntimeError(f"{launch.kernel}: tensor arguments must be contiguous on cuda:"
                                            f"{self.device_index}")
-                    arg = cupy.from_dlpack(arg)  # zero-copy; same stream, so no synchronisation
+                    # cached images and scratch made on another stream stay alive until this launch ends
+                    arg.record_stream(torch.cuda.current_stream(self.device_index))
+                    arg = cupy.from_dlpack(arg.detach())  # zero-copy; same stream, so no synchronisation
                 args.append(arg)
             self._function(launch.kernel)(launch.grid, launch.block, tuple(args))
 
@@ -201,25 +202,13 @@ class LutImage:
     wide: bool
 
 
-_images: dict[int, tuple[weakref.ref, int, LutImage]] = {}
-
-
-def lut_image(lut: torch.Tensor) -> LutImage:
-    """The kernels' image of a [256, 256] integer-valued LUT tensor, cached per tensor (and version).
+def build_image(lut: torch.Tensor) -> LutImage:
+    """The kernels' image of a [256, 256] integer-valued LUT tensor (on the kernels' device).
 
     16-bit entries when the LUT's range (max - min) fits 16 bits, which every 8x8-bit product
-    table does (signed, unsigned or mixed); 32-bit entries otherwise.
+    table does (signed, unsigned or mixed); 32-bit entries otherwise. Built once per table and
+    device by its :class:`~approxrun.ops.engine.LutEngine`.
     """
-    key = id(lut)
-    cached = _images.get(key)
-    if cached is not None and cached[0]() is lut and cached[1] == lut._version:
-        return cached[2]
-    image = _build_image(lut)
-    _images[key] = (weakref.ref(lut, lambda _, key=key: _images.pop(key, None)), lut._version, image)
-    return image
-
-
-def _build_image(lut: torch.Tensor) -> LutImage:
     if lut.shape != (LUT_SIZE, LUT_SIZE):
         raise ValueError(f"lut must be 256x256, got shape {tuple(lut.shape)}")
     values = lut.detach().to(torch.float64)
@@ -301,6 +290,7 @@ def gemm_codes(a_t: torch.Tensor, b: torch.Tensor, m: int, image: LutImage, runn
     runner = runner or runner_for(a_t.device)
     groups, k, m_padded = a_t.shape
     n = b.shape[2]
+    _check_operands(a_t, b, image)
     kind = "wide" if image.wide else "narrow"
     if m == 0 or n == 0 or k == 0:
         return torch.zeros(groups, m, n, dtype=torch.float64, device=a_t.device)
@@ -325,14 +315,31 @@ def gemm_codes(a_t: torch.Tensor, b: torch.Tensor, m: int, image: LutImage, runn
     return out
 
 
-def index_gemm(a_idx: torch.Tensor, b_idx: torch.Tensor, lut: torch.Tensor, runner: Runner | None = None):
+def _check_operands(a_t: torch.Tensor, b: torch.Tensor, image: LutImage) -> None:
+    """The kernels load 16 codes of ``a_t`` (and the table) as one uint4: a misaligned or strided
+    operand would fault on the GPU and kill the CUDA context, so it is refused here."""
+    if a_t.dtype != torch.uint8 or b.dtype != torch.uint8:
+        raise ValueError(f"gemm_codes takes uint8 codes, got {a_t.dtype} and {b.dtype}")
+    if a_t.dim() != 3 or b.dim() != 3 or a_t.shape[0] != b.shape[0] or a_t.shape[1] != b.shape[1]:
+        raise ValueError(f"gemm_codes needs a_t [G, K, M] and b [G, K, N], got {tuple(a_t.shape)} and {tuple(b.shape)}")
+    if a_t.shape[2] % M_ALIGN:
+        raise ValueError(f"gemm_codes: a_t's row length {a_t.shape[2]} is not a multiple of {M_ALIGN}")
+    for name, t in (("a_t", a_t), ("b", b), ("the LUT image", image.table)):
+        if not t.is_contiguous():
+            raise ValueError(f"gemm_codes: {name} must be contiguous")
+        if t.data_ptr() % 16:
+            raise ValueError(f"gemm_codes: {name} starts at an address not aligned to 16 bytes "
+                             "(a sliced view); pass a fresh contiguous tensor")
+
+
+def index_gemm(a_idx: torch.Tensor, b_idx: torch.Tensor, image: LutImage, runner: Runner | None = None):
     """The ops' gather GEMM on the GPU: a_idx [G, M, K], b_idx [G, K, N] byte indices -> float64 [G, M, N]."""
     runner = runner or runner_for(a_idx.device)
     b = b_idx.to(torch.uint8).contiguous()
-    return gemm_codes(transposed_codes(a_idx), b, a_idx.shape[1], lut_image(lut), runner)
+    return gemm_codes(transposed_codes(a_idx), b, a_idx.shape[1], image, runner)
 
 
-def conv2d(x: torch.Tensor, w: torch.Tensor, lut: torch.Tensor, stride=1, padding=0, dilation=1, groups: int = 1,
+def conv2d(x: torch.Tensor, w: torch.Tensor, image: LutImage, stride=1, padding=0, dilation=1, groups: int = 1,
            pad_value: int = 0, runner: Runner | None = None) -> torch.Tensor:
     """LUT convolution forward of codes x [B, C, H, W] and w [O, C/groups, kh, kw] -> float64 [B, O, Ho, Wo].
 
@@ -356,7 +363,7 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, lut: torch.Tensor, stride=1, paddin
                   (x_idx, a_t, *map(np.int32, (batch, channels, height, width, groups, kh, kw, *stride, *padding,
                                                *dilation, out_h, out_w, a_t.shape[2],
                                                int(code_to_index(int(pad_value))))))))
-    out = gemm_codes(a_t, b, m, lut_image(lut), runner)  # [G, B * Ho * Wo, O / G]
+    out = gemm_codes(a_t, b, m, image, runner)  # [G, B * Ho * Wo, O / G]
     return out.reshape(groups, batch, out_h * out_w, -1).permute(1, 0, 3, 2).reshape(batch, out_channels, out_h,
                                                                                      out_w)
 

@@ -32,7 +32,7 @@ CHUNK_INDICES = 1 << 20  # index elements per embedding_bag call (fewer, larger 
 MAX_TILE_K = 64  # deeper tiles of narrow rows fall out of L2 while the row chunks gather from them
 WIDE_ROW = 64  # table columns per tile; wider rows gather more products per index
 TRANSPOSE_BLOCK = 64  # columns per block of a transposing copy
-DIRECT_ROWS = 192  # below this many rows on both outer sides, building tables costs more than it saves
+DIRECT_ROWS = 192  # default only: the engine decides by this machine's measured costs
 
 
 def _peak(lut: torch.Tensor) -> int:
@@ -78,19 +78,20 @@ def _use_direct(m: int, n: int) -> bool:
     return max(m, n) < DIRECT_ROWS or min(m, n) == 1
 
 
-def grouped_lut_gemm(a: torch.Tensor, b: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+def grouped_lut_gemm(a: torch.Tensor, b: torch.Tensor, lut: torch.Tensor, direct: bool | None = None) -> torch.Tensor:
     """out[g, m, n] = sum_k lut[byte(a[g, m, k]), byte(b[g, k, n])], exact, as float64.
 
     ``a`` [G, M, K] and ``b`` [G, K, N] hold integer codes (any integer or float dtype; byte
     indices are codes too); ``lut`` is the [256, 256] table (any real dtype with integer values).
-    The table strategy reads the rows side chunk by chunk, taking its bytes on the way.
+    The table strategy reads the rows side chunk by chunk, taking its bytes on the way. ``direct``
+    picks the strategy (the caller's measured choice); None: by :data:`DIRECT_ROWS`.
     """
     groups, m, k = a.shape
     n = b.shape[2]
     if k == 0 or m == 0 or n == 0:
         return torch.zeros(groups, m, n, dtype=torch.float64, device=a.device)
     peak = _peak(lut)
-    if _use_direct(m, n):
+    if min(m, n) == 1 or (_use_direct(m, n) if direct is None else direct):
         return _direct_gemm(code_to_index(a), code_to_index(b), lut, peak)
     if m < n:  # out^T = b^T (x) a^T with the transposed table: the table goes on the M side
         return _table_gemm(b.transpose(1, 2), code_to_index(a).transpose(1, 2), lut.t(), peak).transpose(1, 2)

@@ -1,0 +1,441 @@
+"""The LUT engine: one 256x256 table and everything derived from it, built once, passed explicitly.
+
+A :class:`LutEngine` owns the integer table, its device copies (CPU tensors, the CUDA kernels'
+image), the LUT-derived gradient tables, the exact low-rank factorizations and their packed maps,
+the per-shape plans and the route choice. Its settings are its own: ``strategy`` (``"auto"``: the
+fastest exact route by the machine's measured costs, ``"gather"``, ``"lowrank"``: low rank whenever
+an exact plan exists), the plan kinds it may use, a ``lookup_cost`` factor on the gather's
+modelled time, and the :class:`~approxrun.ops.lowrank.Calibration` (by default measured once per
+machine and cached on disk, see :mod:`approxrun.ops.lowrank.calibration`).
+
+A :class:`~approxrun.multipliers.Multiplier` has one (``multiplier.engine``). Raw arrays and tensors
+get theirs from an :class:`EngineRegistry` keyed by content: the ops take ``engines=`` and default
+to :data:`DEFAULT_ENGINES`, a bounded registry documented as the one shared object of this kind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+import weakref
+from collections import OrderedDict
+from functools import cached_property
+
+import numpy as np
+import torch
+
+from approxrun.lut import LUT_SIZE, code_to_index
+from approxrun.ops import native
+from approxrun.ops.gather import depthwise_lut_gemm, grouped_lut_gemm
+from approxrun.ops.gradients import gradient_tables, grouped_lut_gemm_backward
+from approxrun.ops.im2col import conv_output_size, grouped_columns, grouped_rows, scratch
+from approxrun.ops.lowrank import (PLAN_KINDS, Calibration, LowRankTable, candidate_plans, factor_lut,
+                                   factor_rational_table, int8_conv2d, load_or_measure, lowrank_backward,
+                                   lowrank_gemm, map_conv2d, map_conv_time)
+
+__all__ = ["STRATEGIES", "ROUTE_KINDS", "LutEngine", "EngineRegistry", "DEFAULT_ENGINES"]
+
+log = logging.getLogger("approxrun.ops.lowrank")  # the route log: hydra.verbose=approxrun.ops.lowrank
+STRATEGIES = ("auto", "gather", "lowrank")
+ROUTE_KINDS = (*PLAN_KINDS, "map_conv", "native")  # routes an engine may be restricted to
+UNFOLD_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 27}  # unfolded codes per batch block (CPU: 8 MB of int32)
+PLAN_CACHE = 256  # per-shape plans an engine keeps
+TORCH_GATHER, NATIVE_GATHER, NATIVE_TABLES = "torch gather", "native gather", "native tables"  # gather routes
+TRIAL_ROUNDS = 2  # timed calls per route (the best counts)
+TRIAL_MIN_SECONDS = 2e-3  # shapes modelled faster than this keep the model's route: timing them is noise
+TRIAL_SPREAD = 2.0  # auto also times the low-rank plans modelled within this factor of the best one
+
+
+def _table_values(lut) -> np.ndarray:
+    values = lut.detach().cpu().numpy() if isinstance(lut, torch.Tensor) else np.asarray(lut)
+    if values.shape != (LUT_SIZE, LUT_SIZE):
+        raise ValueError(f"lut must be 256x256, got shape {values.shape}")
+    if not np.issubdtype(values.dtype, np.number) or np.issubdtype(values.dtype, np.complexfloating):
+        raise ValueError(f"lut must hold real numbers, got dtype {values.dtype}")
+    integral = np.isfinite(values).all() and (values == np.round(values)).all() and np.abs(values).max() < 2**53
+    values = np.array(values, dtype=np.int64 if integral else np.float64)
+    values.flags.writeable = False
+    return values
+
+
+class LutEngine:
+    """Exact LUT GEMMs and convolutions of one table ``lut[a][b]`` (byte-indexed, operand A the
+    activation); ``signed_a``/``signed_b`` give the operands' numeric order for LUT-derived gradients."""
+
+    def __init__(self, lut, signed_a: bool = True, signed_b: bool = True, *, strategy: str = "auto",
+                 routes: tuple[str, ...] = ROUTE_KINDS, lookup_cost: float | None = None,
+                 calibration: Calibration | None = None, unfold_elements: int | None = None, trials: int = 4):
+        self.values = _table_values(lut)
+        self.trials = trials  # routes timed on a shape's first calls under auto (below 2: the model alone)
+        self.unfold_elements = unfold_elements  # None: per device, see unfold_block
+        self.signed_a, self.signed_b = bool(signed_a), bool(signed_b)
+        self._device_tables: dict = {}
+        self._plans: OrderedDict = OrderedDict()
+        self._calibration = calibration
+        self.configure(strategy, routes, lookup_cost)
+
+    def configure(self, strategy: str = "auto", routes: tuple[str, ...] = ROUTE_KINDS,
+                  lookup_cost: float | None = None, calibration: Calibration | None = None) -> "LutEngine":
+        """Set the route choice (see the module); plans chosen before are forgotten."""
+        if strategy not in STRATEGIES:
+            raise ValueError(f"LUT GEMM strategy must be one of {STRATEGIES}, got {strategy!r}")
+        unknown = set(routes) - set(ROUTE_KINDS)
+        if unknown:
+            raise ValueError(f"LUT routes must be among {ROUTE_KINDS}, got {sorted(unknown)}")
+        if lookup_cost is not None and (isinstance(lookup_cost, bool) or not lookup_cost > 0):
+            raise ValueError(f"lookup_cost must be a positive number, got {lookup_cost!r}")
+        self.strategy, self.routes = strategy, tuple(routes)
+        self.lookup_cost = 1.0 if lookup_cost is None else float(lookup_cost)
+        if calibration is not None:
+            self._calibration = calibration
+        self._plans.clear()
+        return self
+
+    def __repr__(self) -> str:
+        rank = "?" if "lowrank" not in self.__dict__ else (None if self.lowrank is None else self.lowrank.rank)
+        return f"LutEngine(strategy={self.strategy!r}, routes={self.routes}, error rank={rank})"
+
+    # ------------------------------------------------------------------ derived forms, built once
+
+    @property
+    def calibration(self) -> Calibration:
+        """The machine's measured costs: injected, else loaded (or measured) on first use."""
+        if self._calibration is None:
+            self._calibration = load_or_measure()
+        return self._calibration
+
+    @cached_property
+    def lowrank(self) -> LowRankTable | None:
+        """The exact low-rank form (None: rank above the limit, or a non-integer table)."""
+        if self.values.dtype != np.int64 or np.abs(self.values).max() >= 2**31:
+            return None
+        return LowRankTable.from_factors(factor_lut(self.values))
+
+    @cached_property
+    def _gradient_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        return gradient_tables(self.values, self.signed_a, self.signed_b)
+
+    @cached_property
+    def gradient_lowrank(self) -> tuple[LowRankTable, LowRankTable] | None:
+        """Exact low-rank forms of both LUT-derived gradient tables, or None."""
+        fa, fb = (LowRankTable.from_factors(factor_rational_table(t)) for t in self._gradient_arrays)
+        return None if fa is None or fb is None else (fa, fb)
+
+    def table(self, device) -> torch.Tensor:
+        """The LUT as a float64 tensor on ``device``."""
+        key = ("lut", str(device))
+        if key not in self._device_tables:
+            self._device_tables[key] = torch.as_tensor(self.values.astype(np.float64), device=device)
+        return self._device_tables[key]
+
+    def gradient_tensors(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = ("gradients", str(device))
+        if key not in self._device_tables:
+            self._device_tables[key] = tuple(torch.as_tensor(t, device=device) for t in self._gradient_arrays)
+        return self._device_tables[key]
+
+    def int32_table(self) -> torch.Tensor:
+        """The LUT as a contiguous int32 CPU tensor: the compiled CPU kernel's image."""
+        if "int32" not in self._device_tables:
+            self._device_tables["int32"] = torch.as_tensor(self.values.astype(np.int32))
+        return self._device_tables["int32"]
+
+    def cuda_image(self, device):
+        """The CUDA kernels' image of the table on ``device``, built once (no host round trip per call)."""
+        from approxrun.ops import cuda
+        key = ("image", str(device))
+        if key not in self._device_tables:
+            self._device_tables[key] = cuda.build_image(self.table(device))
+        return self._device_tables[key]
+
+    # ------------------------------------------------------------------ routes
+
+    def plan(self, groups: int, m: int, k: int, n: int, device: torch.device, byte_codes: bool = False):
+        """(the low-rank plan for this GEMM shape, or None for the gather; why, in words), kept per shape."""
+        key = (groups, m, k, n, str(device), byte_codes, torch.get_float32_matmul_precision())
+        if key not in self._plans:
+            self._plans[key] = self._choose(groups, m, k, n, device, byte_codes)
+            if len(self._plans) > PLAN_CACHE:
+                self._plans.popitem(last=False)
+        return self._plans[key]
+
+    def _choose(self, groups, m, k, n, device, byte_codes):
+        if self.strategy == "gather":
+            return None, "gather (strategy)"
+        table = self.lowrank
+        if table is None:
+            return None, "gather (no exact low-rank form: rank above the limit or a non-integer LUT)"
+        cal = None if device.type != "cpu" else self.calibration
+        plans = candidate_plans(table, groups, m, k, n, device, cal, byte_codes, self.routes)
+        if not plans:
+            return None, f"gather (no exact low-rank plan for K={k}, rank {table.rank})"
+        best = min(plans, key=lambda p: p.time)
+        if self.strategy == "auto" and cal is not None:
+            gather = cal.gather_time(groups, m, k, n) * self.lookup_cost
+            if best.time >= gather:
+                return None, f"gather ({best.kind} low rank {best.time * 1e3:.3g} ms > gather {gather * 1e3:.3g} ms)"
+        return best, f"low rank {table.rank}, {best}"
+
+    def _ranked_routes(self, groups, m, k, n, device, byte_codes) -> list:
+        """The routes auto times on a shape's first calls: each family's best by modelled time (the
+        torch gather, the compiled gather, the best exact low-rank plan; measured figures can be off
+        on a loaded machine, so no family is ruled out by the model alone), then other low-rank
+        plans modelled within :data:`TRIAL_SPREAD` of the best one, ``trials`` routes at most."""
+        cal = self.calibration
+        routes = [TORCH_GATHER] + ([NATIVE_GATHER, NATIVE_TABLES] if self._native_usable(device) else [])
+        if self.lowrank is not None and self.strategy != "gather":
+            plans = sorted(candidate_plans(self.lowrank, groups, m, k, n, device, cal, byte_codes, self.routes),
+                           key=lambda plan: plan.time)
+            routes += [plan for plan in plans if plan.time <= TRIAL_SPREAD * plans[0].time]
+        return routes[:self.trials]
+
+    def _native_usable(self, device) -> bool:
+        cal = self.calibration
+        return (device.type == "cpu" and "native" in self.routes
+                and math.isfinite(min(cal.native_lookup, cal.native_table_lookup))
+                and self.values.dtype == np.int64 and np.abs(self.values).max() < 2**31)
+
+    def _gemm_route(self, groups, m, k, n, device, byte_codes):
+        """(the route of one GEMM call, the list its time goes to when timed). Under ``auto`` on a
+        CPU the first calls of a shape time the candidate routes (:meth:`_ranked_routes`), one per
+        call in turns, :data:`TRIAL_ROUNDS` times each, and the fastest measured one is kept: every
+        route is exact, so only the speed depends on it. Otherwise the model's choice."""
+        if device.type != "cpu" or self.strategy == "lowrank" or self.trials < 2:
+            return self._gemm_route_by_model(groups, m, k, n, device, byte_codes), None
+        key = ("trial", groups, m, k, n, byte_codes, torch.get_float32_matmul_precision())
+        trial = self._plans.get(key)
+        if trial is None and self._modelled_time(groups, m, k, n, device, byte_codes) < TRIAL_MIN_SECONDS:
+            return self._gemm_route_by_model(groups, m, k, n, device, byte_codes), None
+        if trial is None:
+            trial = self._plans[key] = {"routes": self._ranked_routes(groups, m, k, n, device, byte_codes),
+                                        "times": []}
+            if len(self._plans) > PLAN_CACHE:
+                self._plans.popitem(last=False)
+        routes, times = trial["routes"], trial["times"]
+        if len(times) < TRIAL_ROUNDS * len(routes):  # the routes take turns, so load bursts hit them alike
+            return routes[len(times) % len(routes)], times
+        if "best" not in trial:
+            best = [min(times[i::len(routes)]) for i in range(len(routes))]
+            trial["best"] = routes[min(range(len(routes)), key=best.__getitem__)]
+            log.debug("lut gemm: measured %s ms for %s: %s, shape G=%d M=%d K=%d N=%d",
+                      ", ".join(f"{t * 1e3:.3g}" for t in best), ", ".join(map(_route_name, routes)),
+                      _route_name(trial["best"]), groups, m, k, n)
+        return trial["best"], None
+
+    def _gemm_route_by_model(self, groups, m, k, n, device, byte_codes):
+        plan = self._logged_plan("gemm", groups, m, k, n, device, byte_codes)
+        if plan is None and self._native_usable(device) and self.strategy != "lowrank":
+            cal = self.calibration
+            route, time_ = min(((NATIVE_GATHER, cal.native_time(groups, m, k, n, False)),
+                                (NATIVE_TABLES, cal.native_time(groups, m, k, n, True))), key=lambda r: r[1])
+            if time_ < cal.gather_time(groups, m, k, n):
+                return route
+        return TORCH_GATHER if plan is None else plan
+
+    def _modelled_time(self, groups, m, k, n, device, byte_codes) -> float:
+        """The model's time of the route it would pick (seconds)."""
+        cal = self.calibration
+        plan = self.plan(groups, m, k, n, device, byte_codes)[0]
+        gather = cal.gather_time(groups, m, k, n)
+        if self._native_usable(device):
+            gather = min(gather, cal.native_time(groups, m, k, n, False), cal.native_time(groups, m, k, n, True))
+        return gather if plan is None else min(gather, plan.time)
+
+    def chosen_route(self, groups: int, m: int, k: int, n: int, device, byte_codes: bool = False) -> str:
+        """The route a GEMM of this shape takes now, in words (after auto's timed first calls: the
+        measured fastest; before them, or without trials: the model's choice)."""
+        trial = self._plans.get(("trial", groups, m, k, n, byte_codes, torch.get_float32_matmul_precision()))
+        if trial is not None and "best" in trial:
+            return _route_name(trial["best"])
+        return _route_name(self._gemm_route_by_model(groups, m, k, n, torch.device(device), byte_codes))
+
+    def _logged_plan(self, what: str, groups, m, k, n, device, byte_codes=False):
+        plan, reason = self.plan(groups, m, k, n, device, byte_codes)
+        log.debug("lut %s: %s, shape G=%d M=%d K=%d N=%d", what, reason, groups, m, k, n)
+        return plan
+
+    # ------------------------------------------------------------------ operations
+
+    def gemm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """out[g, m, n] = sum_k lut[byte(a[g, m, k])][byte(b[g, k, n])] of code tensors, float64."""
+        groups, m, k = a.shape
+        n = b.shape[2]
+        if not groups * m * k * n:
+            return self._gather_gemm(a, b)
+        route, times = self._gemm_route(groups, m, k, n, a.device, a.dtype in (torch.int8, torch.uint8))
+        start = time.perf_counter()
+        if route in (NATIVE_GATHER, NATIVE_TABLES):
+            out = native.load()(a, b, self.int32_table(), wide_sums=k * int(np.abs(self.values).max()) >= 2**31,
+                                tables=route == NATIVE_TABLES)
+        elif route == TORCH_GATHER:
+            out = self._gather_gemm(a, b)
+        else:
+            out = lowrank_gemm(a, b, self.lowrank, route)
+        if times is not None:  # a timed trial of this route
+            times.append(time.perf_counter() - start)
+        return out
+
+    def _gather_gemm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        groups, n = a.shape[0], b.shape[2]
+        if a.is_cuda:  # CuPy LUT kernels; without CuPy, a one-line install error
+            from approxrun.ops import cuda
+            return cuda.index_gemm(code_to_index(a), code_to_index(b), self.cuda_image(a.device))
+        lut = self.table(a.device)
+        if n == 1 and groups > 1:
+            log.debug("lut gemm: depthwise gather path for %d groups", groups)
+            return depthwise_lut_gemm(code_to_index(a), code_to_index(b)[:, :, 0], lut).unsqueeze(-1)
+        return grouped_lut_gemm(a, b, lut, direct=self.calibration.gather_direct(a.shape[1], n))
+
+    def backward(self, grad_out: torch.Tensor, a_idx: torch.Tensor, b_idx: torch.Tensor):
+        """(grad_a, grad_b) float64 of the GEMM through the LUT-derived gradient tables."""
+        groups, m, k = a_idx.shape
+        n = b_idx.shape[2]
+        factored = None if self.strategy == "gather" or not groups * m * k * n else self.gradient_lowrank
+        if factored is not None and self.strategy == "auto" and a_idx.device.type == "cpu":
+            fa, fb = factored
+            cal = self.calibration
+            width = fa.width + fb.width
+            lowrank_time = groups * (m * k * n * width * cal.gemm_mac("float64", n)
+                                     + (m * k + k * n) * width * 2 * cal.map_entry)
+            if lowrank_time >= groups * (m + 256) * k * n * cal.backward_lookup * self.lookup_cost:
+                factored = None
+        if factored is not None:
+            log.debug("lut backward: low rank %d + %d", factored[0].width, factored[1].width)
+            return lowrank_backward(grad_out, a_idx, b_idx, *factored)
+        log.debug("lut backward: gradient-table gathers")
+        da, db = self.gradient_tensors(a_idx.device)
+        if a_idx.is_cuda:
+            from approxrun.ops import cuda
+            return cuda.lut_gemm_backward(grad_out, a_idx, b_idx, da, db)
+        return grouped_lut_gemm_backward(grad_out, a_idx, b_idx, da, db)
+
+    def conv2d(self, xp: torch.Tensor, w: torch.Tensor, stride, dilation, groups: int,
+               pad_value: int = 0, padding=(0, 0)) -> torch.Tensor:
+        """LUT convolution of codes x [B, C, H, W] (padded by ``padding`` with ``pad_value``; CPU
+        callers pass it padded already) and codes w, no autograd: float64 [B, O, Ho, Wo]."""
+        if xp.is_cuda and self._cuda_conv_gathers(xp, w, stride, padding, dilation, groups):
+            from approxrun.ops import cuda  # the im2col kernel writes the GEMM operand straight from x
+            return cuda.conv2d(xp, w, self.cuda_image(xp.device), stride, padding, dilation, groups, pad_value)
+        if any(padding):
+            xp = torch.nn.functional.pad(xp, (padding[1], padding[1], padding[0], padding[0]),
+                                         value=float(pad_value) if xp.is_floating_point() else pad_value)
+        out = self._lowrank_conv2d(xp, w, stride, dilation, groups)
+        return out if out is not None else self._unfolded_conv2d(xp, w, stride, dilation, groups)
+
+    def _cuda_conv_gathers(self, x, w, stride, padding, dilation, groups) -> bool:
+        """Whether a CUDA convolution takes the gather kernels (then im2col on the GPU, no unfold)."""
+        out_channels, group_channels, kh, kw = w.shape
+        m = x.shape[0] * conv_output_size(x.shape[2], kh, stride[0], padding[0], dilation[0]) * conv_output_size(
+            x.shape[3], kw, stride[1], padding[1], dilation[1])
+        return self.plan(groups, m, group_channels * kh * kw, out_channels // groups, x.device)[0] is None
+
+    def _lowrank_conv2d(self, x, w, stride, dilation, groups):
+        """Map-then-conv or the int8 plan's im2col of packed maps (maps gathered per input element),
+        when the route choice takes low rank; else None."""
+        batch, _, height, width = x.shape
+        out_channels, group_channels, kh, kw = w.shape
+        m = batch * conv_output_size(height, kh, stride[0], 0, dilation[0]) * conv_output_size(
+            width, kw, stride[1], 0, dilation[1])
+        k, n = group_channels * kh * kw, out_channels // groups
+        if self.strategy == "gather" or not groups * m * k * n or self.lowrank is None:
+            return None
+        table = self.lowrank
+        maps = table.conv_maps if "map_conv" in self.routes and x.device.type == "cpu" else None
+        if maps is not None:
+            plan = self.plan(groups, m, k, n, x.device)[0]
+            map_time = map_conv_time(self.calibration, x.numel(), groups, m, k, n, maps.width)
+            gather = self.calibration.gather_time(groups, m, k, n) * self.lookup_cost
+            if self.strategy == "lowrank" or map_time < min(gather, plan.time if plan is not None else gather):
+                out = map_conv2d(x, w, table, stride, dilation, groups)
+                if out is not None:
+                    log.debug("lut conv2d: low rank %d, map-then-conv, shape G=%d M=%d K=%d N=%d", table.rank,
+                              groups, m, k, n)
+                    return out
+        plan = self._logged_plan("conv2d", groups, m, k, n, x.device)
+        if plan is None or plan.kind != "int8" or table.int8.code_scale:
+            return None
+        log.debug("lut conv2d: low rank %d, int8 im2col of packed maps", table.rank)
+        return int8_conv2d(x, w, table, plan.k_chunk, stride, dilation, groups)
+
+    def unfold_block(self, device: torch.device) -> int:
+        """Unfolded code elements per batch block: the engine's setting, else bounded CPU scratch
+        memory and far larger blocks on a GPU (one launch covers many samples)."""
+        if self.unfold_elements is not None:
+            return self.unfold_elements
+        return UNFOLD_ELEMENTS["cuda" if device.type == "cuda" else "cpu"]
+
+    def _unfolded_conv2d(self, xp, w, stride, dilation, groups):
+        """The convolution as LUT GEMMs of window rows, unfolded as int32 codes into scratch memory in
+        batch blocks sized for the device."""
+        batch, channels, height, width = xp.shape
+        out_channels, _, kh, kw = w.shape
+        ho = conv_output_size(height, kh, stride[0], 0, dilation[0])
+        wo = conv_output_size(width, kw, stride[1], 0, dilation[1])
+        columns = grouped_columns(w, groups)  # [G, K, O/G]
+        out = torch.empty(batch, out_channels, ho, wo, dtype=torch.float64, device=xp.device)
+        by_group = out.view(batch, groups, out_channels // groups, ho * wo)
+        block = max(1, self.unfold_block(xp.device) // (channels * kh * kw * ho * wo))
+        for b0 in range(0, batch, block):
+            nb = min(batch, b0 + block) - b0
+            rows = grouped_rows(xp[b0:b0 + nb], (kh, kw), stride, dilation, groups,
+                                out=scratch("lut conv rows", (nb * channels * kh * kw * ho * wo,), torch.int32,
+                                            xp.device))
+            product = self.gemm(rows, columns)  # [G, nb*L, O/G]
+            by_group[b0:b0 + nb].copy_(product.view(groups, nb, ho * wo, -1).permute(1, 0, 3, 2))
+        return out
+
+
+def _route_name(route) -> str:
+    return route if isinstance(route, str) else str(route)
+
+
+class EngineRegistry:
+    """Engines of raw tables, found by content: repeated calls with the same array or tensor reuse
+    one engine (its analysis, maps and plans). A tensor held by the caller is recognised by identity
+    and version without reading it again; anything else costs one hash of its 256x256 values
+    (about a millisecond). Holds at most ``capacity`` engines, least recently used dropped first."""
+
+    def __init__(self, capacity: int = 32, **engine_settings):
+        self.capacity = capacity
+        self.engine_settings = engine_settings
+        self._by_content: OrderedDict = OrderedDict()
+        self._by_tensor: dict[int, tuple] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_content)
+
+    def engine_for(self, lut, signed_a: bool = True, signed_b: bool = True) -> LutEngine:
+        """The engine of ``lut``: a LutEngine itself, a Multiplier's own, or one kept by content."""
+        if isinstance(lut, LutEngine):
+            return lut
+        engine = getattr(lut, "engine", None)
+        if isinstance(engine, LutEngine):
+            return engine
+        if isinstance(lut, torch.Tensor):
+            hit = self._by_tensor.get(id(lut))
+            if hit is not None and hit[0]() is lut and hit[1] == (lut._version, signed_a, signed_b):
+                return hit[2]
+        engine = self._by_values(_table_values(lut), signed_a, signed_b)
+        if isinstance(lut, torch.Tensor):
+            key = id(lut)
+            self._by_tensor[key] = (weakref.ref(lut, lambda _, key=key: self._by_tensor.pop(key, None)),
+                                    (lut._version, signed_a, signed_b), engine)
+        return engine
+
+    def _by_values(self, values: np.ndarray, signed_a: bool, signed_b: bool) -> LutEngine:
+        digest = hashlib.blake2b(values.tobytes(), digest_size=16).digest()
+        key = (values.dtype.str, digest, signed_a, signed_b)
+        if key in self._by_content:
+            self._by_content.move_to_end(key)
+            return self._by_content[key]
+        engine = LutEngine(values, signed_a, signed_b, **self.engine_settings)
+        self._by_content[key] = engine
+        if len(self._by_content) > self.capacity:
+            self._by_content.popitem(last=False)
+        return engine
+
+
+DEFAULT_ENGINES = EngineRegistry()
+"""The registry the ops use for raw tables when the caller passes none (``engines=``)."""

@@ -1,0 +1,304 @@
+"""What the router's primitives cost on this machine, measured at run time (about a second).
+
+The router compares the gather path with the low-rank plans by modelled time; every coefficient of
+the model is measured here, on the machine and with the settings the process runs with: the
+gather's cost per lookup, per row and per table entry, the direct gather's cost per lookup,
+float32 / float64 / int8 GEMM rates at a few widths, gathers of float maps and packed int8 words,
+output updates and the fixed cost of an int8 GEMM call. Nothing is fitted to one machine.
+
+The figures are cached per machine key (CPU model and instruction-set flags, the library ISA
+settings in the environment, torch version, thread count) under ``$APPROXRUN_CACHE/calibration``
+(default ``~/.cache/approxrun/calibration``); ``approxrun-lut calibrate`` shows them. Tests inject
+their own :class:`Calibration`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["Calibration", "machine_key", "cpu_description", "calibration_dir", "measure", "load_or_measure",
+           "int8_gemm_is_exact"]
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "APPROXRUN_CACHE"
+FORMAT = 4  # bump when the measured figures change meaning
+ISA_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "DNNL_MAX_CPU_ISA")
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_vbmi", "amx_tile", "amx_int8")
+GEMM_WIDTHS = (8, 32, 128)  # N of the timed GEMMs; other widths interpolate on log N
+GEMM_DTYPES = ("float32", "float64", "int8")
+GEMM_ROWS, GEMM_DEPTH = 1024, 512  # M and K of the timed GEMMs
+GATHER_SHAPES = ((2048, 64, 64), (16384, 32, 4), (256, 64, 256), (4096, 96, 16))  # (M, K, N): each term leads once
+
+
+def cpu_description() -> dict:
+    """CPU model and the instruction-set flags that matter for the LUT routes (Linux /proc/cpuinfo)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model in ("", platform.machine(), platform.processor()):
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    return {"model": model, "flags": [f for f in CPU_FLAGS if f in flags]}
+
+
+def machine_key() -> dict:
+    """What the figures depend on: CPU, library ISA limits, torch version and build, threads."""
+    return {"cpu": cpu_description(), "machine": platform.machine(), "torch": torch.__version__,
+            "capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+            "isa_env": {name: os.environ[name] for name in ISA_ENV if name in os.environ}, "format": FORMAT}
+
+
+def calibration_dir() -> Path:
+    env = os.environ.get(CACHE_ENV)
+    return (Path(env).expanduser() if env else Path.home() / ".cache" / "approxrun") / "calibration"
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Seconds per unit of work of each primitive (see the module); ``gemm`` maps a dtype name to
+    seconds per multiply-add at each of :data:`GEMM_WIDTHS`."""
+
+    gather_lookup: float
+    gather_row: float
+    gather_table: float
+    direct_lookup: float
+    gemm: dict
+    map_entry: float
+    word_index: float
+    pair_index: float
+    int8_call: float
+    accumulate: float
+    int8_exact: bool
+    backward_lookup: float = math.inf  # the gradient-table gathers of a LUT-gradient backward, per product
+    native_lookup: float = math.inf  # the compiled CPU LUT GEMM (approxrun.ops.native); inf: not built here
+    native_table_lookup: float = math.inf  # its table strategy, per product or table entry
+    machine: dict = field(default_factory=dict)
+
+    def gemm_mac(self, dtype: str, n: int) -> float:
+        """Seconds per multiply-add of a ``dtype`` GEMM with ``n`` output columns (log-linear in n
+        between the timed widths, flat outside them)."""
+        rates = self.gemm[dtype]
+        logs = [math.log(w) for w in GEMM_WIDTHS]
+        return float(np.interp(math.log(max(1, n)), logs, rates))
+
+    def gather_direct(self, m: int, n: int) -> bool:
+        """Whether :func:`approxrun.ops.gather.grouped_lut_gemm` should gather every product directly
+        (no tables) for this shape: by the measured costs (K cancels out)."""
+        table = m * n * self.gather_lookup + max(m, n) * self.gather_row + 256 * min(m, n) * self.gather_table
+        return min(m, n) == 1 or m * n * self.direct_lookup < table
+
+    def gather_time(self, groups: int, m: int, k: int, n: int) -> float:
+        """Modelled time of :func:`approxrun.ops.gather.grouped_lut_gemm` (the strategy it is given)."""
+        if self.gather_direct(m, n):
+            return groups * m * k * n * self.direct_lookup
+        return groups * (m * k * n * self.gather_lookup + max(m, n) * k * self.gather_row
+                         + 256 * k * min(m, n) * self.gather_table)
+
+    def native_time(self, groups: int, m: int, k: int, n: int, tables: bool) -> float:
+        """Modelled time of the compiled kernel: per product, or (tables) per product and table entry."""
+        if tables:
+            return groups * (m + 256) * k * n * self.native_table_lookup
+        return groups * m * k * n * self.native_lookup
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Calibration":
+        return cls(**data)
+
+
+def _best_time(fn, repeats: int = 5) -> float:
+    fn()  # warm-up: first-touch memory, kernel selection
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return max(best, 1e-9)
+
+
+def int8_gemm_is_exact() -> bool:
+    """Whether torch's CPU int8 GEMM (``torch._int_mm``, int32 sums) is exact here: extreme operands
+    (which expose the int16 saturation of pre-VNNI kernels) and random ones."""
+    if not hasattr(torch, "_int_mm"):
+        return False
+    generator = torch.Generator().manual_seed(0)
+    cases = [(torch.full((32, 4096), u, dtype=torch.int8), torch.full((4096, 16), v, dtype=torch.int8))
+             for u, v in ((127, 127), (-128, -128), (127, -128), (-128, 127))]
+    for m, k, n in ((37, 1001, 5), (1, 23, 1)):
+        cases.append((torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=generator),
+                      torch.randint(-128, 128, (k, n), dtype=torch.int8, generator=generator)))
+    try:
+        return all(torch.equal(torch._int_mm(a, b).long(), a.long() @ b.long()) for a, b in cases)
+    except RuntimeError:
+        return False
+
+
+def _gather_figures(generator: torch.Generator) -> tuple[float, float, float, float]:
+    """(per lookup, per row, per table entry) of the table gather, fitted by non-negative least
+    squares in relative error to shapes that stress each term, and the direct gather's time per
+    lookup."""
+    from scipy.optimize import nnls
+
+    from approxrun.ops.gather import grouped_lut_gemm
+    lut = torch.randint(-2**15, 2**15, (256, 256), generator=generator).double()
+    rows, times = [], []
+    for m, k, n in GATHER_SHAPES:
+        a = torch.randint(-128, 128, (1, m, k), generator=generator, dtype=torch.int32)
+        b = torch.randint(-128, 128, (1, k, n), generator=generator, dtype=torch.int32)
+        times.append(_best_time(lambda: grouped_lut_gemm(a, b, lut, direct=False)))
+        rows.append((m * k * n, max(m, n) * k, 256 * k * min(m, n)))
+    weighted = np.array(rows, dtype=float) / np.array(times)[:, None]
+    lookup, row, table = nnls(weighted, np.ones(len(times)))[0]
+    lookup = max(lookup, 0.05 * min(t / r[0] for t, r in zip(times, rows)))  # a lookup never costs nothing
+    a = torch.randint(-128, 128, (1, 128, 64), generator=generator, dtype=torch.int32)
+    b = torch.randint(-128, 128, (1, 64, 96), generator=generator, dtype=torch.int32)
+    direct = _best_time(lambda: grouped_lut_gemm(a, b, lut, direct=True)) / (128 * 64 * 96)
+    return float(lookup), float(row), float(table), direct
+
+
+def _gemm_figures(generator: torch.Generator, int8_exact: bool) -> dict:
+    figures = {}
+    for name in GEMM_DTYPES:
+        rates = []
+        for n in GEMM_WIDTHS:
+            if name == "int8":
+                a = torch.randint(-128, 128, (GEMM_ROWS, GEMM_DEPTH), generator=generator, dtype=torch.int8)
+                b = torch.randint(-128, 128, (GEMM_DEPTH, n), generator=generator, dtype=torch.int8)
+                if not int8_exact:
+                    rates.append(math.inf)
+                    continue
+                run = lambda a=a, b=b: torch._int_mm(a, b)  # noqa: E731
+            else:
+                dtype = getattr(torch, name)
+                a = torch.randint(-128, 128, (GEMM_ROWS, GEMM_DEPTH), generator=generator).to(dtype)
+                b = torch.randint(-128, 128, (GEMM_DEPTH, n), generator=generator).to(dtype)
+                run = lambda a=a, b=b: torch.mm(a, b)  # noqa: E731
+            rates.append(_best_time(run) / (GEMM_ROWS * GEMM_DEPTH * n))
+        figures[name] = rates
+    return figures
+
+
+def measure(rounds: int = 2) -> Calibration:
+    """Time every primitive on this machine (about a second per round on 2 cores); each figure is
+    the best of ``rounds`` rounds, so that a burst of load from other processes counts less."""
+    figures = [_measure_round() for _ in range(rounds)]
+    best = {}
+    for name, value in figures[0].as_dict().items():
+        values = [f.as_dict()[name] for f in figures]
+        if name == "gemm":
+            best[name] = {dtype: [min(v[dtype][i] for v in values) for i in range(len(GEMM_WIDTHS))]
+                          for dtype in value}
+        elif isinstance(value, float):
+            best[name] = min(values)
+        else:
+            best[name] = value
+    return Calibration.from_dict(best)
+
+
+def _measure_round() -> Calibration:
+    generator = torch.Generator().manual_seed(0)
+    start = time.perf_counter()
+    warm = torch.ones(512, 512)
+    for _ in range(8):  # wake the thread pool and the allocator before anything is timed
+        torch.mm(warm, warm)
+    lookup, row, table, direct = _gather_figures(generator)
+    int8_exact = int8_gemm_is_exact()
+    gemm = _gemm_figures(generator, int8_exact)
+    count = 1 << 18
+    index = torch.randint(0, 256, (count,), generator=generator, dtype=torch.int32)
+    maps = torch.randn(256, 4, generator=generator)
+    map_entry = _best_time(lambda: F.embedding(index, maps)) / (count * 4)
+    words = torch.randint(-2**31, 2**31 - 1, (256,), generator=generator, dtype=torch.int32)
+    word_index = _best_time(lambda: torch.index_select(words, 0, index)) / count
+    pairs = torch.randint(-2**62, 2**62, (65536,), generator=generator)
+    codes = torch.randint(-128, 128, (count,), generator=generator, dtype=torch.int8)
+
+    def pair_gather():
+        torch.index_select(pairs, 0, codes.view(torch.int16).to(torch.int32) & 0xFFFF)
+
+    pair_index = _best_time(pair_gather) / count
+    out, part = torch.zeros(count, dtype=torch.float64), torch.ones(count, dtype=torch.float64)
+    accumulate = _best_time(lambda: out.add_(part)) / count
+    small = torch.ones(32, 64, dtype=torch.int8)
+    int8_call = _best_time(lambda: torch._int_mm(small, small.t().contiguous())) if int8_exact else math.inf
+    native_lookup, native_table_lookup = _native_figures(generator)
+    backward_lookup = _backward_figure(generator)
+    log.info("LUT route calibration measured in %.2f s", time.perf_counter() - start)
+    return Calibration(lookup, row, table, direct, gemm, map_entry, word_index, pair_index, int8_call, accumulate,
+                       int8_exact, backward_lookup, native_lookup, native_table_lookup, machine_key())
+
+
+def _backward_figure(generator: torch.Generator) -> float:
+    """Seconds per product of the gradient-table gathers (:func:`grouped_lut_gemm_backward`), whose
+    work is M*K*N products plus 256*K*N histogram entries (counted alike)."""
+    from approxrun.ops.gradients import grouped_lut_gemm_backward
+    m, k, n = 256, 8, 8  # slow (a scatter per product): a small shape, one timed call
+    tables = [torch.randn(256, 256, generator=generator, dtype=torch.float64) for _ in range(2)]
+    a = torch.randint(0, 256, (1, m, k), generator=generator)
+    b = torch.randint(0, 256, (1, k, n), generator=generator)
+    grad = torch.randn(1, m, n, generator=generator, dtype=torch.float64)
+    return _best_time(lambda: grouped_lut_gemm_backward(grad, a, b, *tables), repeats=1) / ((m + 256) * k * n)
+
+
+def _native_figures(generator: torch.Generator) -> tuple[float, float]:
+    """Seconds per lookup of the compiled CPU LUT GEMM's two strategies (inf when it cannot be built)."""
+    from approxrun.ops import native
+    kernel = native.load()
+    if kernel is None:
+        return math.inf, math.inf
+    lut = torch.randint(-2**15, 2**15, (256, 256), generator=generator, dtype=torch.int32)
+    a = torch.randint(-128, 128, (1, 512, 128), generator=generator, dtype=torch.int8)
+    b = torch.randint(-128, 128, (1, 128, 64), generator=generator, dtype=torch.int8)
+    direct = _best_time(lambda: kernel(a, b, lut, False)) / (512 * 128 * 64)
+    tables = _best_time(lambda: kernel(a, b, lut, False, tables=True)) / ((512 + 256) * 128 * 64)
+    return direct, tables
+
+
+def _path(key: dict, folder: Path) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return folder / f"calibration-{digest}.json"
+
+
+def load_or_measure(folder: Path | None = None, refresh: bool = False) -> Calibration:
+    """This machine's figures: from the cache when present for its key, else measured and cached
+    (written atomically; an unwritable cache only costs a new measurement next time)."""
+    folder = calibration_dir() if folder is None else Path(folder)
+    key = machine_key()
+    path = _path(key, folder)
+    if not refresh and path.is_file():
+        try:
+            calibration = Calibration.from_dict(json.loads(path.read_text()))
+            if calibration.machine == key:
+                return calibration
+        except (OSError, ValueError, TypeError):
+            log.warning("ignoring unreadable LUT route calibration %s", path)
+    log.info("calibrating the LUT routes for this machine (once per machine key; cached in %s)", folder)
+    calibration = measure()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".tmp{os.getpid()}")
+        partial.write_text(json.dumps(calibration.as_dict(), indent=1))
+        partial.replace(path)
+    except OSError as exc:
+        log.warning("could not cache the LUT route calibration in %s (%s)", folder, exc)
+    return calibration
+

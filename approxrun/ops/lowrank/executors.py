@@ -1,0 +1,240 @@
+"""Torch executors of the exact low-rank plans (CPU or CUDA): GEMMs, convolutions, backward.
+
+- float plans: maps gathered by byte index (``F.embedding``), then float32 GEMMs over K chunks whose
+  partial sums are integers below 2**24, summed in float64, or one float64 GEMM, rounded;
+- int8 plan (CPU): one gather of packed int8 words per index (per two indices for int8/uint8 codes:
+  a byte pair indexes a 65536-word table), int8 GEMMs with int32 sums below 2**31;
+- convolutions gather maps per input element, not per unfolded one: map-then-conv (one float32
+  ``conv2d`` of the maps, exact when torch's backend is direct or im2col, checked per call) or an
+  im2col of the packed int8 words;
+- backward: float64 GEMMs over the maps of the low-rank LUT-derived gradient tables.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from approxrun.lut import code_to_index
+from approxrun.ops.gather import FLOAT32_EXACT
+from approxrun.ops.im2col import conv_output_size, grouped_columns, grouped_rows, scratch
+from approxrun.ops.lowrank.plans import GemmPlan, byte_pairs_readable
+from approxrun.ops.lowrank.tables import Int8Maps, LowRankTable
+
+__all__ = ["lowrank_gemm", "int8_conv2d", "map_conv2d", "lowrank_backward"]
+
+MAP_ELEMENTS = 1 << 22  # gathered map entries per GEMM block (16 MB of float32)
+MAP_BYTES = 1 << 23  # gathered int8 maps per block of the int8 plan (scratch memory, reused)
+
+
+def lowrank_gemm(a: torch.Tensor, b: torch.Tensor, table: LowRankTable, plan: GemmPlan) -> torch.Tensor:
+    """out[g, m, n] = sum_k table[byte(a[g, m, k]), byte(b[g, k, n])] of code tensors, exact, as
+    float64 (see the module)."""
+    if plan.kind == "int8":
+        return _int8_gemm(a, b, table.int8, plan.k_chunk)
+    a_idx, b_idx = code_to_index(a), code_to_index(b)
+    groups, m, k = a_idx.shape
+    n = b_idx.shape[2]
+    width = table.width
+    x, y = table.maps(a_idx.device, plan.dtype)
+    yb = F.embedding(b_idx, y).transpose(2, 3).reshape(groups, k * width, n)  # row (k, i) = y_i(b[k, :])
+    out = torch.empty(groups, m, n, dtype=torch.float64, device=a_idx.device)
+    chunk = plan.k_chunk
+    rows = max(1, MAP_ELEMENTS // (chunk * width))
+    for m0 in range(0, m, rows):
+        m1 = min(m, m0 + rows)
+        for k0 in range(0, k, chunk):
+            k1 = min(k, k0 + chunk)
+            xa = F.embedding(a_idx[:, m0:m1, k0:k1], x).reshape(groups, m1 - m0, (k1 - k0) * width)
+            part = torch.bmm(xa, yb[:, k0 * width:k1 * width])
+            if k0 == 0:
+                out[:, m0:m1] = part
+            else:
+                out[:, m0:m1] += part
+    if plan.kind == "float64":
+        return out.round_()
+    return out.div_(table.denominator) if table.denominator != 1 else out
+
+
+def _gather_words(words: torch.Tensor, codes: torch.Tensor, name: str) -> torch.Tensor:
+    """``words[byte(codes)]`` (uint16 codes: byte pairs, ``words[codes]``) flattened, into scratch
+    memory: int8 maps [codes.numel() * bytes per word]."""
+    index = scratch(name + " index", codes.shape, torch.int32, codes.device)
+    index = index.copy_(codes) if codes.dtype == torch.uint16 else code_to_index(codes, out=index)
+    out = scratch(name + " words", (codes.numel(),), words.dtype, codes.device)
+    return torch.index_select(words, 0, index.view(-1), out=out).view(torch.int8)
+
+
+def _int8_columns(b: torch.Tensor, maps: Int8Maps) -> tuple[torch.Tensor, torch.Tensor]:
+    """B-side operands of the int8 plan: int8 [G, K * width, N] (row (k, i) = y_i(b[k, :])), a
+    column-major view when ``b`` is one (weights transposed for a linear layer: no copy), and the
+    offset summed over K, int64 [G, N]."""
+    _, y_words, offset = maps.tensors(b.device)
+    b_idx = code_to_index(b.transpose(1, 2))  # [G, N, K], contiguous for transposed weights
+    groups, n, k = b_idx.shape
+    y = y_words.index_select(0, b_idx.reshape(-1)).view(torch.int8).view(groups, n, k * maps.width)
+    offset = offset.index_select(0, b_idx.reshape(-1)).view(groups, n, k).sum(2)
+    return y.transpose(1, 2), offset
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """A 2-D operand ``torch._int_mm`` reads right: row-major with canonical strides, size-1 dims
+    included (it misreads the arbitrary strides a contiguous view may carry on them), or an
+    exactly column-major one."""
+    if t.dim() == 2 and min(t.shape) > 1 and t.stride() == (1, t.shape[0]):
+        return t
+    if not t.is_contiguous():
+        return t.contiguous()
+    strides = [1] * t.dim()
+    for d in range(t.dim() - 2, -1, -1):
+        strides[d] = strides[d + 1] * t.shape[d + 1]
+    return t.as_strided(t.shape, strides)
+
+
+def _int8_words_gemm(x: torch.Tensor, y: torch.Tensor, chunk: int, width: int) -> torch.Tensor:
+    """int8 GEMM of gathered maps x [rows, K * width] with y [K * width, N]: int32 sums over
+    ``chunk`` K columns (exact below 2**31), as int32 (one chunk) or int64."""
+    k = x.shape[1] // width
+    if chunk >= k:
+        return torch._int_mm(_dense(x), _dense(y))
+    total = torch.zeros(x.shape[0], y.shape[1], dtype=torch.int64, device=x.device)
+    for k0 in range(0, k, chunk):
+        k1 = min(k, k0 + chunk)
+        total += torch._int_mm(_dense(x[:, k0 * width:k1 * width]), _dense(y[k0 * width:k1 * width]))
+    return total
+
+
+def _int8_gemm(a: torch.Tensor, b: torch.Tensor, maps: Int8Maps, chunk: int) -> torch.Tensor:
+    """The int8 plan: per block of rows, one gather of packed int8 maps per index and int8 GEMMs
+    (int32 sums over ``chunk`` K columns), plus the offset, divided by the denominator (an exact
+    integer quotient). Row blocks bound the scratch memory."""
+    groups, m, k = a.shape
+    y, offset = _int8_columns(b, maps)
+    b_bytes = _code_bytes(b, "gemm columns") if maps.code_scale else None
+    out = torch.empty(groups, m, b.shape[2], dtype=torch.float64, device=a.device)
+    x_words, gathered = maps.tensors(a.device)[0], a
+    if maps.width == 4 and a.dtype in (torch.int8, torch.uint8) and k % 2 == 0 and byte_pairs_readable():
+        a = a.contiguous()
+        x_words, gathered = maps.pair_words(a.device), a.view(torch.uint16)  # byte pairs: half the gathers
+    rows = max(1, MAP_BYTES // (k * maps.width))
+    for g in range(groups):
+        for m0 in range(0, m, rows):
+            x = _gather_words(x_words, gathered[g, m0:m0 + rows], "gemm rows").view(-1, k * maps.width)
+            block = out[g, m0:m0 + rows]
+            block.copy_(_int8_words_gemm(x, y[g], chunk, maps.width))
+            if maps.code_scale:
+                a_bytes = _code_bytes(a[g, m0:m0 + rows], "gemm row codes")
+                block.add_(_int8_words_gemm(a_bytes, b_bytes[g], chunk, 1), alpha=maps.code_scale)
+        out[g] += offset[g]
+    return out.div_(maps.denominator) if maps.denominator != 1 else out
+
+
+def _code_bytes(codes: torch.Tensor, name: str) -> torch.Tensor:
+    """The codes' bytes read as int8 (their signed values; contiguous, scratch memory for other
+    dtypes): the operands of the code GEMM."""
+    if codes.dtype in (torch.int8, torch.uint8):
+        return codes.contiguous().view(torch.int8)
+    index = code_to_index(codes, out=scratch(name + " index", codes.shape, torch.int32, codes.device))
+    return scratch(name + " bytes", codes.shape, torch.uint8, codes.device).copy_(index).view(torch.int8)
+
+
+def int8_conv2d(x: torch.Tensor, w: torch.Tensor, table: LowRankTable, chunk: int, stride, dilation,
+                groups: int) -> torch.Tensor:
+    """LUT convolution of padded codes x [B, C, H, W] with codes w [O, C/G, kh, kw] on the int8
+    plan, float64 [B, O, Ho, Wo]: the maps are gathered once per input element (not per unfolded
+    one) and the packed words are unfolded, in batch blocks."""
+    maps = table.int8
+    batch, channels, height, width = x.shape
+    out_channels, group_channels, kh, kw = w.shape
+    y, offset = _int8_columns(grouped_columns(w, groups), maps)
+    x_words = maps.tensors(x.device)[0]
+    ho = conv_output_size(height, kh, stride[0], 0, dilation[0])
+    wo = conv_output_size(width, kw, stride[1], 0, dilation[1])
+    out = torch.empty(batch, out_channels, ho, wo, dtype=torch.float64, device=x.device)
+    by_group = out.view(batch, groups, out_channels // groups, ho * wo)
+    k = group_channels * kh * kw
+    block = max(1, MAP_BYTES // (ho * wo * channels * kh * kw * maps.width))
+    for b0 in range(0, batch, block):
+        nb = min(batch, b0 + block) - b0
+        words = _gather_words(x_words, x[b0:b0 + nb], "conv input").view(x_words.dtype)
+        words = words.view(nb, channels, height, width)
+        rows = grouped_rows(words, (kh, kw), stride, dilation, groups,
+                            out=scratch("conv rows", (groups * nb * ho * wo * k,), words.dtype, x.device))
+        for g in range(groups):
+            product = _int8_words_gemm(rows[g].view(torch.int8), y[g], chunk, maps.width).view(nb, ho * wo, -1)
+            by_group[b0:b0 + nb, g].copy_(product.transpose(1, 2))
+    by_group += offset[None, :, :, None]
+    return out.div_(maps.denominator) if maps.denominator != 1 else out
+
+
+_EXACT_CONV_BACKENDS = ("Mkldnn", "Slow2d", "SlowDilated2d")  # direct or im2col + GEMM: no Winograd/FFT
+
+
+def _float32_conv_is_exact(x: torch.Tensor, w: torch.Tensor, stride, dilation, groups: int) -> bool:
+    """Whether torch computes this float32 conv2d as plain sums of products (then integer operands
+    with every partial sum below 2**24 give the exact result): a CPU backend that is direct (oneDNN's
+    ``convolution_direct``, which torch always asks for) or im2col + GEMM, at IEEE float32
+    precision. NNPACK's or cuDNN's Winograd/FFT algorithms would round."""
+    select = getattr(torch._C, "_select_conv_backend", None)
+    if x.device.type != "cpu" or select is None:
+        return False
+    mkldnn = torch.backends.mkldnn
+    precisions = (getattr(mkldnn, "fp32_precision", "none"),
+                  getattr(getattr(mkldnn, "conv", None), "fp32_precision", "none"))
+    if any(p not in ("none", "ieee") for p in precisions) or torch.get_float32_matmul_precision() != "highest":
+        return False
+    try:
+        backend = select(x, w, None, list(stride), [0, 0], list(dilation), False, [0, 0], groups, None)
+    except (RuntimeError, TypeError):
+        return False
+    return str(backend).rsplit(".", 1)[-1] in _EXACT_CONV_BACKENDS
+
+
+def map_conv2d(x: torch.Tensor, w: torch.Tensor, table: LowRankTable, stride, dilation,
+               groups: int) -> torch.Tensor | None:
+    """Map-then-conv: one float32 conv2d of the factor maps of padded codes x [B, C, H, W] with
+    those of codes w [O, C/G, kh, kw] (channel (c, i) holds map i of channel c), float64
+    [B, O, Ho, Wo]; None unless provably exact (see :func:`_float32_conv_is_exact`, and every
+    partial sum is an integer below K * bound < 2**24)."""
+    maps = table.conv_maps
+    out_channels, group_channels, kh, kw = w.shape
+    if maps is None or x.device.type != "cpu" or group_channels * kh * kw * maps.bound >= FLOAT32_EXACT:
+        return None
+    x_map, y_map = maps.tensors(x.device)
+    rank = x_map.shape[1]
+    batch, channels, height, width = x.shape
+    xm = F.embedding(code_to_index(x), x_map).permute(0, 1, 4, 2, 3).reshape(batch, channels * rank, height, width)
+    ym = F.embedding(code_to_index(w), y_map).permute(0, 1, 4, 2, 3).reshape(out_channels, group_channels * rank,
+                                                                             kh, kw)
+    if not _float32_conv_is_exact(xm, ym, stride, dilation, groups):
+        return None
+    out = F.conv2d(xm, ym, stride=stride, dilation=dilation, groups=groups).double()
+    return out.div_(maps.denominator) if maps.denominator != 1 else out
+
+
+def lowrank_backward(grad_out: torch.Tensor, a_idx: torch.Tensor, b_idx: torch.Tensor, fa: LowRankTable,
+                     fb: LowRankTable):
+    """(grad_a, grad_b) of the LUT GEMM with low-rank gradient tables ``fa``, ``fb``, in float64.
+
+    With ``da = p q^T`` and ``db = r s^T``: grad_a[m, k] = sum_i p_i(a_mk) (grad_out @ q_i(b)^T)[m, k]
+    and grad_b[k, n] = sum_i s_i(b_kn) (r_i(a)^T @ grad_out)[k, n]: two GEMMs per factor column.
+    """
+    groups, m, k = a_idx.shape
+    n = b_idx.shape[2]
+    grad_out = grad_out.to(torch.float64)
+    p, q = fa.maps(a_idx.device, torch.float64)
+    r, s = fb.maps(a_idx.device, torch.float64)
+    qb = F.embedding(b_idx, q).permute(0, 2, 1, 3).reshape(groups, n, k * fa.width)  # [G, N, (k, i)]
+    sb = F.embedding(b_idx, s).transpose(2, 3)  # [G, K, i, N]
+    grad_a = torch.empty(groups, m, k, dtype=torch.float64, device=a_idx.device)
+    grad_b = torch.zeros(groups, k * fb.width, n, dtype=torch.float64, device=a_idx.device)
+    rows = max(1, MAP_ELEMENTS // (k * max(fa.width, fb.width)))
+    for m0 in range(0, m, rows):
+        m1 = min(m, m0 + rows)
+        block = a_idx[:, m0:m1]
+        through_b = torch.bmm(grad_out[:, m0:m1], qb).view(groups, m1 - m0, k, fa.width)
+        grad_a[:, m0:m1] = (through_b * F.embedding(block, p)).sum(-1)
+        ra = F.embedding(block, r).reshape(groups, m1 - m0, k * fb.width)
+        grad_b.baddbmm_(ra.transpose(1, 2), grad_out[:, m0:m1])
+    grad_b = (grad_b.view(groups, k, fb.width, n) * sb).sum(2)
+    return grad_a, grad_b

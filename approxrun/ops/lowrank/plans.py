@@ -1,0 +1,126 @@
+"""Exact plans for one LUT GEMM shape and their modelled time on this machine.
+
+A plan is exact by construction, proven per call from the factorization's bounds: int8 GEMMs
+whose int32 sums stay below 2**31 over ``k_chunk`` K columns; float32 GEMMs over ``k_chunk``
+columns whose partial sums are integers below 2**24 (summed in float64, exact below 2**53); or one
+float64 GEMM whose worst-case rounding error stays below 0.5. The time of each plan and of the
+gather comes from the machine's :class:`~approxrun.ops.lowrank.calibration.Calibration`.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from approxrun.ops.gather import FLOAT32_EXACT
+from approxrun.ops.lowrank.calibration import Calibration
+from approxrun.ops.lowrank.tables import LowRankTable
+
+__all__ = ["PLAN_KINDS", "GemmPlan", "candidate_plans", "map_conv_time", "float32_matmul_is_ieee",
+           "byte_pairs_readable", "INT32_EXACT"]
+
+FLOAT64_EXACT = 2**53
+INT32_EXACT = 2**31  # int8 GEMMs sum in int32
+UNIT_ROUNDOFF = 2.0**-53
+PLAN_KINDS = ("int8", "float32", "float64")
+
+
+@dataclass(frozen=True)
+class GemmPlan:
+    """How one LUT GEMM runs exactly: ``kind`` GEMMs over ``k_chunk`` K columns, summed in
+    int64/float64 (float64: one GEMM, rounded); ``time`` is the modelled seconds."""
+
+    kind: str
+    k_chunk: int
+    time: float
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(torch, self.kind)
+
+    def __str__(self) -> str:
+        if self.kind == "float64":
+            return "float64 GEMM, rounded"
+        return f"{self.kind} GEMMs over {self.k_chunk} K columns"
+
+
+def float32_matmul_is_ieee(device: torch.device) -> bool:
+    """False under TF32/bf16 matmul settings, which would round the integer factors."""
+    if torch.get_float32_matmul_precision() != "highest":
+        return False
+    if device.type == "cuda":
+        return not torch.backends.cuda.matmul.allow_tf32
+    mkldnn = getattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision", "none")
+    return mkldnn in ("none", "ieee")
+
+
+def byte_pairs_readable() -> bool:
+    """Whether two int8 codes read as one uint16 give ``low | high << 8`` (a little-endian machine,
+    and a torch with uint16 views and copies)."""
+    if sys.byteorder != "little" or not hasattr(torch, "uint16"):
+        return False
+    try:
+        pair = torch.tensor([1, 2], dtype=torch.uint8).view(torch.uint16)
+        return int(torch.empty(1, dtype=torch.int32).copy_(pair)) == 0x0201
+    except (RuntimeError, TypeError):
+        return False
+
+
+def float64_error_bound(table: LowRankTable, k: int) -> float:
+    """Worst-case |computed - exact| of the float64 GEMM: factor rounding (2u) plus accumulation
+    (gamma_n for any summation order of n = K * width products), times sum |x| |y| <= K * bound / D."""
+    n = k * table.width
+    if n * UNIT_ROUNDOFF >= 0.5:
+        return math.inf
+    gamma = n * UNIT_ROUNDOFF / (1 - n * UNIT_ROUNDOFF)
+    magnitude = k * table.term_bound / table.denominator
+    return (2 * UNIT_ROUNDOFF + gamma * (1 + 2 * UNIT_ROUNDOFF)) * magnitude * (1 + 1e-9)
+
+
+def _float_time(cal: Calibration, kind: str, groups: int, m: int, k: int, n: int, width: int, chunk: int) -> float:
+    """Map gathers (float64 entries cost twice), the GEMM and the chunk sums."""
+    entry = cal.map_entry * (2 if kind == "float64" else 1)
+    return groups * ((m * k + k * n) * width * entry + m * k * n * width * cal.gemm_mac(kind, n)
+                     + -(-k // chunk) * m * n * cal.accumulate)
+
+
+def _int8_time(cal: Calibration, groups: int, m: int, k: int, n: int, width: int, chunk: int, paired: bool,
+               code_gemm: bool) -> float:
+    """Packed-word gathers (byte pairs: one per two indices), the int8 GEMM(s) and the chunk sums."""
+    rows = m * k * (cal.pair_index / 2 if paired else cal.word_index) + k * n * cal.word_index
+    gemms = m * k * n * (width + code_gemm) * cal.gemm_mac("int8", n)
+    calls = -(-k // chunk) * (1 + code_gemm)
+    return groups * (rows + gemms + calls * (m * n * cal.accumulate + cal.int8_call))
+
+
+def candidate_plans(table: LowRankTable, groups: int, m: int, k: int, n: int, device: torch.device,
+                    calibration: Calibration | None, byte_codes: bool = False,
+                    kinds: tuple[str, ...] = PLAN_KINDS) -> list[GemmPlan]:
+    """Every exact plan of ``kinds`` for a [G, M, K] x [G, K, N] LUT GEMM with its modelled time
+    (0 without a calibration, on CUDA: see :meth:`~approxrun.ops.engine.LutEngine`). ``byte_codes``:
+    the rows side holds int8/uint8 codes, which the int8 plan gathers in pairs."""
+    plans = []
+    cal = calibration
+    accumulable = k * table.term_bound < FLOAT64_EXACT  # chunk sums add up exactly in float64/int64
+    int8 = table.int8 if "int8" in kinds and device.type == "cpu" else None
+    if int8 is not None and cal is not None and cal.int8_exact and k * int8.sum_bound < FLOAT64_EXACT:
+        chunk = min(k, (INT32_EXACT - 1) // max(1, int8.bound, 128 * 128 if int8.code_scale else 0))
+        paired = byte_codes and k % 2 == 0 and int8.width == 4 and byte_pairs_readable()
+        time = _int8_time(cal, groups, m, k, n, int8.width, chunk, paired, bool(int8.code_scale))
+        plans.append(GemmPlan("int8", chunk, time))
+    chunk = min(k, (FLOAT32_EXACT - 1) // max(1, table.term_bound))
+    if "float32" in kinds and float32_matmul_is_ieee(device) and chunk >= 1 and accumulable:
+        time = 0.0 if cal is None else _float_time(cal, "float32", groups, m, k, n, table.width, chunk)
+        plans.append(GemmPlan("float32", chunk, time))
+    if "float64" in kinds and float64_error_bound(table, k) < 0.5:
+        time = 0.0 if cal is None else _float_time(cal, "float64", groups, m, k, n, table.width, k) * 1.0
+        plans.append(GemmPlan("float64", k, time + (1e-12 if cal is None else 0.0)))
+    return plans
+
+
+def map_conv_time(cal: Calibration, input_elements: int, groups: int, m: int, k: int, n: int, width: int) -> float:
+    """Map-then-conv: the maps of every input element once, then a float32 convolution as a GEMM."""
+    return input_elements * width * cal.map_entry + groups * m * k * n * width * cal.gemm_mac("float32", n)
