@@ -223,7 +223,7 @@ class GradientSettings(StageEntry):
 class SelectSettings(StageEntry):
     kind: str = "select"
     library: LibraryConfig = MISSING  # the candidates (${library}: part of the stage's cache key)
-    multiplier: str = "auto"  # ${multiplier.name}: auto chooses per layer; a named multiplier goes everywhere
+    multiplier: Optional[str] = "auto"  # ${multiplier.name}: auto chooses per layer; any other (a file: null) goes everywhere
     exact_power_mw: Optional[float] = checked(None, low=0.0, low_open=True)  # ${energy.exact_power_mw}
     sample_size: int = checked(128, low=1)  # training images whose layer operands are recorded
     rows: int = checked(512, low=1)
