@@ -8,6 +8,8 @@ power, or a proxy that is already relative to the exact multiplier.
 
 from __future__ import annotations
 
+from approxrun.errors import ApproxrunError
+from approxrun.multipliers.bundled import EXACT_CIRCUITS, Bundle
 from approxrun.multipliers.multiplier import Multiplier
 
 
@@ -37,3 +39,18 @@ def relative_energy(shares: dict[str, float], multipliers: dict[str, Multiplier]
             return None
         total += share * cost
     return total
+
+
+def reference_power(configured: float | None, multiplier: Multiplier) -> float:
+    """Power (mW) of the exact multiplier that relative energy divides by: ``energy.exact_power_mw``
+    when set, else the published power of the exact EvoApproxLib circuit of the multiplier's kind
+    (mul8s_1KV8 for signed operands, mul8u_1JFF for unsigned)."""
+    if configured is not None:
+        if isinstance(configured, bool) or not isinstance(configured, (int, float)) or configured <= 0:
+            raise ApproxrunError(f"energy.exact_power_mw={configured!r}: expected null or a power in mW > 0")
+        return float(configured)
+    exact = EXACT_CIRCUITS[multiplier.domain_a.signed or multiplier.domain_b.signed]
+    entry = Bundle.packaged().lookup(exact)
+    if entry is None:
+        raise ApproxrunError(f"energy.exact_power_mw is null and the bundled catalogue lacks {exact}; set it")
+    return float(entry["published"]["pdk45_pwr_mw"])

@@ -36,14 +36,15 @@ class ApproxLayer:
     _recording: "_Recording | None" = None  # set inside :func:`record_operands`
 
     def _init_approx(self, multiplier: Multiplier | None, bits_a: int | None, bits_b: int | None,
-                     observer: str, per_channel: bool, grad: str, initial_noise: float) -> None:
+                     observer: str, per_channel: bool, grad: str, initial_noise: float,
+                     activations: str = "affine") -> None:
         self.mode = "float"
         self.grad = grad
         self.bits_a, self.bits_b = bits_a, bits_b
         self.opcount: int | None = None
         self.sigma = nn.Parameter(torch.tensor(float(initial_noise)))
         multiplier = multiplier or Multiplier.exact()
-        self.act_quant = ActivationQuantizer(self._domain(multiplier.domain_a, bits_a), observer)
+        self.act_quant = ActivationQuantizer(self._domain(multiplier.domain_a, bits_a), observer, activations)
         self.weight_quant = WeightQuantizer(self._domain(multiplier.domain_b, bits_b), per_channel)
         self.multiplier = multiplier
 
@@ -115,9 +116,10 @@ class ApproxLinear(ApproxLayer, nn.Linear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, multiplier=None,
                  bits_a=None, bits_b=None, observer: str = "ema", per_channel: bool = False,
-                 grad: str = "ste", initial_noise: float = 0.1, device=None, dtype=None):
+                 grad: str = "ste", initial_noise: float = 0.1, activations: str = "affine", device=None,
+                 dtype=None):
         nn.Linear.__init__(self, in_features, out_features, bias, device=device, dtype=dtype)
-        self._init_approx(multiplier, bits_a, bits_b, observer, per_channel, grad, initial_noise)
+        self._init_approx(multiplier, bits_a, bits_b, observer, per_channel, grad, initial_noise, activations)
         self.opcount = in_features * out_features
 
     @property
@@ -155,10 +157,11 @@ class ApproxConv2d(ApproxLayer, nn.Conv2d):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", multiplier=None,
                  bits_a=None, bits_b=None, observer: str = "ema", per_channel: bool = False,
-                 grad: str = "ste", initial_noise: float = 0.1, device=None, dtype=None):
+                 grad: str = "ste", initial_noise: float = 0.1, activations: str = "affine", device=None,
+                 dtype=None):
         nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
                            bias, padding_mode, device=device, dtype=dtype)
-        self._init_approx(multiplier, bits_a, bits_b, observer, per_channel, grad, initial_noise)
+        self._init_approx(multiplier, bits_a, bits_b, observer, per_channel, grad, initial_noise, activations)
 
     @property
     def fan_in(self) -> int:
@@ -236,7 +239,8 @@ def approximate(model: nn.Module, skip: Iterable[str] = (), multiplier: Multipli
     """Replace every nn.Linear / nn.Conv2d of ``model`` (in place) by its approximate layer.
 
     Weights and biases are kept. ``skip`` holds module names or glob patterns left as they are.
-    ``layer_kwargs`` go to the layers (bits_a, bits_b, observer, per_channel, grad, initial_noise).
+    ``layer_kwargs`` go to the layers (bits_a, bits_b, observer, per_channel, grad, initial_noise,
+    activations: the activation scheme, affine or symmetric).
     """
     skip = tuple(skip)
     for name, module in list(model.named_modules()):

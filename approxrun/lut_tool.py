@@ -43,14 +43,18 @@ def _wrapped(names, indent: str = "  ") -> str:
 def cmd_list(args) -> None:
     print("Built-in designs (numbers are parameters):")
     print(_wrapped(DESIGN_EXAMPLES))
+    entries = catalogue_entries()
     print("Catalogue (conf/multiplier):")
-    for name, entry in catalogue_entries().items():
+    for name, entry in entries.items():
+        if entry.get("bundled"):
+            continue
         cost = entry.get("cost")
         if cost:
             figure = f"{cost['value']} {cost['unit']} ({cost['kind']}; {cost['source']})"
         else:
             figure = "the design's cost proxy" if is_builtin(name) else "no cost given"
         print(f"  {name:<16} {figure}")
+    _list_bundled([entry for entry in entries.values() if entry.get("bundled")])
     try:
         root = evoapprox.checkout_root(args.root)
     except evoapprox.RootNotSetError:
@@ -63,6 +67,30 @@ def cmd_list(args) -> None:
     for group, names in sorted(groups.items()):
         print(f"  {group} ({len(names)}):")
         print(_wrapped(sorted(names), "    "))
+
+
+def cmd_bundle(args) -> None:
+    from approxrun.multipliers.bundled import build_bundle, package_bundle_dir
+
+    out = Path(args.out) if args.out else package_bundle_dir()
+    entries = build_bundle(args.root_dir, out)
+    size = sum((out / e["file"]).stat().st_size for e in entries)
+    kinds = ", ".join(f"{sum(e['name'].startswith(p) for e in entries)} {p}" for p in ("mul8s", "mul8u"))
+    print(f"wrote {len(entries)} circuits ({kinds}; {size / 1e6:.2f} MB of tables) and catalogue.json to {out}")
+
+
+BUNDLED_COLUMNS = (("PWR mW", "pdk45_pwr_mw"), ("AREA um2", "pdk45_area_um2"), ("DELAY ns", "pdk45_delay_ns"),
+                   ("MAE", "mae"), ("WCE", "wce"), ("EP%", "ep_percent"), ("MRE%", "mre_percent"), ("MSE", "mse"))
+
+
+def _list_bundled(entries: list[dict]) -> None:
+    """The bundled EvoApproxLib circuits with their published figures (no checkout needed)."""
+    print(f"EvoApproxLib circuits bundled with approxrun ({len(entries)}; published figures, PDK45):")
+    print(f"  {'name':<12}" + "".join(f"{label:>12}" for label, _ in BUNDLED_COLUMNS))
+    for entry in entries:
+        published = entry["published"]
+        print(f"  {entry['name']:<12}" + "".join(f"{_format_number(published.get(key)):>12}"
+                                                   for _, key in BUNDLED_COLUMNS))
 
 
 def _format_number(value) -> str:
@@ -184,12 +212,17 @@ def build_parser() -> argparse.ArgumentParser:
                          help="npy: byte-indexed; txt: numerical order; bin: TFApprox uint16 (default: from OUT)")
     plot = commands.add_parser("plot", parents=[target], help="PNG: error heatmap and error histogram")
     plot.add_argument("--out", default=None, help="PNG file (default: NAME_error.png)")
+    bundle = commands.add_parser("bundle", help="generate the bundled 8x8 EvoApproxLib tables from a checkout")
+    bundle.add_argument("root_dir", metavar="ROOT",
+                        help="EvoApproxLib checkout (git clone https://github.com/ehw-fit/evoapproxlib)")
+    bundle.add_argument("--out", default=None, help="bundle folder (default: approxrun's package data)")
     calibrate = commands.add_parser("calibrate", help="measured costs of the LUT GEMM routes on this machine")
     calibrate.add_argument("--refresh", action="store_true", help="measure again, replacing the cached figures")
     return parser
 
 
-COMMANDS = {"list": cmd_list, "show": cmd_show, "convert": cmd_convert, "plot": cmd_plot, "calibrate": cmd_calibrate}
+COMMANDS = {"list": cmd_list, "show": cmd_show, "convert": cmd_convert, "plot": cmd_plot, "bundle": cmd_bundle,
+            "calibrate": cmd_calibrate}
 
 
 def main(argv: list[str] | None = None) -> int:

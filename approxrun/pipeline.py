@@ -31,11 +31,11 @@ from omegaconf import OmegaConf
 from approxrun.config import load_config, stage_configs
 from approxrun.data import build_data
 from approxrun.distributed import Distributed, Placement, placement_from_env, process_group
-from approxrun.energy import opcount_shares, relative_energy
+from approxrun.energy import opcount_shares, reference_power, relative_cost, relative_energy
 from approxrun.errors import ApproxrunError, one_line
 from approxrun.layers import approx_layers, approximate, count_ops
 from approxrun.models import model_from_config
-from approxrun.multipliers.resolver import MultiplierResolver
+from approxrun.multipliers.resolver import MultiplierResolver, run_multiplier_spec
 from approxrun.resume import RESUME_FILE, ResumeState
 from approxrun.run_report import describe_multiplier, print_summary, write_layers
 from approxrun.runtime import load_initial_weights, seed_everything, seed_stage, select_device
@@ -95,8 +95,11 @@ def _run(cfg, out_dir: Path, metrics: dict, scope: ExitStack, concurrent_jobs: i
     placement.check_batch(config["dataset"]["batch_size"])
     seed = config["seed"]
     resolver = MultiplierResolver(config["evoapprox"]["root"], config["lut"])  # engines take lut.strategy
-    multiplier = resolver.from_spec(config["multiplier"])
-    exact_power = config["energy"]["exact_power_mw"]
+    multiplier = resolver.from_spec(run_multiplier_spec(config["multiplier"], config.get("library")))
+    exact_power = reference_power(config["energy"]["exact_power_mw"], multiplier)
+    for stage in stages:  # a select stage's exact_power_mw: null means the run's reference
+        if "exact_power_mw" in stage and stage["exact_power_mw"] is None:
+            stage["exact_power_mw"] = exact_power
     threads = scope.enter_context(torch_threads(thread_budget(config["threads"], concurrent_jobs)))
     log.info("torch threads: %d (%s)", threads.count, threads.source)
     metrics.update(device=str(device), seed=seed, threads=threads.as_dict(),
@@ -136,9 +139,10 @@ def _run(cfg, out_dir: Path, metrics: dict, scope: ExitStack, concurrent_jobs: i
         ctx.progress = None
         if weights and stage["kind"] == "baseline":
             record["skipped"] = f"model.weights={weights}"
-        if spec.uses_multiplier:
+        if spec.uses_multiplier and record.get("multipliers"):  # stages whose products ran through the LUTs
             layer_multipliers = {layer_name: layer.multiplier for layer_name, layer in approx_layers(model)}
             record["relative_energy"] = relative_energy(shares, layer_multipliers, exact_power)
+            record["relative_costs"] = {m.name: relative_cost(m, exact_power) for m in layer_multipliers.values()}
             metrics["relative_energy"] = record["relative_energy"]
         metrics["stages"][name] = record
         atomic_write_json(out_dir / "metrics.json", metrics)
@@ -157,7 +161,8 @@ def _build_model(config: dict, data, multiplier, weights_file: WeightsFile | Non
         weights_file.load_into(model)
     quant = config["quant"]
     approximate(model, skip=quant["skip"], multiplier=multiplier, bits_a=quant["bits_a"], bits_b=quant["bits_b"],
-                observer=quant["observer"], per_channel=quant["per_channel"], grad=quant["grad"])
+                observer=quant["observer"], per_channel=quant["per_channel"], grad=quant["grad"],
+                activations=quant["activations"])
     model.to(dist.device)
     if weights_file is not None and weights_file.approximate:
         weights_file.load_into(model)

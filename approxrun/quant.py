@@ -1,9 +1,13 @@
 """Quantization arithmetic, in one place: quantization parameters, fake quantization with
 straight-through gradients, observers, and the exact zero-point correction of an integer GEMM.
 
-Activations are affine (a zero point, the range always includes 0); weights are symmetric per tensor
-or per output channel, or affine when the multiplier's B operand is unsigned. Codes always lie in
-the operand domain the quantizer was given.
+Activations are affine (``affine``: a zero point, the range always includes 0; ReLU zero -> the lowest
+code) or ``symmetric`` (zero point 0: non-negative activations on codes 0..127 of a signed domain or
+0..255 of an unsigned one, as agn-approx/TorchApprox quantize; an input with negative values on an
+unsigned domain keeps a zero point, since zero point 0 would clip its negative half away). Their
+range comes from an observer, or is learned (``pact``: a clipping bound alpha trained with the
+weights). Weights are symmetric per tensor or per output channel, or affine when the multiplier's B
+operand is unsigned. Codes always lie in the operand domain the quantizer was given.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ from torch import nn
 
 from approxrun.lut import OperandDomain
 
-OBSERVERS = ("minmax", "ema", "percentile", "mse")
+OBSERVERS = ("minmax", "ema", "percentile", "mse", "pact")
+ACTIVATION_SCHEMES = ("affine", "symmetric")
 EPS = 1e-8
 
 
@@ -33,6 +38,14 @@ def symmetric_qparams(abs_max: torch.Tensor, domain: OperandDomain):
     if not domain.signed:
         raise ValueError("symmetric quantization needs a signed operand domain")
     scale = torch.clamp(abs_max / domain.qmax, min=EPS)
+    return scale, torch.zeros_like(scale)
+
+
+def zero_centred_qparams(min_val: torch.Tensor, max_val: torch.Tensor, domain: OperandDomain):
+    """Scale with zero point 0 covering [min, max]: signed domains take [-m, m] (m = max |value|) on
+    codes -qmax..qmax; unsigned domains take [0, max] on 0..qmax (negative values clip to 0)."""
+    top = torch.maximum(min_val.abs(), max_val.abs()) if domain.signed else torch.clamp(max_val, min=0.0)
+    scale = torch.clamp(top / domain.qmax, min=EPS)
     return scale, torch.zeros_like(scale)
 
 
@@ -125,22 +138,46 @@ def _mse_range(x: torch.Tensor, domain: OperandDomain, steps: int = 20):
 
 
 class ActivationQuantizer(nn.Module):
-    """Affine quantizer for a layer input, with an observer."""
+    """Quantizer for a layer input: ``scheme`` affine or symmetric (zero point 0), range from an observer.
 
-    def __init__(self, domain: OperandDomain, observer: str = "ema"):
+    With observer ``pact`` the range is learned (PACT): the input is clipped to [0, alpha] (to
+    [-alpha, alpha] when the first batch holds negative values) and alpha, a parameter initialised to
+    the first batch's largest magnitude, trains with the weights (gradient through the clipping).
+    """
+
+    def __init__(self, domain: OperandDomain, observer: str = "ema", scheme: str = "affine"):
         super().__init__()
-        self.domain = domain
-        self.observer = Observer(observer)
+        if scheme not in ACTIVATION_SCHEMES:
+            raise ValueError(f"activation scheme must be one of {ACTIVATION_SCHEMES}, got {scheme!r}")
+        self.domain, self.scheme = domain, scheme
+        self.observer = Observer("minmax" if observer == "pact" else observer)
+        self.alpha = nn.Parameter(torch.tensor(0.0)) if observer == "pact" else None
+
+    def _range(self, x: torch.Tensor):
+        if self.alpha is None:
+            if self.training or not self.observer.initialized:
+                self.observer.update(x, self.domain)
+            return x, self.observer.min_val, self.observer.max_val
+        if not self.observer.initialized:  # PACT: alpha starts at the first batch's range
+            self.observer.update(x, self.domain)
+            with torch.no_grad():
+                self.alpha.copy_(torch.maximum(self.observer.min_val.abs(), self.observer.max_val))
+        alpha = self.alpha.abs() + EPS
+        low = -alpha if self.observer.min_val < 0 else torch.zeros_like(alpha)
+        return torch.minimum(torch.maximum(x, low), alpha), low, alpha
 
     def forward(self, x: torch.Tensor):
         """(codes, scale, zero_point) of x; the observer updates in training mode."""
-        if self.training or not self.observer.initialized:
-            self.observer.update(x, self.domain)
-        scale, zp = affine_qparams(self.observer.min_val, self.observer.max_val, self.domain)
+        x, low, high = self._range(x)
+        # zero point 0 on an unsigned operand would clip negative inputs (e.g. normalized images) to 0
+        affine = self.scheme == "affine" or (not self.domain.signed and bool(low < 0))
+        qparams = affine_qparams if affine else zero_centred_qparams
+        scale, zp = qparams(low, high, self.domain)
         return quantize_codes(x, scale, zp, self.domain.qmin, self.domain.qmax), scale, zp
 
     def extra_repr(self) -> str:
-        return f"domain={self.domain}, observer={self.observer.kind}"
+        observer = "pact" if self.alpha is not None else self.observer.kind
+        return f"domain={self.domain}, scheme={self.scheme}, observer={observer}"
 
 
 class WeightQuantizer(nn.Module):

@@ -45,4 +45,10 @@ def print_summary(stages: list[dict], metrics: dict, out_dir: Path) -> None:
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
     lines += [f"{stage['name']}: not trained, the test accuracy of {metrics['stages'][stage['name']]['skipped']}"
               for stage in stages if metrics["stages"][stage["name"]].get("skipped")]
+    last = metrics["stages"][stages[-1]["name"]]
+    if last.get("multipliers"):  # the multipliers the final stage ran with, and their relative cost
+        costs = last.get("relative_costs") or {}
+        lines.append(f"multipliers ({stages[-1]['name']}, relative cost): " + ", ".join(
+            f"{layer} {name}" + ("" if costs.get(name) is None else f" {costs[name]:.3f}")
+            for layer, name in last["multipliers"].items()))
     print("\n".join(lines) + f"\noutputs: {out_dir}", flush=True)

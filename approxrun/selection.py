@@ -184,16 +184,18 @@ def exact_candidate(library: str, candidates: Sequence[Multiplier]) -> Multiplie
 
 def select_multipliers(samples: Mapping[str, LayerSample], sigmas: Mapping[str, float],
                        shares: Mapping[str, float], candidates: Sequence[Multiplier], exact_power_mw: float,
-                       library: str = "library") -> list[LayerChoice]:
-    """One :class:`LayerChoice` per layer of ``samples``, choosing among ``candidates``."""
-    library_cost_kind(library, candidates)
-    exact = exact_candidate(library, candidates)
+                       library: str = "library", forced: str | None = None) -> list[LayerChoice]:
+    """One :class:`LayerChoice` per layer of ``samples``, choosing among ``candidates``; with ``forced``
+    (a named multiplier: the only candidate) that one in every layer, with its predictions for the report."""
+    if forced is None:
+        library_cost_kind(library, candidates)
+        exact = exact_candidate(library, candidates)
     costs = {m.name: relative_cost(m, exact_power_mw) for m in candidates}
     choices = []
     for name, sample in samples.items():
         choice = LayerChoice(name, float(shares[name]), float(sigmas[name]), tolerated_std(sample, sigmas[name]))
         choice.predicted = {m.name: predicted_error_std(sample, m) for m in candidates}
-        choice.chosen = choose(choice.predicted, choice.tolerated, costs, exact.name)
-        choice.relative_cost = costs[choice.chosen]
+        choice.chosen = forced or choose(choice.predicted, choice.tolerated, costs, exact.name)
+        choice.relative_cost = costs[choice.chosen] if costs[choice.chosen] is not None else float("nan")
         choices.append(choice)
     return choices

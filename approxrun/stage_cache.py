@@ -42,9 +42,12 @@ def stage_keys(config: dict, stages: list[dict], multiplier: Multiplier, uses_mu
     model_cfg = {k: v for k, v in config["model"].items() if k != "train"}
     key = content_hash(__version__, model_cfg, config["dataset"], config["seed"], config["quant"],
                        config.get("init_weights"), *([weights_fingerprint] if weights_fingerprint else []))
+    # the operand domains set the quantizers: every stage after an FP32 baseline depends on them
+    domains = [str(multiplier.domain_a), str(multiplier.domain_b)]
     keys = []
     for stage in stages:
-        key = content_hash(key, stage, multiplier_fingerprint(multiplier) if uses_multiplier(stage["kind"]) else None)
+        key = content_hash(key, stage, multiplier_fingerprint(multiplier) if uses_multiplier(stage["kind"]) else None,
+                           None if stage["kind"] == "baseline" else domains)
         keys.append((stage["name"], key))
     return keys
 

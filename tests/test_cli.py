@@ -68,13 +68,21 @@ def test_default_run_with_smoke_preset(tmp_path, cache_dir):
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["status"] == "completed"
-    assert list(metrics["stages"]) == ["baseline", "quant", "approx"]
+    # the default flow is the method's: a per-layer choice from the built-in library
+    assert list(metrics["stages"]) == ["baseline", "quant", "gradient", "select", "approx"]
     for name, stage in metrics["stages"].items():
         assert 0.0 <= stage["test_accuracy"] <= 1.0
         assert stage["cached"] is False
         assert (run_dir / "checkpoints" / f"{name}.pt").is_file()
-        assert (run_dir / f"curves_{name}.png").stat().st_size > 1000
-    assert metrics["stages"]["approx"]["relative_energy"] == pytest.approx(1.0)
+        if name != "select":  # the one stage that does not train
+            assert (run_dir / f"curves_{name}.png").stat().st_size > 1000
+    stages = metrics["stages"]
+    assert "relative_energy" not in stages["gradient"] and "relative_energy" not in stages["quant"]
+    assert 0 < stages["approx"]["relative_energy"] <= 1.0
+    assert stages["approx"]["relative_energy"] == pytest.approx(stages["select"]["relative_energy"])
+    gradient_row = next(line for line in result.stdout.splitlines() if line.startswith("gradient"))
+    assert gradient_row.split()[-1] == "-"
+    assert "multipliers (approx, relative cost): features.0 " in result.stdout
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     assert (run_dir / "config_resolved.yaml").is_file()
     assert (run_dir / "approxrun.log").stat().st_size > 0
@@ -114,7 +122,7 @@ def test_lut_strategies_train_identically(tmp_path, cache_dir):
     results = {}
     for strategy in ("gather", "lowrank"):
         run_dir = tmp_path / strategy
-        result = approxrun("experiment=smoke", "stage=approx", "multiplier=drum_4", f"lut.strategy={strategy}",
+        result = approxrun("experiment=smoke", "schedule=uniform", "multiplier=drum_4", f"lut.strategy={strategy}",
                            "cache.enabled=false", f"hydra.run.dir={run_dir}", cwd=tmp_path)
         assert result.returncode == 0, result.stderr[-2000:]
         approx = json.loads((run_dir / "metrics.json").read_text())["stages"]["approx"]
@@ -124,7 +132,8 @@ def test_lut_strategies_train_identically(tmp_path, cache_dir):
 
 
 def test_sweep_writes_summary_and_reuses_cache(tmp_path, cache_dir):
-    args = ["-m", "dataset=synthetic", "model.train.baseline.epochs=1", "multiplier=exact,truncated_8",
+    args = ["-m", "dataset=synthetic", "schedule=uniform", "model.train.baseline.epochs=1",
+            "multiplier=exact,truncated_8",
             f"hydra.sweep.dir={tmp_path / 'sweep'}", f"cache.dir={cache_dir}"]
     first = approxrun(*args, cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-2000:]

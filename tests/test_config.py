@@ -15,6 +15,7 @@ from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
+from approxrun.multipliers.catalogue import catalogue_entries
 from approxrun.cli import expand_arguments, group_options
 from approxrun.config import ConfigError, load_config, stage_configs
 from approxrun.config.schema import GradientSettings, QuantConfig, RunConfig
@@ -34,7 +35,7 @@ def test_the_schema_is_the_base_of_the_composed_config():
     assert set(cfg) == {f.name for f in dataclasses.fields(RunConfig)}
     assert OmegaConf.get_type(cfg.quant) is QuantConfig
     config = load_config(cfg)
-    assert config["quant"] == dataclasses.asdict(QuantConfig()) and config["multiplier"]["name"] == "exact"
+    assert config["quant"] == dataclasses.asdict(QuantConfig()) and config["multiplier"]["name"] == "auto"
 
 
 @pytest.mark.parametrize("key, value, expected", [
@@ -43,7 +44,7 @@ def test_the_schema_is_the_base_of_the_composed_config():
     ("quant.grad", "exact", "quant.grad='exact': expected one of ste, lut"),
     ("lut.strategy", "fastest", "lut.strategy='fastest': expected one of auto, gather, lowrank"),
     ("lut.lookup_cost", 0, "lut.lookup_cost=0.0: expected null or a number > 0"),
-    ("energy.exact_power_mw", -1, "energy.exact_power_mw=-1.0: expected a number > 0"),
+    ("energy.exact_power_mw", -1, "energy.exact_power_mw=-1.0: expected null or a number > 0"),
     ("dataset.batch_size", 0, "dataset.batch_size=0: expected a whole number >= 1"),
     ("dataset.val_fraction", 1.5, "dataset.val_fraction=1.5: expected a number from 0 to 1"),
     ("model.train.baseline.epochs", -1, "model.train.baseline.epochs=-1: expected a whole number >= 0"),
@@ -60,7 +61,7 @@ def test_stage_settings_are_checked_against_their_kind():
     stages = {s["name"]: s for s in stage_configs(load_config(_compose("schedule=agn")))}
     defaults = {f.name: f.default for f in dataclasses.fields(GradientSettings) if f.name not in ("kind", "name")}
     assert {key: stages["gradient"][key] for key in defaults} == defaults  # written once, in the schema
-    assert stages["select"]["library"]["name"] == "builtin" and stages["select"]["exact_power_mw"] == 0.425
+    assert stages["select"]["library"]["name"] == "builtin" and stages["select"]["exact_power_mw"] is None
     assert stages["gradient"]["epochs"] == 3 and stages["gradient"]["optimizer"]["lr"] == 1.0e-3  # model.train
     with pytest.raises(ConfigError, match=r"^schedule.stages.gradient.sigma_max=0.0: expected a number > 0"):
         stage_configs(load_config(_compose("schedule=agn", "schedule.stages.gradient.sigma_max=0")))
@@ -93,11 +94,12 @@ def test_any_design_name_is_a_multiplier_choice_without_a_file():
     assert "exact" in group_options("multiplier") and "drum_5" not in group_options("multiplier")
     assert expand_arguments(["multiplier=exact,drum_5"]) == ["multiplier=exact,drum_5"]  # job folders keep the name
     assert _compose("multiplier=drum_5").multiplier.name == "drum_5"
-    assert _compose("multiplier=mul8s_1L2D").multiplier.cost.kind == "power"  # a file with facts
+    assert _compose("multiplier=mul8s_1L2D").multiplier.name == "mul8s_1L2D"  # bundled: facts in its catalogue
+    assert catalogue_entries()["mul8s_1L2D"]["cost"]["kind"] == "power"
     assert expand_arguments(["multiplier=lut.npy"]) == ["multiplier=file", "multiplier.path=lut.npy"]
     files = sorted(p.name for p in resources.files("approxrun.conf").joinpath("multiplier").iterdir()
                    if p.name.endswith(".yaml"))
-    assert files[0] == "file.yaml" and all(name.startswith("mul8s_") for name in files[1:])  # entries with facts
+    assert files == ["file.yaml"]  # EvoApproxLib facts live in the bundle's catalogue
 
 
 def test_the_command_line_modules_do_not_import_torch():

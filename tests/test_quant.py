@@ -180,3 +180,48 @@ def test_zero_point_correction_matches_brute_force(rng, per_channel):
 
     np.testing.assert_array_equal(corrected(exact_acc), brute)
     np.testing.assert_array_equal(corrected(approx_acc) - brute, approx_acc - exact_acc)
+
+
+# --------------------------------------------------------------------------- activation schemes, PACT
+
+def test_symmetric_activations_put_relu_outputs_on_codes_from_zero():
+    from approxrun.lut import OperandDomain
+    from approxrun.quant import ActivationQuantizer
+
+    x = torch.relu(torch.linspace(-3, 5, 801))
+    for signed, top in ((True, 127), (False, 255)):
+        quantizer = ActivationQuantizer(OperandDomain(signed), "minmax", "symmetric")
+        codes, scale, zp = quantizer(x)
+        assert float(zp) == 0 and codes.min() == 0 and codes.max() == top
+        assert float(scale) == pytest.approx(5 / top)
+    affine, _, zp = ActivationQuantizer(OperandDomain(True), "minmax", "affine")(x)
+    assert float(zp) == -128 and affine.min() == -128  # the ReLU zero on the lowest code
+
+
+def test_symmetric_activations_with_negative_inputs():
+    from approxrun.lut import OperandDomain
+    from approxrun.quant import ActivationQuantizer
+
+    x = torch.linspace(-2, 4, 601)
+    codes, scale, zp = ActivationQuantizer(OperandDomain(True), "minmax", "symmetric")(x)
+    assert float(zp) == 0 and codes.min() == -64 and codes.max() == 127
+    # unsigned operand: zero point 0 would clip the negative half away, so it keeps a zero point
+    codes, scale, zp = ActivationQuantizer(OperandDomain(False), "minmax", "symmetric")(x)
+    assert float(zp) > 0 and codes.min() == 0 and codes.max() == 255
+
+
+def test_pact_learns_its_clipping_range():
+    from approxrun.lut import OperandDomain
+    from approxrun.quant import ActivationQuantizer
+
+    quantizer = ActivationQuantizer(OperandDomain(True), "pact", "symmetric")
+    first = torch.relu(torch.linspace(-1, 2, 301))
+    codes, scale, _ = quantizer(first)
+    assert float(quantizer.alpha.detach()) == pytest.approx(2.0)
+    assert float(scale.detach()) == pytest.approx(2 / 127, rel=1e-5)
+    larger = torch.linspace(0, 4, 401, requires_grad=True)
+    codes, scale, zp = quantizer(larger)
+    assert codes.max() == 127  # values above alpha are clipped
+    ((codes - zp) * scale).sum().backward()
+    assert quantizer.alpha.grad is not None and float(quantizer.alpha.grad) > 0  # clipped inputs pull alpha up
+    assert "pact" in repr(quantizer)

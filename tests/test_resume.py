@@ -28,6 +28,7 @@ pytestmark = pytest.mark.slow
 APPROX_EPOCHS = 6
 TOTAL_EPOCHS = 2 + 1 + APPROX_EPOCHS
 ARGS = ["dataset=synthetic", "seed=3", "device=cpu", "cache.enabled=false", "multiplier=truncated_6",
+        "schedule=uniform",
         "model.train.baseline.epochs=2", "model.train.quant.epochs=1", f"model.train.approx.epochs={APPROX_EPOCHS}"]
 POLL_S = 0.01
 

@@ -140,11 +140,13 @@ class MultiplierConfig:
     format: Optional[str] = checked(None, choices="approxrun.multipliers.io:FORMATS")  # null: from the suffix
     cost: Optional[CostConfig] = None  # replaces the design's own cost (e.g. published power)
     published: Optional[Dict[str, float]] = None  # published error figures, checked against the LUT
+    swap_operands: bool = False  # true: the activation takes operand B (the transposed LUT)
 
 
 @dataclass
 class LibraryConfig:
     name: str = MISSING
+    exact: Optional[str] = None  # its exact multiplier: the run's multiplier under multiplier=auto before select
     multipliers: List[str] = field(default_factory=list)  # candidates of the select stage
 
 
@@ -163,7 +165,9 @@ class ScheduleConfig:
 class QuantConfig:
     bits_a: Optional[int] = checked(None, low=2, high=8)  # activation bits (null: the multiplier's A bits)
     bits_b: Optional[int] = checked(None, low=2, high=8)  # weight bits (null: the multiplier's B bits)
-    observer: str = checked("ema", choices="approxrun.quant:OBSERVERS")
+    # affine (zero point; ReLU 0 -> lowest code) | symmetric (zero point 0, as agn-approx)
+    activations: str = checked("affine", choices="approxrun.quant:ACTIVATION_SCHEMES")
+    observer: str = checked("ema", choices="approxrun.quant:OBSERVERS")  # pact: learned clipping range
     per_channel: bool = False  # weights per output channel
     grad: str = checked("ste", choices="approxrun.ops:GRAD_MODES")  # ste | lut (LUT-derived gradients)
     skip: List[str] = field(default_factory=list)  # module names / glob patterns left in float
@@ -181,8 +185,9 @@ class LutConfig:
 
 @dataclass
 class EnergyConfig:
-    # power of the exact 8x8 signed multiplier (EvoApproxLib mul8s_1KV8, PDK45) for relative energy
-    exact_power_mw: float = checked(0.425, low=0.0, low_open=True)
+    # power (mW) that relative energy divides published power by; null: the exact EvoApproxLib circuit
+    # of the multiplier's kind (mul8s_1KV8 0.425 mW signed, mul8u_1JFF unsigned; PDK45, published)
+    exact_power_mw: Optional[float] = checked(None, low=0.0, low_open=True)
 
 
 @dataclass
@@ -254,7 +259,8 @@ class GradientSettings(StageEntry):
 class SelectSettings(StageEntry):
     kind: str = "select"
     library: LibraryConfig = MISSING  # the candidates (${library}: part of the stage's cache key)
-    exact_power_mw: float = checked(low=0.0, low_open=True)  # ${energy.exact_power_mw}
+    multiplier: Optional[str] = "auto"  # ${multiplier.name}: auto chooses per layer; any other (a file: null) goes everywhere
+    exact_power_mw: Optional[float] = checked(None, low=0.0, low_open=True)  # ${energy.exact_power_mw}
     sample_size: int = checked(128, low=1)  # training images whose layer operands are recorded
     rows: int = checked(512, low=1)
 
@@ -331,6 +337,7 @@ def register_configs() -> None:
             OmegaConf.set_struct(node, False)  # the factory's arguments
         store.store(group="schema", name=name, node=node)
     register_multiplier_name("exact")
+    register_multiplier_name("auto")
 
 
 def register_multiplier_name(name: str) -> None:

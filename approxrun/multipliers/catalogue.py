@@ -1,5 +1,6 @@
-"""The packaged multiplier catalogue: ``conf/multiplier/*.yaml``, entries that carry facts (published
-figures of EvoApproxLib circuits) and ``file`` (a LUT file). Any other name resolves without an entry."""
+"""The packaged multiplier catalogue: ``conf/multiplier/*.yaml`` (``file``, a LUT file; ``auto``) and
+the EvoApproxLib circuits bundled with approxrun, with their published figures
+(``evoapprox_data/catalogue.json``). Any other name resolves without an entry."""
 
 from __future__ import annotations
 
@@ -19,4 +20,8 @@ def catalogue_entries() -> dict[str, dict]:
             entry = yaml.safe_load(item.read_text()) or {}
             name = entry.get("name")
             entries[name if isinstance(name, str) and "${" not in name else item.name[:-5]] = entry
+    from approxrun.multipliers.bundled import Bundle, catalogue_entry  # bundled imports the importer, which imports us
+
+    for name, entry in Bundle.packaged().catalogue().items():
+        entries.setdefault(name, catalogue_entry(entry))
     return entries

@@ -4,10 +4,11 @@ approxrun never ships EvoApproxLib files; it reads the checkout named by ``evoap
 or the environment variable ``EVOAPPROX_ROOT``. A circuit is found by name in every folder of the
 checkout's ``multiplers/`` tree (the library's spelling). Its C function is compiled with the system
 C compiler together with a generated driver that calls it on every operand pair; the products fill a
-byte-indexed LUT (:mod:`approxrun.lut`). Operands are bound by parameter name (many files declare B
-first), operand widths and signedness come from the name (``mul8s``, ``mul8x4u``, ``mul7u``) or
-else the folder (``8x8_signed``), and a signed circuit whose C result is unsigned returns the bits of
-the two's-complement product. The file's header metrics become the multiplier's cost and are
+byte-indexed LUT (:mod:`approxrun.lut`). The activation (LUT row, operand A of approxrun) is the FIRST
+declared parameter, as the rest of the field calls these functions (EvoApproxLib's Python binding
+``calc(a, b)``, TFApprox's tables): most 8x8 unsigned files declare ``(B, A)``. Operand widths and
+signedness come from the name (``mul8s``, ``mul8x4u``, ``mul7u``) or else the folder (``8x8_signed``),
+and a signed circuit whose C result is unsigned returns the bits of the two's-complement product. The file's header metrics become the multiplier's cost and are
 checked against the metrics of the LUT. LUTs are cached under ``APPROXRUN_CACHE`` (default
 ``~/.cache/approxrun/luts``), keyed by the hash of the file's content.
 """
@@ -48,7 +49,7 @@ COMPILERS = ("cc", "gcc", "clang")
 COMPILE_TIMEOUT_S = 120
 RUN_TIMEOUT_S = 60
 # bump when the way a LUT is built from a C file changes, so that old cache entries are not reused
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 # Branch v2022 renamed these circuits (same logic): master name -> v2022 name.
 V2022_NAMES = {
@@ -70,8 +71,8 @@ HEADER_KEYS = {
     "EP%": "ep_percent", "MRE%": "mre_percent", "MSE": "mse", "PDK45_PWR": "pdk45_pwr_mw",
     "PDK45_AREA": "pdk45_area_um2", "PDK45_DELAY": "pdk45_delay_ns",
 }
-# header metrics that a correct LUT reproduces exactly (MRE depends on a convention for zero products)
-CHECKED_METRICS = ("mae", "wce", "ep_percent", "mse")
+# header metrics that a correct LUT reproduces (MRE over the pairs with a non-zero exact product)
+CHECKED_METRICS = ("mae", "wce", "ep_percent", "mre_percent", "mse")
 
 _NAME_DOMAINS = re.compile(r"mul(\d+)(?:x(\d+))?([su])_", re.I)
 _FOLDER_DOMAINS = re.compile(r"(\d+)x(\d+)_(signed|unsigned)", re.I)
@@ -140,6 +141,11 @@ def find_circuit(name: str, root: Path) -> Path:
                                f"({len(index)} circuits; closest: {', '.join(closest)})")
 
 
+def looks_like_circuit(name: str) -> bool:
+    """True for names in EvoApproxLib's style (``mul8s_1L2D``, ``mul8x4u_03J``, ``mul7u_06Q``)."""
+    return _NAME_DOMAINS.match(name) is not None
+
+
 def master_name(name: str) -> str:
     """The master-branch name of a circuit name (a colliding name is taken as master's)."""
     return name if name in COLLIDING_NAMES else MASTER_NAMES.get(name, name)
@@ -205,11 +211,20 @@ class CType:
 
 @dataclass(frozen=True)
 class Signature:
-    """The C function of a circuit: result type and parameters in declared order, bound to A or B."""
+    """The C function of a circuit: result type and parameters in declared order.
+
+    The first declared parameter takes the activation (approxrun's operand A, the LUT row), the
+    second the weight, whatever their names: ``params`` holds (operand 'A'|'B', declared name, type).
+    """
 
     function: str
     result: CType
-    params: tuple[tuple[str, str, CType], ...]  # (operand 'A'|'B', declared name, type)
+    params: tuple[tuple[str, str, CType], ...]
+
+    @property
+    def activation_first_named_b(self) -> bool:
+        """True when the parameter named B comes first (it then takes the activation)."""
+        return self.params[0][1].upper() == "B"
 
     def __str__(self) -> str:
         params = ", ".join(f"{ctype.text} {declared}" for _, declared, ctype in self.params)
@@ -227,7 +242,8 @@ def _ctype(words: str) -> CType:
 
 
 def parse_signature(text: str, function: str, path: Path | str = "") -> Signature:
-    """Find ``function``'s definition; bind its parameters to operands by name (A/a, B/b)."""
+    """Find ``function``'s definition; its parameters must be named A and B (any case, any order);
+    the first declared one takes the activation (see :class:`Signature`)."""
     code = _COMMENTS.sub(" ", text)
     match = re.search(rf"\b({_TYPE_WORDS})\s+{re.escape(function)}\s*\(([^)]*)\)\s*\{{", code)
     if match is None:
@@ -238,12 +254,13 @@ def parse_signature(text: str, function: str, path: Path | str = "") -> Signatur
         operand = words[-1].upper() if words else ""
         if len(words) < 2 or operand not in ("A", "B"):
             raise ApproxrunError(f"{path}: parameter {declaration.strip()!r} of {function}: expected "
-                                 "operands named A and B (bound by name, in any order)")
+                                 "operands named A and B (in any order)")
         params.append((operand, words[-1], _ctype(" ".join(words[:-1]))))
     if sorted(p[0] for p in params) != ["A", "B"]:
         raise ApproxrunError(f"{path}: {function} must take exactly the two operands A and B, "
                              f"found ({match.group(2).strip()})")
-    return Signature(function, _ctype(match.group(1)), tuple(params))
+    positional = tuple((role, declared, ctype) for role, (_, declared, ctype) in zip("AB", params))
+    return Signature(function, _ctype(match.group(1)), positional)
 
 
 # --------------------------------------------------------------------------- compiling and evaluating
@@ -397,16 +414,20 @@ def metric_disagreements(printed: dict[str, HeaderValue], metrics: ErrorMetrics,
     return found
 
 
-def published_disagreements(metrics: ErrorMetrics, published: Mapping) -> list[str]:
-    """Like :func:`metric_disagreements` for a catalogue entry's ``published`` figures (numbers)."""
-    figures = {key: HeaderValue(float(published[key]), repr(published[key]))
+def published_disagreements(metrics: ErrorMetrics, published: Mapping, printed: Mapping | None = None) -> list[str]:
+    """Like :func:`metric_disagreements` for a catalogue entry's ``published`` figures (numbers), with
+    their printed texts when known (``printed``: the last printed digit sets the tolerance)."""
+    printed = printed or {}
+    figures = {key: HeaderValue(float(published[key]), str(printed.get(key, published[key])))
                for key in CHECKED_METRICS if published.get(key) is not None}
     return metric_disagreements(figures, metrics, "published")
 
 
 def _matches_published(metrics: ErrorMetrics, published: Mapping) -> bool:
-    complete = all(published.get(key) is not None for key in CHECKED_METRICS)
-    return complete and not published_disagreements(metrics, published)
+    """True when MAE, WCE, EP and MSE (enough to tell the two candidates apart) match the published ones."""
+    keys = ("mae", "wce", "ep_percent", "mse")
+    complete = all(published.get(key) is not None for key in keys)
+    return complete and not published_disagreements(metrics, {key: published[key] for key in keys})
 
 
 def identify_circuit(stem: str, metrics: ErrorMetrics) -> tuple[str | None, str]:
@@ -442,8 +463,10 @@ def multiplier_from_c_file(path: str | os.PathLike, name: str | None = None) -> 
     except OSError as exc:
         raise ApproxrunError(f"EvoApproxLib C model {path}: cannot read ({exc.strerror})") from None
     text = content.decode("utf-8", errors="replace")
-    domain_a, domain_b = operand_domains(path)
     signature = parse_signature(text, path.stem, path)
+    domain_a, domain_b = operand_domains(path)  # the widths of the parameters named A and B
+    if signature.activation_first_named_b:
+        domain_a, domain_b = domain_b, domain_a
     header = parse_header(text)
     sha256 = hashlib.sha256(content).hexdigest()
     cache_path = _cache_path(path.stem, content, domain_a, domain_b)

@@ -119,10 +119,7 @@ def load_lut(path: str | os.PathLike, fmt: str | None = None, signed_a: bool = T
         return _load_npy(path)
     if fmt == "txt":
         return _load_txt(path, signed_a, signed_b)
-    if signed_a or signed_b:
-        raise ApproxrunError(f"LUT file {path}: the TFApprox binary format holds unsigned operands; "
-                             "set signed to false")
-    return _load_bin(path)
+    return _load_bin(path)  # always unsigned operands, whatever signed_a/signed_b say
 
 
 def save_lut(lut: np.ndarray, path: str | os.PathLike, fmt: str | None = None, signed_a: bool = True,

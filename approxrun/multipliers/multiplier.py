@@ -56,7 +56,8 @@ class ErrorMetrics:
 def compute_metrics(lut: np.ndarray, domain_a: OperandDomain, domain_b: OperandDomain) -> ErrorMetrics:
     """EvoApproxLib error metrics of ``lut`` over every operand pair of the domains.
 
-    MRE takes |error| / max(1, |exact product|) so that zero products count with their absolute error.
+    MRE is EvoApproxLib's: the mean of |error| / |exact product| over the pairs whose exact product
+    is non-zero.
     """
     va, vb, ia, ib = domain_grid(domain_a, domain_b)
     exact = np.outer(va, vb).astype(np.float64)
@@ -68,7 +69,7 @@ def compute_metrics(lut: np.ndarray, domain_a: OperandDomain, domain_b: OperandD
         mae_percent=float(abs_err.mean() / scale * 100),
         wce=float(abs_err.max()),
         wce_percent=float(abs_err.max() / scale * 100),
-        mre_percent=float((abs_err / np.maximum(1.0, np.abs(exact))).mean() * 100),
+        mre_percent=float((abs_err[exact != 0] / np.abs(exact[exact != 0])).mean() * 100),
         ep_percent=float((err != 0).mean() * 100),
         mse=float((err**2).mean()),
         error_mean=float(err.mean()),
@@ -123,6 +124,14 @@ class Multiplier:
               name: str = "exact", cost: Cost | None = None) -> "Multiplier":
         return cls(name, exact_lut(signed_a, signed_b), OperandDomain(signed_a, bits_a),
                    OperandDomain(signed_b, bits_b), cost=cost, description="exact product")
+
+    def swapped(self) -> "Multiplier":
+        """The same circuit with the activation on the other operand: transposed LUT, domains exchanged
+        (hardware designers choose which port takes the activation)."""
+        swapped = Multiplier(f"{self.name}_swapped", self.lut.T, self.domain_b, self.domain_a, cost=self.cost,
+                             description=f"{self.description} [operands swapped: the activation takes operand B]",
+                             extra=dict(self.extra, swapped_from=self.name))
+        return swapped
 
     @cached_property
     def engine(self):

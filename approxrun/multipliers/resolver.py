@@ -12,17 +12,22 @@ from typing import Mapping
 from approxrun.errors import ApproxrunError, ConfigError
 from approxrun.lut import OperandDomain
 from approxrun.multipliers import evoapprox
+from approxrun.multipliers.bundled import CLONE_COMMAND, Bundle
 from approxrun.multipliers.catalogue import catalogue_entries
 from approxrun.multipliers.designs import DESIGN_EXAMPLES, builtin_multiplier, is_builtin
-from approxrun.multipliers.io import LUT_SUFFIXES, load_lut
+from approxrun.multipliers.io import LUT_SUFFIXES, infer_format, load_lut
 from approxrun.multipliers.multiplier import Cost, Multiplier
 
 log = logging.getLogger(__name__)
+# multiplier=auto: no named multiplier; the select stage chooses per layer from the library
+AUTO = "auto"
 
 
 def load_multiplier(path: str | os.PathLike, fmt: str | None = None, signed: bool = True,
                     name: str | None = None, cost: Cost | None = None) -> Multiplier:
-    """A multiplier from a LUT file (both operands of the given signedness, 8 bits)."""
+    """A multiplier from a LUT file (both operands of the given signedness, 8 bits; a TFApprox ``bin``
+    file always holds unsigned operands)."""
+    signed = signed and infer_format(path, fmt) != "bin"
     lut = load_lut(path, fmt, signed, signed)
     domain = OperandDomain(signed)
     return Multiplier(name or Path(path).stem, lut, domain, domain, cost=cost,
@@ -34,7 +39,8 @@ def resolve_multiplier(spec: Mapping, evoapprox_root: str | None = None) -> Mult
 
     ``name`` (a built-in design, an EvoApproxLib circuit, or the file's display name), ``signed``
     (default true; EvoApproxLib circuits take theirs from the name), ``path`` and ``format`` for a LUT
-    file, ``cost`` (value, kind, unit, source, area, delay) when known and ``published`` error figures.
+    file, ``swap_operands`` (the activation on operand B: the transposed LUT), ``cost`` (value, kind,
+    unit, source, area, delay) when known and ``published`` error figures.
     A cost given here replaces the design's own (e.g. a published power figure), unless the
     EvoApproxLib file found holds another circuit than the entry names (the two names that mean
     different circuits on the library's branches).
@@ -49,6 +55,15 @@ def resolve_multiplier(spec: Mapping, evoapprox_root: str | None = None) -> Mult
         multiplier = load_multiplier(spec["path"], spec.get("format"), signed, name)
     else:
         multiplier = _by_name(name, signed, evoapprox_root)
+    if spec.get("swap_operands", False) is not False:
+        if spec["swap_operands"] is not True:
+            raise ConfigError(f"multiplier.swap_operands={spec['swap_operands']!r}: expected true or false")
+        return _resolve_costs(multiplier, name, spec, cost).swapped()
+    return _resolve_costs(multiplier, name, spec, cost)
+
+
+def _resolve_costs(multiplier: Multiplier, name: str, spec: Mapping, cost: Cost | None) -> Multiplier:
+    """The entry's cost and published figures on ``multiplier`` (see :func:`resolve_multiplier`)."""
     circuit = multiplier.extra.get("evoapprox_circuit")
     if circuit is not None and circuit != evoapprox.master_name(name):
         log.warning("multiplier %r: the EvoApproxLib file %s holds master circuit %s; keeping its header "
@@ -58,7 +73,7 @@ def resolve_multiplier(spec: Mapping, evoapprox_root: str | None = None) -> Mult
         multiplier.cost = cost
     if spec.get("published"):
         multiplier.extra["published"] = published = dict(spec["published"])
-        mismatch = evoapprox.published_disagreements(multiplier.metrics, published)
+        mismatch = evoapprox.published_disagreements(multiplier.metrics, published, spec.get("printed"))
         if mismatch:
             log.warning("multiplier %r: LUT metrics disagree with the entry's published figures: %s",
                         name, "; ".join(mismatch))
@@ -102,12 +117,37 @@ def _by_name(name: str, signed: bool, evoapprox_root: str | os.PathLike | None) 
         return load_multiplier(name, signed=signed)
     if suffix == ".c":
         return evoapprox.multiplier_from_c_file(name)
+    bundle = Bundle.packaged()
+    bundled = bundle.lookup(name) is not None
     try:
-        return evoapprox.evoapprox_multiplier(name, evoapprox_root)
-    except (evoapprox.RootNotSetError, evoapprox.CircuitNotFoundError) as exc:
+        return evoapprox.evoapprox_multiplier(name, evoapprox_root)  # a user's checkout comes first
+    except evoapprox.CircuitNotFoundError as exc:
+        if bundled:
+            return bundle.multiplier(name)
         raise ConfigError(f"unknown multiplier {name!r}: not a built-in design ({', '.join(DESIGN_EXAMPLES)}; "
-                             f"numbers are parameters), not a LUT file ({', '.join(LUT_SUFFIXES)}), and not "
-                             f"an EvoApproxLib circuit: {exc}") from None
+                          f"numbers are parameters), not a LUT file ({', '.join(LUT_SUFFIXES)}), and not "
+                          f"an EvoApproxLib circuit: {exc}") from None
+    except evoapprox.RootNotSetError:
+        if bundled:
+            return bundle.multiplier(name)
+        if evoapprox.looks_like_circuit(name):
+            raise ConfigError(f"EvoApproxLib circuit {name!r} is not bundled with approxrun (bundled: the 8x8 "
+                              f"mul8s/mul8u Pareto circuits); get the library: {CLONE_COMMAND}") from None
+        raise ConfigError(f"unknown multiplier {name!r}: not a built-in design ({', '.join(DESIGN_EXAMPLES)}; "
+                          f"numbers are parameters), not a LUT file ({', '.join(LUT_SUFFIXES)}), and not "
+                          f"a bundled EvoApproxLib circuit (others: {CLONE_COMMAND})") from None
+
+
+def run_multiplier_spec(spec: Mapping, library: Mapping | None) -> Mapping:
+    """The run's multiplier entry: ``multiplier=auto`` stands for the library's exact multiplier
+    (``library.exact``; its operand domains set the quantization before a selection)."""
+    if spec.get("name") != AUTO:
+        return spec
+    exact = (library or {}).get("exact")
+    if not exact:
+        raise ConfigError(f"multiplier=auto needs library.exact (the library's exact multiplier); library "
+                          f"{(library or {}).get('name')!r} names none")
+    return {"name": exact, "swap_operands": spec.get("swap_operands", False)}
 
 
 class MultiplierResolver:

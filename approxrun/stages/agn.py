@@ -19,6 +19,7 @@ from approxrun.config.schema import GradientStage, SelectStage
 from approxrun.energy import opcount_shares, relative_energy
 from approxrun.errors import ApproxrunError, ConfigError
 from approxrun.layers import approx_layers, count_ops, record_operands, set_mode
+from approxrun.multipliers import AUTO
 from approxrun.multipliers.multiplier import Multiplier
 from approxrun.selection import (LayerChoice, LayerSample, layer_sample, library_cost_kind, predicted_error_std,
                                  select_multipliers, tolerated_std)
@@ -150,7 +151,10 @@ def gradient(ctx: StageContext, stage_cfg: Mapping) -> StageResult:
         for name, value in values.items():
             ctx.log.info("gradient epoch %d | layer %s | sigma %+.4f", epoch + 1, name, value)
 
-    params = [p for p in ctx.model.parameters() if p.requires_grad]  # weights and sigmas
+    sigma_ids = {id(sigma) for sigma in sigmas.values()}
+    weights = [p for p in ctx.model.parameters() if p.requires_grad and id(p) not in sigma_ids]
+    # sigma in its own group without weight decay (decay would pull the tolerances to 0)
+    params = [{"params": weights}, {"params": list(sigmas.values()), "weight_decay": 0.0}]
     metrics = train_and_test(ctx, stage_cfg, stage_cfg["name"], params=params, on_epoch_end=log_sigma,
                               extra_loss=lambda: -lmbd * noise_reward(sigmas, shares, sigma_max))
     final = {name: sigma.item() for name, sigma in sigmas.items()}
@@ -186,9 +190,10 @@ def _check_domains(library: str, candidates: list[Multiplier], ctx: StageContext
                                      f"{ctx.multiplier.name})")
 
 
-@register("select", SelectStage)
+@register("select", SelectStage, uses_multiplier=True)
 def select(ctx: StageContext, stage_cfg: Mapping) -> StageResult:
-    """Per layer, the cheapest ``library`` multiplier whose predicted error std fits the learned tolerance.
+    """Per layer, the cheapest ``library`` multiplier whose predicted error std fits the learned tolerance;
+    with a named run multiplier (``multiplier`` setting not ``auto``) that one in every layer.
 
     The stage config carries ``library`` and ``exact_power_mw`` (interpolated from the run's config)
     so that they are part of the stage's cache key. Writes ``assignment.csv`` and ``selection.png``;
@@ -205,26 +210,33 @@ def select(ctx: StageContext, stage_cfg: Mapping) -> StageResult:
         raise ConfigError(f"{where}: needs 'library' and 'exact_power_mw' (set them to ${{library}} and "
                              "${energy.exact_power_mw} as conf/schedule/agn.yaml does)")
     library_name, names = library.get("name", "library"), list(library.get("multipliers") or [])
-    if not names:
+    named = stage_cfg.get("multiplier", AUTO) != AUTO  # multiplier=X: X in every layer, no choice
+    if named:
+        library_name, candidates = f"multiplier={ctx.multiplier.name}", [ctx.multiplier]
+    elif not names:
         raise ConfigError(f"library {library_name}: 'multipliers' lists no candidates")
-    candidates = [ctx.resolve_multiplier(name) for name in names]
+    else:
+        candidates = [ctx.resolve_multiplier(name) for name in names]
     _check_domains(library_name, candidates, ctx)
     shares = layer_shares(ctx)
     samples = record_samples(ctx, stage_cfg)
-    choices = select_multipliers(samples, sigmas, shares, candidates, exact_power, library_name)
+    choices = select_multipliers(samples, sigmas, shares, candidates, exact_power, library_name,
+                                 forced=ctx.multiplier.name if named else None)
     by_name = {m.name: m for m in candidates}
     chosen = {c.layer: by_name[c.chosen] for c in choices}
     network = relative_energy(shares, chosen, exact_power)
     for c in choices:
         ctx.log.info("layer %s: sigma %.4f, tolerated std %.4g, chose %s (relative cost %.3f, predicted std %.4g)",
                      c.layer, c.sigma, c.tolerated, c.chosen, c.relative_cost, c.predicted[c.chosen])
-    ctx.log.info("relative energy of the assignment: %.4f", network)
+    ctx.log.info("relative energy of the assignment: %s", "unknown (no cost)" if network is None else f"{network:.4f}")
     atomic_write_text(ctx.artifact_dir / "assignment.csv", _csv(
         ["layer", "opcount_share", "sigma", "tolerated_std"] + [f"predicted_std:{n}" for n in by_name]
         + ["chosen", "cost"],
         [[c.layer, f"{c.share:.6f}", f"{c.sigma:.6f}", f"{c.tolerated:.6g}"]
          + [f"{c.predicted[n]:.6g}" for n in by_name] + [c.chosen, f"{c.relative_cost:.6f}"] for c in choices]))
-    _plot_selection(choices, network, library_cost_kind(library_name, candidates), ctx.artifact_dir / "selection.png")
+    if network is not None:
+        _plot_selection(choices, network, library_cost_kind(library_name, candidates),
+                        ctx.artifact_dir / "selection.png")
     layers = dict(approx_layers(ctx.model))
     for name, multiplier in chosen.items():
         layers[name].set_multiplier(multiplier)
