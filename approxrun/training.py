@@ -139,6 +139,20 @@ def _restore_epoch_state(state: Mapping, model: nn.Module, optimizer, scheduler,
     return list(state["history"]), int(state["epoch"])
 
 
+def _batch_loss(logits: torch.Tensor, y: torch.Tensor, dist: Distributed | None):
+    """The loss to step on and the global batch's size, summed loss and correct count.
+
+    Under several ranks each rank holds a share of the global batch: the share's summed loss is
+    scaled so that DDP's gradient average is the global batch's mean.
+    """
+    if dist is None or not dist.active:
+        loss = F.cross_entropy(logits, y)
+        return loss, len(y), loss.item() * len(y), (logits.argmax(1) == y).sum().item()
+    share_loss = F.cross_entropy(logits, y, reduction="sum")
+    batch_size, batch_loss, batch_correct = dist.sum([len(y), share_loss.item(), (logits.argmax(1) == y).sum().item()])
+    return share_loss * (dist.world_size / batch_size), batch_size, batch_loss, batch_correct
+
+
 def train(model: nn.Module, train_loader, val_loader, stage_cfg: Mapping, device: torch.device,
           num_classes: int, params=None, extra_loss: Callable[[], torch.Tensor] | None = None,
           on_epoch_end: Callable[[int, dict], None] | None = None, desc: str = "",
@@ -175,15 +189,7 @@ def train(model: nn.Module, train_loader, val_loader, stage_cfg: Mapping, device
                    disable=None if dist is None or dist.is_main else True)
         for x, y in bar:
             x, y = x.to(device), y.to(device)
-            logits = step_model(x)
-            if dist is None or not dist.active:
-                loss = F.cross_entropy(logits, y)
-                batch_size, batch_loss, batch_correct = len(y), loss.item() * len(y), (logits.argmax(1) == y).sum().item()
-            else:
-                share_loss = F.cross_entropy(logits, y, reduction="sum")
-                batch_size, batch_loss, batch_correct = dist.sum(
-                    [len(y), share_loss.item(), (logits.argmax(1) == y).sum().item()])
-                loss = share_loss * (dist.world_size / batch_size)  # DDP averages: the global batch's mean
+            loss, batch_size, batch_loss, batch_correct = _batch_loss(step_model(x), y, dist)
             total = loss + extra_loss() if extra_loss is not None else loss
             total_value = total.item() if dist is None or not dist.active else \
                 batch_loss / batch_size + (total - loss).item()

@@ -102,9 +102,10 @@ def test_any_design_name_is_a_multiplier_choice_without_a_file():
     assert files == ["file.yaml"]  # EvoApproxLib facts live in the bundle's catalogue
 
 
-def test_the_command_line_modules_do_not_import_torch():
+def test_the_command_line_modules_do_not_import_torch(tmp_path):
     code = "import sys, approxrun.cli, approxrun.lut_tool, approxrun.conf; print('torch' in sys.modules)"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    # outside the repository: `python -c` puts the current folder first, and the installed package is wanted
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=tmp_path)
     assert result.stdout.strip() == "False"
 
 

@@ -62,7 +62,10 @@ def _run(tmp_path: Path, name: str, *args: str, processes: int = 1) -> subproces
     env.update(OMP_NUM_THREADS="1", TMPDIR=str(tmp_path / "tmp"))
     launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
                 f"--master_port={_free_port()}"] if processes > 1 else [sys.executable]
-    command = [*launcher, "-m", "approxrun", "experiment=smoke", "device=cpu", f"cache.dir={tmp_path / 'cache'}",
+    # schedule=uniform: the training stages; the gradient stage's noise scale is taken per rank's share,
+    # so under the default agn flow the two runs would differ by design, not by rounding
+    command = [*launcher, "-m", "approxrun", "experiment=smoke", "schedule=uniform", "device=cpu",
+               f"cache.dir={tmp_path / 'cache'}",
                f"hydra.run.dir={tmp_path / name}", *args]
     return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
 
