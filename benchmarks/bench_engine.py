@@ -87,12 +87,15 @@ def luts(names: list[str]) -> dict[str, np.ndarray]:
 
 
 def alternating_best(fns: dict, repeats: int) -> dict:
-    """Fastest of ``repeats`` calls of each function, the functions taking turns (shared machine)."""
-    for fn in fns.values():
-        fn()
+    """Fastest of ``repeats`` calls of each function, the functions taking turns (shared machine).
+    Each timed call follows an untimed call of the same function: the first call after another
+    function pays for caches that function evicted (measured: 1-2 ms on 6-8 ms calls right after the
+    native kernel, whichever route came next), which would bias the table against whatever is timed
+    after a route with a different footprint (before: always auto, right after native)."""
     best = dict.fromkeys(fns, math.inf)
     for _ in range(repeats):
         for name, fn in fns.items():
+            fn()
             start = time.perf_counter()
             fn()
             best[name] = min(best[name], time.perf_counter() - start)
