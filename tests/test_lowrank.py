@@ -469,7 +469,7 @@ def test_cuda_lowrank_matches_oracle(rank):
 @pytest.mark.parametrize("low, high, k", [(-2**15, 2**15, 300), (-2**30, 2**30, 40)])
 def test_native_gather_matches_oracle(low, high, k, lowrank_log):
     """The compiled CPU kernel (int32 sums, or int64 when K * max|lut| could pass 2**31), on int8,
-    int32 and float codes, several groups."""
+    int32 and float codes, int64 codes beyond the byte range (only their byte counts), several groups."""
     from approxrun.ops import native
     if native.load() is None:
         pytest.skip("no C++ toolchain to build the CPU LUT kernel")
@@ -482,6 +482,8 @@ def test_native_gather_matches_oracle(low, high, k, lowrank_log):
             a, b = codes(rng, (37, k)), codes(rng, (k, 19))
             out = lut_matmul(a.to(dtype), b.to(dtype), engine)
             assert np.array_equal(out.numpy(), matmul_oracle(a, b, lut))
+        wide_a, wide_b = a + 256 * codes(rng, a.shape, -2**40, 2**40), b + 256 * codes(rng, b.shape, -2**20, 2**20)
+        assert np.array_equal(lut_matmul(wide_a, wide_b.int(), engine).numpy(), matmul_oracle(a, b, lut))
         x, w = codes(rng, (2, 4, 6, 6)), codes(rng, (6, 2, 3, 3))
         out = lut_conv2d(x, w, engine, padding=1, groups=2, pad_value=9)
         assert np.array_equal(out.numpy(), conv_oracle(x.numpy(), w.numpy(), lut, 1, 1, 1, 2, 9))

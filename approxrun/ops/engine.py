@@ -107,9 +107,14 @@ class LutEngine:
         return self._calibration
 
     @cached_property
+    def max_abs(self) -> float:
+        """The largest magnitude in the table (bounds the sums of the integer routes)."""
+        return abs(self.values).max().item()
+
+    @cached_property
     def lowrank(self) -> LowRankTable | None:
         """The exact low-rank form (None: rank above the limit, or a non-integer table)."""
-        if self.values.dtype != np.int64 or np.abs(self.values).max() >= 2**31:
+        if self.values.dtype != np.int64 or self.max_abs >= 2**31:
             return None
         return LowRankTable.from_factors(factor_lut(self.values))
 
@@ -195,7 +200,7 @@ class LutEngine:
         cal = self.calibration
         return (device.type == "cpu" and "native" in self.routes
                 and math.isfinite(min(cal.native_lookup, cal.native_table_lookup))
-                and self.values.dtype == np.int64 and np.abs(self.values).max() < 2**31)
+                and self.values.dtype == np.int64 and self.max_abs < 2**31)
 
     def _gemm_route(self, groups, m, k, n, device, byte_codes):
         """(the route of one GEMM call, the list its time goes to when timed). Under ``auto`` on a
@@ -206,17 +211,18 @@ class LutEngine:
             return self._gemm_route_by_model(groups, m, k, n, device, byte_codes), None
         key = ("trial", groups, m, k, n, byte_codes, torch.get_float32_matmul_precision())
         trial = self._plans.get(key)
-        if trial is None and self._modelled_time(groups, m, k, n, device, byte_codes) < TRIAL_MIN_SECONDS:
-            return self._gemm_route_by_model(groups, m, k, n, device, byte_codes), None
-        if trial is None:
-            trial = self._plans[key] = {"routes": self._ranked_routes(groups, m, k, n, device, byte_codes),
-                                        "times": []}
+        if trial is None:  # decided once per shape: later calls only look the route up
+            if self._modelled_time(groups, m, k, n, device, byte_codes) < TRIAL_MIN_SECONDS:
+                trial = {"best": self._gemm_route_by_model(groups, m, k, n, device, byte_codes)}
+            else:
+                trial = {"routes": self._ranked_routes(groups, m, k, n, device, byte_codes), "times": []}
+            self._plans[key] = trial
             if len(self._plans) > PLAN_CACHE:
                 self._plans.popitem(last=False)
-        routes, times = trial["routes"], trial["times"]
-        if len(times) < TRIAL_ROUNDS * len(routes):  # the routes take turns, so load bursts hit them alike
-            return routes[len(times) % len(routes)], times
         if "best" not in trial:
+            routes, times = trial["routes"], trial["times"]
+            if len(times) < TRIAL_ROUNDS * len(routes):  # the routes take turns, so load bursts hit them alike
+                return routes[len(times) % len(routes)], times
             best = [min(times[i::len(routes)]) for i in range(len(routes))]
             trial["best"] = routes[min(range(len(routes)), key=best.__getitem__)]
             log.debug("lut gemm: measured %s ms for %s: %s, shape G=%d M=%d K=%d N=%d",
@@ -267,7 +273,7 @@ class LutEngine:
         route, times = self._gemm_route(groups, m, k, n, a.device, a.dtype in (torch.int8, torch.uint8))
         start = time.perf_counter()
         if route in (NATIVE_GATHER, NATIVE_TABLES):
-            out = native.load()(a, b, self.int32_table(), wide_sums=k * int(np.abs(self.values).max()) >= 2**31,
+            out = native.load()(a, b, self.int32_table(), wide_sums=k * self.max_abs >= 2**31,
                                 tables=route == NATIVE_TABLES)
         elif route == TORCH_GATHER:
             out = self._gather_gemm(a, b)

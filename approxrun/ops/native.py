@@ -42,8 +42,12 @@ class NativeGemm:
 
 
 def _bytes(codes: torch.Tensor) -> torch.Tensor:
+    """The codes' bytes as uint8: a view of byte codes, one narrowing cast of other integer codes
+    (a cast to uint8 keeps the value modulo 256: the byte), the masked index of codes in floats."""
     if codes.dtype in (torch.int8, torch.uint8):
         return codes.view(torch.uint8)
+    if not codes.is_floating_point():
+        return codes.to(torch.uint8)
     return code_to_index(codes).to(torch.uint8)
 
 
