@@ -112,9 +112,20 @@ def test_weights_preprocessing_is_the_published_transform():
 
 # --- the installed command -------------------------------------------------------------------------------------
 
+def _examples_on_path(cwd: Path) -> str:
+    """A folder that holds only a link to examples/: on PYTHONPATH it makes the example module
+    importable without putting the repository's source tree (approxrun/ without its conf/) ahead of
+    the installed package."""
+    folder = cwd.parent / f"{cwd.name}-pythonpath"
+    folder.mkdir(exist_ok=True)
+    if not (folder / "examples").exists():
+        (folder / "examples").symlink_to(REPO / "examples", target_is_directory=True)
+    return str(folder)
+
+
 def approxrun(*args, cwd: Path, env_extra=None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "EVOAPPROX_ROOT"}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **(env_extra or {}))
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=_examples_on_path(cwd), **(env_extra or {}))
     return subprocess.run(["approxrun", *args], cwd=cwd, capture_output=True, text=True, timeout=600, env=env)
 
 
