@@ -68,14 +68,19 @@ void table_gemm(const uint8_t* a, const uint8_t* b, const int32_t* lut, double* 
   for (int64_t i = 0; i < m_size * n_size; ++i) out[i] = static_cast<double>(sums[i]);
 }
 
+// Both entry points take uint8 codes a [G, M, K], b [G, K, N] and a contiguous int32 [256, 256] LUT.
+void check_operands(const char* name, const torch::Tensor& a, const torch::Tensor& b, const torch::Tensor& lut) {
+  TORCH_CHECK(a.dtype() == torch::kUInt8 && b.dtype() == torch::kUInt8, name, ": uint8 operands expected");
+  TORCH_CHECK(lut.dtype() == torch::kInt32 && lut.numel() == 256 * 256 && lut.is_contiguous(),
+              name, ": a contiguous int32 [256, 256] LUT expected");
+  TORCH_CHECK(a.dim() == 3 && b.dim() == 3 && a.size(0) == b.size(0) && a.size(2) == b.size(1),
+              name, ": a [G, M, K] and b [G, K, N] expected");
+}
+
 }  // namespace
 
 torch::Tensor lut_gemm_table(torch::Tensor a, torch::Tensor b, torch::Tensor lut, bool wide_sums) {
-  TORCH_CHECK(a.dtype() == torch::kUInt8 && b.dtype() == torch::kUInt8, "lut_gemm_table: uint8 operands expected");
-  TORCH_CHECK(lut.dtype() == torch::kInt32 && lut.numel() == 256 * 256 && lut.is_contiguous(),
-              "lut_gemm_table: a contiguous int32 [256, 256] LUT expected");
-  TORCH_CHECK(a.dim() == 3 && b.dim() == 3 && a.size(0) == b.size(0) && a.size(2) == b.size(1),
-              "lut_gemm_table: a [G, M, K] and b [G, K, N] expected");
+  check_operands("lut_gemm_table", a, b, lut);
   a = a.contiguous();
   b = b.contiguous();
   const int64_t groups = a.size(0), m_size = a.size(1), k_size = a.size(2), n_size = b.size(2);
@@ -94,11 +99,7 @@ torch::Tensor lut_gemm_table(torch::Tensor a, torch::Tensor b, torch::Tensor lut
 }
 
 torch::Tensor lut_gemm(torch::Tensor a, torch::Tensor b, torch::Tensor lut, bool wide_sums) {
-  TORCH_CHECK(a.dtype() == torch::kUInt8 && b.dtype() == torch::kUInt8, "lut_gemm: uint8 operands expected");
-  TORCH_CHECK(lut.dtype() == torch::kInt32 && lut.numel() == 256 * 256 && lut.is_contiguous(),
-              "lut_gemm: a contiguous int32 [256, 256] LUT expected");
-  TORCH_CHECK(a.dim() == 3 && b.dim() == 3 && a.size(0) == b.size(0) && a.size(2) == b.size(1),
-              "lut_gemm: a [G, M, K] and b [G, K, N] expected");
+  check_operands("lut_gemm", a, b, lut);
   a = a.contiguous();
   b = b.contiguous();
   const int64_t groups = a.size(0), m_size = a.size(1), k_size = a.size(2), n_size = b.size(2);
