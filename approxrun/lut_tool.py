@@ -178,7 +178,7 @@ def cmd_calibrate(args) -> None:
     print(f"gather (torch ops): {cal.gather_lookup * 1e9:.3g} ns/lookup, {cal.gather_row * 1e9:.3g} ns/row, "
           f"{cal.gather_table * 1e9:.3g} ns/table entry; direct {cal.direct_lookup * 1e9:.3g} ns/lookup")
     print(f"gather (compiled kernel): {cal.native_lookup * 1e9:.3g} ns/lookup direct, "
-          f"{cal.native_table_lookup * 1e9:.3g} ns/lookup with tables")
+          f"tables {cal.native_table_entry * 1e9:.3g} ns/entry + {cal.native_row_add * 1e9:.3g} ns/8-lane row add")
     for dtype, rates in cal.gemm.items():
         print(f"{dtype} GEMM: " + ", ".join(f"N={n}: {1e-9 / r:.3g} GMAC/s" for n, r in zip((8, 32, 128), rates)))
     print(f"maps: {cal.map_entry * 1e9:.3g} ns/float entry, {cal.word_index * 1e9:.3g} ns/int8 word, "

@@ -6,8 +6,8 @@ The reference is compiled here with ``torch.utils.cpp_extension.load_inline``: o
 product, int32 sums, ``#pragma omp parallel for`` over rows (what a straightforward C++ LUT GEMM
 does). Per LUT and core shape it prints the reference's time, approxrun's time per route (``auto``;
 ``gather``; the low-rank plans ``int8``/``float32``/``float64`` forced through the engine's
-``routes``; ``native``: the compiled gather kernel, the faster of its two strategies, its result
-rounded to int64 as ``lut_matmul`` returns it; ``-`` where that plan is not exact for the shape),
+``routes``; ``native``: the compiled gather kernel, the faster of its two strategies, its int64
+result as ``lut_matmul`` returns it; ``-`` where that plan is not exact for the shape),
 the route auto settled on, the speed-up of auto over the reference, and auto's time over the best
 forced route. Auto is called until its timed first calls (its route trials) are over before the
 timing starts, so every column measures the settled, repeated call. Every result is checked against
@@ -121,8 +121,8 @@ def bench_lut(name: str, lut: np.ndarray, reference, repeats: int, calibration) 
         expected = reference.lut_gemm(a, b, lut32).long()
         fns = {"reference": lambda: reference.lut_gemm(a, b, lut32)}
         if kernel is not None:  # the compiled gather, its faster strategy, with lut_matmul's int64 result
-            variants = {tables: (lambda tables=tables: kernel(a[None], b[None], lut32, wide_sums, tables)
-                                 .round_().to(torch.int64)[0]) for tables in (False, True)}
+            variants = {tables: (lambda tables=tables: kernel(a[None], b[None], lut32, wide_sums, tables,
+                                                              out_dtype=torch.int64)[0]) for tables in (False, True)}
             fastest = alternating_best(variants, 2)
             fns["native"] = variants[min(fastest, key=fastest.get)]
             assert torch.equal(fns["native"](), expected)

@@ -1,127 +1,417 @@
-// Exact LUT GEMM on the CPU: out[g][m][n] = sum_k lut[a[g][m][k]][b[g][k][n]] (byte operands).
-// lut_gemm: one read of a 256-entry LUT row per product (small shapes); lut_gemm_table: tables of
-// products per tile of k, then contiguous row adds (large shapes). Rows in parallel (torch's pool).
-// Sums are int32 when the caller proved that K * max|lut| < 2**31, int64 otherwise; the result is
-// float64, exact (|sum| < 2**53). Built by approxrun/ops/native.py with torch's cpp_extension.
+// Exact LUT GEMMs on the CPU, out[g][m][n] = sum_k lut[byte(a[g][m][k])][byte(b[g][k][n])], and the
+// map gathers of the low-rank plans. Codes are any of uint8, int8, int16, int32, int64: the byte of a code
+// (its value modulo 256) is the LUT index, read on the way, so no index tensor is ever made.
+// - lut_gemm: one LUT read per product (small shapes);
+// - lut_gemm_table: per tile of k, tables T[k][v][:] = lut[v][b[k][:]] of every product a weight
+//   column can produce, then each row adds one table row per k in registers (vector adds, no
+//   gathers in the row loop; large shapes);
+// - gather_rows: out[i][:] = table[byte(codes[i])][:], rows of 4-byte words (packed int8 maps,
+//   float32 or float64 maps).
+// Sums are int32 when the caller proved that K * max|lut| < 2**31, int64 otherwise; GEMM results go
+// into the caller's `out`, float64 (exact: |sum| < 2**53) or int64. Rows in parallel (torch's pool).
+// Built by approxrun/ops/native.py.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
+#include <unistd.h>
 #include <vector>
 
 namespace {
 
+template <typename Code>
+inline int64_t byte_of(Code code) {
+  return static_cast<int64_t>(static_cast<uint8_t>(code));
+}
+
+// Calls fn with the typed data pointer of integer codes.
+template <typename Fn>
+void with_codes(const torch::Tensor& codes, const char* name, Fn&& fn) {
+  switch (codes.scalar_type()) {
+    case torch::kUInt8: fn(codes.data_ptr<uint8_t>()); break;
+    case torch::kInt8: fn(codes.data_ptr<int8_t>()); break;
+    case torch::kInt16: fn(codes.data_ptr<int16_t>()); break;
+    case torch::kInt32: fn(codes.data_ptr<int32_t>()); break;
+    case torch::kInt64: fn(codes.data_ptr<int64_t>()); break;
+    default: TORCH_CHECK(false, name, ": integer codes expected (uint8, int8, int16, int32 or int64), got ",
+                         codes.scalar_type());
+  }
+}
+
+// Calls fn with the typed data pointer of a GEMM result: float64 or int64, contiguous [G, M, N].
+template <typename Fn>
+void with_output(const torch::Tensor& out, const char* name, Fn&& fn) {
+  TORCH_CHECK(out.is_contiguous() && out.device().is_cpu(), name, ": a contiguous CPU out expected");
+  switch (out.scalar_type()) {
+    case torch::kFloat64: fn(out.data_ptr<double>()); break;
+    case torch::kInt64: fn(out.data_ptr<int64_t>()); break;
+    default: TORCH_CHECK(false, name, ": a float64 or int64 out expected, got ", out.scalar_type());
+  }
+}
+
+// ---------------------------------------------------------------- one LUT read per product
+
 constexpr int64_t kTileN = 512;  // accumulators kept per output row tile
 
-template <typename Sum>
-void gemm_rows(const uint8_t* a, const uint8_t* b, const int32_t* lut, double* out, int64_t k_size,
+template <typename Sum, typename Code, typename Out>
+void gemm_rows(const Code* a, const uint8_t* b, const int32_t* lut, Out* out, int64_t k_size,
                int64_t n_size, int64_t row_begin, int64_t row_end) {
   Sum sums[kTileN];
   for (int64_t row = row_begin; row < row_end; ++row) {
-    const uint8_t* a_row = a + row * k_size;
+    const Code* a_row = a + row * k_size;
     for (int64_t n0 = 0; n0 < n_size; n0 += kTileN) {
       const int64_t width = std::min(kTileN, n_size - n0);
       std::fill(sums, sums + width, Sum(0));
       for (int64_t k = 0; k < k_size; ++k) {
-        const int32_t* lut_row = lut + static_cast<int64_t>(a_row[k]) * 256;
+        const int32_t* lut_row = lut + byte_of(a_row[k]) * 256;
         const uint8_t* b_row = b + k * n_size + n0;
         for (int64_t j = 0; j < width; ++j) sums[j] += lut_row[b_row[j]];
       }
-      double* out_row = out + row * n_size + n0;
-      for (int64_t j = 0; j < width; ++j) out_row[j] = static_cast<double>(sums[j]);
+      Out* out_row = out + row * n_size + n0;
+      for (int64_t j = 0; j < width; ++j) out_row[j] = static_cast<Out>(sums[j]);
     }
   }
 }
 
-constexpr int64_t kTableBytes = 1 << 21;  // one tile of tables (k x 256 x N int32): about an L2 cache
+// ---------------------------------------------------------------- tables of products, row adds
 
-// T[kk][v][j] = lut[v][b[k0 + kk][j]] for a tile of k, then each row adds one contiguous table row
-// per k: out[m][j] += T[kk][a[m][k0 + kk]][j] (vector adds, no gathers in the row loop).
-template <typename Sum>
-void table_gemm(const uint8_t* a, const uint8_t* b, const int32_t* lut, double* out, int64_t m_size,
-                int64_t k_size, int64_t n_size) {
-  const int64_t tile_k = std::max<int64_t>(1, kTableBytes / (256 * 4 * n_size));  // few parallel regions
-  std::vector<int32_t> table(std::min(tile_k, k_size) * 256 * n_size);
-  std::vector<Sum> sums(m_size * n_size, Sum(0));
-  for (int64_t k0 = 0; k0 < k_size; k0 += tile_k) {
-    const int64_t depth = std::min(tile_k, k_size - k0);
-    at::parallel_for(0, depth * 256, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t entry = begin; entry < end; ++entry) {
-        const int64_t kk = entry / 256, v = entry % 256;
-        const uint8_t* b_row = b + (k0 + kk) * n_size;
-        int32_t* t_row = table.data() + entry * n_size;
-        for (int64_t j = 0; j < n_size; ++j) t_row[j] = lut[v * 256 + b_row[j]];
-      }
-    });
-    at::parallel_for(0, m_size, std::max<int64_t>(1, 4096 / std::max<int64_t>(1, n_size)),
-                     [&](int64_t begin, int64_t end) {
-      for (int64_t m = begin; m < end; ++m) {
-        Sum* row = sums.data() + m * n_size;
-        const uint8_t* a_row = a + m * k_size + k0;
-        for (int64_t kk = 0; kk < depth; ++kk) {
-          const int32_t* t_row = table.data() + (kk * 256 + a_row[kk]) * n_size;
-          for (int64_t j = 0; j < n_size; ++j) row[j] += t_row[j];
-        }
-      }
-    });
-  }
-  for (int64_t i = 0; i < m_size * n_size; ++i) out[i] = static_cast<double>(sums[i]);
+constexpr int64_t kRowWork = 1 << 14;  // vector adds per parallel task, about
+constexpr int64_t kTileColumns = 64;   // table columns per tile: a row of sums fits in registers
+
+// Bytes of one tile of tables: half the L2 cache, read from the machine (512 KiB where it says none).
+int64_t table_bytes() {
+  static const int64_t bytes = [] {
+    long l2 = -1;
+#ifdef _SC_LEVEL2_CACHE_SIZE
+    l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+    return l2 > 0 ? static_cast<int64_t>(l2) / 2 : int64_t(1) << 19;
+  }();
+  return bytes;
 }
 
-// Both entry points take uint8 codes a [G, M, K], b [G, K, N] and a contiguous int32 [256, 256] LUT.
-void check_operands(const char* name, const torch::Tensor& a, const torch::Tensor& b, const torch::Tensor& lut) {
-  TORCH_CHECK(a.dtype() == torch::kUInt8 && b.dtype() == torch::kUInt8, name, ": uint8 operands expected");
+// Eight accumulators of a sum type, as one vector (GCC/Clang vector extensions: SSE, AVX2 or
+// AVX-512 code by the compiler's target, no intrinsics).
+typedef int32_t Lanes32 __attribute__((vector_size(32)));
+typedef int64_t Lanes64 __attribute__((vector_size(64)));
+template <typename Sum> struct Lanes;
+template <> struct Lanes<int32_t> { using type = Lanes32; };
+template <> struct Lanes<int64_t> { using type = Lanes64; };
+
+template <typename Sum>
+inline typename Lanes<Sum>::type load_lanes(const int32_t* source) {
+  Lanes32 words;
+  std::memcpy(&words, source, sizeof(words));
+  return __builtin_convertvector(words, typename Lanes<Sum>::type);
+}
+
+// Where one output row's tile of sums goes: `sums` (carried to the next tile of k), or, on the last
+// tile of k, `out` (its first `columns` entries: the padding lanes are dropped).
+template <typename Sum, typename Out>
+struct RowTarget {
+  Sum* sums;
+  Out* out;  // null until the last tile of k
+  int64_t columns;
+};
+
+// target (+)= sum_kk T[kk][byte(a_row[kk])][j] for j < 8 * Vectors, the sums kept in registers.
+template <int Vectors, typename Sum, typename Code, typename Out>
+inline void add_table_rows(const Code* a_row, const int32_t* table, int64_t depth, int64_t stride,
+                           const RowTarget<Sum, Out>& target, bool first) {
+  using Acc = typename Lanes<Sum>::type;
+  Acc acc[Vectors];
+  for (int v = 0; v < Vectors; ++v) {
+    if (first) {
+      acc[v] = Acc{};
+    } else {
+      std::memcpy(&acc[v], target.sums + 8 * v, sizeof(Acc));
+    }
+  }
+  for (int64_t kk = 0; kk < depth; ++kk) {
+    const int32_t* t_row = table + (kk * 256 + byte_of(a_row[kk])) * stride;
+    for (int v = 0; v < Vectors; ++v) acc[v] += load_lanes<Sum>(t_row + 8 * v);
+  }
+  if (target.out == nullptr) {
+    for (int v = 0; v < Vectors; ++v) std::memcpy(target.sums + 8 * v, &acc[v], sizeof(Acc));
+    return;
+  }
+  Sum lanes[8 * Vectors];
+  for (int v = 0; v < Vectors; ++v) std::memcpy(lanes + 8 * v, &acc[v], sizeof(Acc));
+  for (int64_t j = 0; j < std::min<int64_t>(8 * Vectors, target.columns); ++j) target.out[j] = static_cast<Out>(lanes[j]);
+}
+
+// Output row tiles of 64, 32, 16 and 8 columns over the padded width (a multiple of 8).
+template <typename Sum, typename Code, typename Out>
+void add_table_row(const Code* a_row, const int32_t* table, int64_t depth, int64_t padded, RowTarget<Sum, Out> target,
+                   bool first) {
+  int64_t n0 = 0;
+  auto tile = [&](int64_t offset) {
+    return RowTarget<Sum, Out>{target.sums + offset, target.out ? target.out + offset : nullptr, target.columns - offset};
+  };
+  for (; padded - n0 >= 64; n0 += 64) add_table_rows<8>(a_row, table + n0, depth, padded, tile(n0), first);
+  if (padded - n0 >= 32) { add_table_rows<4>(a_row, table + n0, depth, padded, tile(n0), first); n0 += 32; }
+  if (padded - n0 >= 16) { add_table_rows<2>(a_row, table + n0, depth, padded, tile(n0), first); n0 += 16; }
+  if (padded - n0 >= 8) add_table_rows<1>(a_row, table + n0, depth, padded, tile(n0), first);
+}
+
+// Per tile of up to kTileColumns columns and per tile of k: build the tables (in parallel), then add
+// table rows to every output row's sums (rows in parallel); sums [M, padded width] carry across k
+// and the last tile of k writes the output rows.
+template <typename Sum, typename Code, typename BCode, typename Out>
+void table_gemm(const Code* a, const BCode* b, const int32_t* lut, Out* out, int64_t m_size, int64_t k_size,
+                int64_t n_size) {
+  std::vector<Sum> sums;
+  std::vector<int32_t> table;
+  for (int64_t n0 = 0; n0 < n_size; n0 += kTileColumns) {
+    const int64_t columns = std::min(kTileColumns, n_size - n0), padded = (columns + 7) / 8 * 8;
+    const int64_t tile_k = std::min(k_size, std::max<int64_t>(1, table_bytes() / (256 * 4 * padded)));
+    table.assign(tile_k * 256 * padded, 0);
+    if (tile_k < k_size) sums.resize(m_size * padded);
+    const int64_t row_grain = std::max<int64_t>(1, kRowWork / std::max<int64_t>(1, tile_k * padded / 8));
+    for (int64_t k0 = 0; k0 < k_size; k0 += tile_k) {
+      const int64_t depth = std::min(tile_k, k_size - k0);
+      const bool last = k0 + depth == k_size;
+      at::parallel_for(0, depth * 256, std::max<int64_t>(1, kRowWork / padded), [&](int64_t begin, int64_t end) {
+        for (int64_t entry = begin; entry < end; ++entry) {
+          const int64_t kk = entry / 256, v = entry % 256;
+          const BCode* b_row = b + (k0 + kk) * n_size + n0;
+          const int32_t* lut_row = lut + v * 256;
+          int32_t* t_row = table.data() + entry * padded;
+          for (int64_t j = 0; j < columns; ++j) t_row[j] = lut_row[byte_of(b_row[j])];
+        }
+      });
+      at::parallel_for(0, m_size, row_grain, [&](int64_t begin, int64_t end) {
+        for (int64_t m = begin; m < end; ++m) {
+          RowTarget<Sum, Out> target{sums.data() + m * padded * (tile_k < k_size), last ? out + m * n_size + n0 : nullptr,
+                                     columns};
+          add_table_row(a + m * k_size + k0, table.data(), depth, padded, target, k0 == 0);
+        }
+      });
+    }
+  }
+}
+
+// ---------------------------------------------------------------- entry points
+
+// a [G, M, K] and b [G, K, N] integer codes (made contiguous), a contiguous int32 [256, 256] LUT.
+void check_operands(const char* name, const torch::Tensor& a, const torch::Tensor& b, const torch::Tensor& lut,
+                    const torch::Tensor& out) {
   TORCH_CHECK(lut.dtype() == torch::kInt32 && lut.numel() == 256 * 256 && lut.is_contiguous(),
               name, ": a contiguous int32 [256, 256] LUT expected");
   TORCH_CHECK(a.dim() == 3 && b.dim() == 3 && a.size(0) == b.size(0) && a.size(2) == b.size(1),
               name, ": a [G, M, K] and b [G, K, N] expected");
+  TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu(), name, ": CPU tensors expected");
+  TORCH_CHECK(out.dim() == 3 && out.size(0) == a.size(0) && out.size(1) == a.size(1) && out.size(2) == b.size(2),
+              name, ": out [G, M, N] expected");
 }
 
 }  // namespace
 
-torch::Tensor lut_gemm_table(torch::Tensor a, torch::Tensor b, torch::Tensor lut, bool wide_sums) {
-  check_operands("lut_gemm_table", a, b, lut);
+// Both GEMM entry points write out [G, M, N] (float64 or int64, contiguous) and return it.
+torch::Tensor lut_gemm_table(torch::Tensor a, torch::Tensor b, torch::Tensor lut, bool wide_sums, torch::Tensor out) {
+  check_operands("lut_gemm_table", a, b, lut, out);
   a = a.contiguous();
-  b = b.contiguous();
+  b = b.to(torch::kUInt8).contiguous();  // a cast to uint8 keeps the byte
   const int64_t groups = a.size(0), m_size = a.size(1), k_size = a.size(2), n_size = b.size(2);
-  auto out = torch::empty({groups, m_size, n_size}, torch::kFloat64);
-  for (int64_t g = 0; g < groups; ++g) {
-    const uint8_t* a_g = a.data_ptr<uint8_t>() + g * m_size * k_size;
-    const uint8_t* b_g = b.data_ptr<uint8_t>() + g * k_size * n_size;
-    double* out_g = out.data_ptr<double>() + g * m_size * n_size;
-    if (wide_sums) {
-      table_gemm<int64_t>(a_g, b_g, lut.data_ptr<int32_t>(), out_g, m_size, k_size, n_size);
-    } else {
-      table_gemm<int32_t>(a_g, b_g, lut.data_ptr<int32_t>(), out_g, m_size, k_size, n_size);
-    }
-  }
+  with_codes(a, "lut_gemm_table", [&](auto* a_ptr) {
+    with_output(out, "lut_gemm_table", [&](auto* out_ptr) {
+      for (int64_t g = 0; g < groups; ++g) {
+        const auto* a_g = a_ptr + g * m_size * k_size;
+        const uint8_t* b_g = b.data_ptr<uint8_t>() + g * k_size * n_size;
+        auto* out_g = out_ptr + g * m_size * n_size;
+        if (wide_sums) {
+          table_gemm<int64_t>(a_g, b_g, lut.data_ptr<int32_t>(), out_g, m_size, k_size, n_size);
+        } else {
+          table_gemm<int32_t>(a_g, b_g, lut.data_ptr<int32_t>(), out_g, m_size, k_size, n_size);
+        }
+      }
+    });
+  });
   return out;
 }
 
-torch::Tensor lut_gemm(torch::Tensor a, torch::Tensor b, torch::Tensor lut, bool wide_sums) {
-  check_operands("lut_gemm", a, b, lut);
+torch::Tensor lut_gemm(torch::Tensor a, torch::Tensor b, torch::Tensor lut, bool wide_sums, torch::Tensor out) {
+  check_operands("lut_gemm", a, b, lut, out);
   a = a.contiguous();
-  b = b.contiguous();
+  b = b.to(torch::kUInt8).contiguous();
   const int64_t groups = a.size(0), m_size = a.size(1), k_size = a.size(2), n_size = b.size(2);
-  auto out = torch::empty({groups, m_size, n_size}, torch::kFloat64);
-  const uint8_t* a_ptr = a.data_ptr<uint8_t>();
   const uint8_t* b_ptr = b.data_ptr<uint8_t>();
   const int32_t* lut_ptr = lut.data_ptr<int32_t>();
-  double* out_ptr = out.data_ptr<double>();
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, k_size * n_size));
-  at::parallel_for(0, groups * m_size, grain, [&](int64_t begin, int64_t end) {
-    while (begin < end) {  // rows of one group at a time
-      const int64_t g = begin / m_size, row_end = std::min(end, (g + 1) * m_size);
-      const uint8_t* a_g = a_ptr + g * m_size * k_size;
-      const uint8_t* b_g = b_ptr + g * k_size * n_size;
-      double* out_g = out_ptr + g * m_size * n_size;
-      if (wide_sums) {
-        gemm_rows<int64_t>(a_g, b_g, lut_ptr, out_g, k_size, n_size, begin - g * m_size, row_end - g * m_size);
-      } else {
-        gemm_rows<int32_t>(a_g, b_g, lut_ptr, out_g, k_size, n_size, begin - g * m_size, row_end - g * m_size);
+  with_codes(a, "lut_gemm", [&](auto* a_ptr) {
+    with_output(out, "lut_gemm", [&](auto* out_ptr) {
+      at::parallel_for(0, groups * m_size, grain, [&](int64_t begin, int64_t end) {
+        while (begin < end) {  // rows of one group at a time
+          const int64_t g = begin / m_size, row_end = std::min(end, (g + 1) * m_size);
+          const auto* a_g = a_ptr + g * m_size * k_size;
+          const uint8_t* b_g = b_ptr + g * k_size * n_size;
+          auto* out_g = out_ptr + g * m_size * n_size;
+          if (wide_sums) {
+            gemm_rows<int64_t>(a_g, b_g, lut_ptr, out_g, k_size, n_size, begin - g * m_size, row_end - g * m_size);
+          } else {
+            gemm_rows<int32_t>(a_g, b_g, lut_ptr, out_g, k_size, n_size, begin - g * m_size, row_end - g * m_size);
+          }
+          begin = row_end;
+        }
+      });
+    });
+  });
+  return out;
+}
+
+// out (contiguous, codes.numel() rows) = table [256, ...] (contiguous, rows of 4-byte words) rows
+// at the codes' bytes; returns out.
+torch::Tensor gather_rows(torch::Tensor codes, torch::Tensor table, torch::Tensor out) {
+  TORCH_CHECK(codes.is_contiguous() && table.is_contiguous() && out.is_contiguous(),
+              "gather_rows: contiguous codes, table and out expected");
+  TORCH_CHECK(codes.device().is_cpu() && table.device().is_cpu() && out.device().is_cpu(),
+              "gather_rows: CPU tensors expected");
+  TORCH_CHECK(table.dim() >= 1 && table.size(0) == 256 && out.dtype() == table.dtype(),
+              "gather_rows: a table [256, ...] and an out of its dtype expected");
+  const int64_t row_bytes = table.numel() / 256 * table.element_size();
+  TORCH_CHECK(row_bytes % 4 == 0 && out.numel() == codes.numel() * (table.numel() / 256),
+              "gather_rows: rows of 4-byte words and an out of codes.numel() rows expected");
+  const int64_t words = row_bytes / 4;
+  const auto* rows = static_cast<const uint8_t*>(table.data_ptr());
+  auto* dst = static_cast<uint8_t*>(out.data_ptr());
+  with_codes(codes, "gather_rows", [&](auto* code) {
+    at::parallel_for(0, codes.numel(), std::max<int64_t>(1, 16384 / words), [&](int64_t begin, int64_t end) {
+      switch (words) {  // fixed-size copies compile to plain moves
+        case 1: {  // plain word loads: the compiler may use vector gathers
+          const auto* table_words = static_cast<const int32_t*>(table.data_ptr());
+          auto* out_words = static_cast<int32_t*>(out.data_ptr());
+          for (int64_t i = begin; i < end; ++i) out_words[i] = table_words[byte_of(code[i])];
+          break;
+        }
+        case 2: for (int64_t i = begin; i < end; ++i) std::memcpy(dst + i * 8, rows + byte_of(code[i]) * 8, 8); break;
+        case 4: for (int64_t i = begin; i < end; ++i) std::memcpy(dst + i * 16, rows + byte_of(code[i]) * 16, 16); break;
+        default:
+          for (int64_t i = begin; i < end; ++i) std::memcpy(dst + i * row_bytes, rows + byte_of(code[i]) * row_bytes, row_bytes);
       }
-      begin = row_end;
+    });
+  });
+  return out;
+}
+
+namespace {
+
+// A 2-D operand torch's int8 GEMM reads right: row-major, or exactly column-major with both sizes
+// above 1 (it misreads other strides, including those a size-1 dimension may carry).
+torch::Tensor dense(const torch::Tensor& t) {
+  if (t.size(0) > 1 && t.size(1) > 1 && t.stride(0) == 1 && t.stride(1) == t.size(0)) return t;
+  return t.is_contiguous() && (t.size(1) == 1 || t.stride(1) == 1) && (t.size(0) == 1 || t.stride(0) == t.size(1))
+             ? t : t.contiguous().view(t.sizes());
+}
+
+// int32 GEMMs of x [R, K * width] and y [K * width, N] over chunks of `chunk` K columns, each
+// added (as int64) to total [R, N].
+void add_int8_products(const torch::Tensor& x, const torch::Tensor& y, int64_t chunk, int64_t width,
+                       torch::Tensor& total) {
+  const int64_t k_size = x.size(1) / width;
+  for (int64_t k0 = 0; k0 < k_size; k0 += chunk) {
+    const int64_t k1 = std::min(k_size, k0 + chunk);
+    total.add_(at::_int_mm(dense(x.slice(1, k0 * width, k1 * width)), dense(y.slice(0, k0 * width, k1 * width))));
+  }
+}
+
+// The B side of the int8 plan from codes b [K, N] (any strides, read in place): y [N, K * width]
+// (row n holds the words of b[:, n]) and offsets[n] = sum_k offset[byte(b[k][n])].
+template <typename Word, typename Code>
+void int8_columns(const Code* b, int64_t k_size, int64_t n_size, int64_t stride_k, int64_t stride_n,
+                  const Word* words, const int64_t* offset, Word* y, int64_t* offsets) {
+  at::parallel_for(0, n_size, std::max<int64_t>(1, 8192 / std::max<int64_t>(1, k_size)), [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      int64_t total = 0;
+      for (int64_t k = 0; k < k_size; ++k) {
+        const int64_t index = byte_of(b[k * stride_k + n * stride_n]);
+        y[n * k_size + k] = words[index];
+        total += offset[index];
+      }
+      offsets[n] = total;
     }
   });
+}
+
+// out[r][n] = (sums[r][n] + offsets[n]) / denominator (an exact integer quotient).
+template <typename Sum, typename Out>
+void finish_rows(const Sum* sums, const int64_t* offsets, int64_t denominator, Out* out, int64_t rows,
+                 int64_t n_size) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, n_size)), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      for (int64_t n = 0; n < n_size; ++n) {
+        const int64_t total = static_cast<int64_t>(sums[r * n_size + n]) + offsets[n];
+        out[r * n_size + n] = static_cast<Out>(denominator == 1 ? total : total / denominator);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// The int8 low-rank plan of codes a [G, M, K], b [G, K, N] (see approxrun/ops/lowrank/tables.py,
+// Int8Maps): denominator * out = sum_k sum_i x_i(a) y_i(b) + offset(b) + code_scale * a' b', with the
+// maps packed one word per code (x_words, y_words: [256] int32 for width 4, int64 for width 8),
+// int8 GEMMs over `chunk` K columns (int32 sums proved below 2**31 by the caller), written into out
+// [G, M, N] (float64 or int64) and returned. Rows go in blocks of `block_rows` through `scratch`
+// (int8, at least block_rows * K * width bytes).
+torch::Tensor int8_lowrank_gemm(torch::Tensor a, torch::Tensor b, torch::Tensor x_words, torch::Tensor y_words,
+                                torch::Tensor offset, int64_t chunk, int64_t code_scale, int64_t denominator,
+                                int64_t block_rows, torch::Tensor scratch, torch::Tensor out) {
+  TORCH_CHECK(a.dim() == 3 && b.dim() == 3 && a.size(0) == b.size(0) && a.size(2) == b.size(1),
+              "int8_lowrank_gemm: a [G, M, K] and b [G, K, N] expected");
+  TORCH_CHECK(x_words.numel() == 256 && y_words.dtype() == x_words.dtype() && offset.dtype() == torch::kInt64 &&
+              scratch.dtype() == torch::kInt8 && chunk >= 1 && denominator >= 1 && block_rows >= 1,
+              "int8_lowrank_gemm: maps of 256 words, int64 offsets, int8 scratch expected");
+  const int64_t groups = a.size(0), m_size = a.size(1), k_size = a.size(2), n_size = b.size(2);
+  const int64_t width = x_words.element_size();
+  TORCH_CHECK(width == 4 || width == 8, "int8_lowrank_gemm: maps of 4 or 8 int8 columns expected");
+  TORCH_CHECK(scratch.numel() >= std::min(block_rows, m_size) * k_size * width, "int8_lowrank_gemm: scratch too small");
+  TORCH_CHECK(out.dim() == 3 && out.size(0) == groups && out.size(1) == m_size && out.size(2) == n_size,
+              "int8_lowrank_gemm: out [G, M, N] expected");
+  a = a.contiguous();
+  auto y = torch::empty({n_size, k_size * width}, torch::kInt8);  // y[n][(k, i)] = y_i(b[k][n])
+  auto offsets = torch::empty({n_size}, torch::kInt64);
+  for (int64_t g = 0; g < groups; ++g) {
+    const auto b_g = b[g];
+    with_codes(b_g, "int8_lowrank_gemm", [&](auto* codes) {
+      if (width == 4) {
+        int8_columns(codes, k_size, n_size, b_g.stride(0), b_g.stride(1), y_words.data_ptr<int32_t>(),
+                     offset.data_ptr<int64_t>(), y.view(torch::kInt32).data_ptr<int32_t>(), offsets.data_ptr<int64_t>());
+      } else {
+        int8_columns(codes, k_size, n_size, b_g.stride(0), b_g.stride(1), y_words.data_ptr<int64_t>(),
+                     offset.data_ptr<int64_t>(), y.view(torch::kInt64).data_ptr<int64_t>(), offsets.data_ptr<int64_t>());
+      }
+    });
+    auto columns = y.t();  // [K * width, N], column-major
+    torch::Tensor b_bytes;
+    if (code_scale) b_bytes = b_g.to(torch::kUInt8).view(torch::kInt8);  // [K, N]
+    for (int64_t m0 = 0; m0 < m_size; m0 += block_rows) {
+      const int64_t rows = std::min(block_rows, m_size - m0);
+      auto codes_a = a[g].slice(0, m0, m0 + rows);
+      auto x = scratch.slice(0, 0, rows * k_size * width).view({rows, k_size * width});
+      gather_rows(codes_a, x_words, x.view(x_words.scalar_type()));
+      const int64_t first_row = g * m_size + m0;
+      if (chunk >= k_size && !code_scale) {
+        auto sums = at::_int_mm(dense(x), dense(columns)).contiguous();
+        with_output(out, "int8_lowrank_gemm", [&](auto* out_ptr) {
+          finish_rows(sums.data_ptr<int32_t>(), offsets.data_ptr<int64_t>(), denominator,
+                      out_ptr + first_row * n_size, rows, n_size);
+        });
+      } else {
+        auto sums = torch::zeros({rows, n_size}, torch::kInt64);
+        add_int8_products(x, columns, chunk, width, sums);
+        if (code_scale) {
+          auto code_products = torch::zeros({rows, n_size}, torch::kInt64);
+          add_int8_products(codes_a.to(torch::kUInt8).view(torch::kInt8), b_bytes, chunk, 1, code_products);
+          sums.add_(code_products, code_scale);
+        }
+        with_output(out, "int8_lowrank_gemm", [&](auto* out_ptr) {
+          finish_rows(sums.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(), denominator,
+                      out_ptr + first_row * n_size, rows, n_size);
+        });
+      }
+    }
+  }
   return out;
 }

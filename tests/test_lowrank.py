@@ -1,6 +1,7 @@
 """Exact low-rank LUT GEMMs against the float64 gather oracle over the LUT; routes chosen through
 the engine's arguments (strategy, routes, an injected calibration)."""
 
+import itertools
 import logging
 import math
 
@@ -11,12 +12,15 @@ import torch
 from approxrun.lut import exact_lut
 from approxrun.multipliers import get_multiplier
 from approxrun.ops import EngineRegistry, LutEngine, engine_for, lut_conv2d, lut_matmul
-from approxrun.ops import lowrank
+from approxrun.ops import lowrank, native
 from approxrun.ops.gradients import gradient_tables
 from approxrun.ops.lowrank import Calibration, GemmPlan, calibration as calibration_module
 from approxrun.ops.lowrank.calibration import GEMM_WIDTHS
 
 INT8_EXACT = lowrank.int8_gemm_is_exact()
+
+
+KERNELS = [None] + [kernel for kernel in [native.load()] if kernel is not None]  # torch ops; compiled
 
 
 def matmul_oracle(a, b, lut):
@@ -175,11 +179,12 @@ def test_int8_maps_reproduce_the_table(name, signed, width, code_gemm):
 
 
 @pytest.mark.parametrize("name, signed", [("drum_4", True), ("truncated_4", True), ("kulkarni", False),
-                                          ("exact", False)])
+                                          ("exact", False), ("bam_2_6", True)])
 @pytest.mark.parametrize("dtype", [torch.int8, torch.float32, torch.int64])
 def test_int8_plan_matches_oracle_for_code_dtypes_and_chunks(name, signed, dtype, lowrank_log):
     """int8/uint8 codes with an even K gather byte pairs; other dtypes and odd K one code at a
-    time; explicit plans with short K chunks sum several int8 GEMMs."""
+    time; explicit plans with short K chunks sum several int8 GEMMs; the compiled one-call plan
+    (where it builds) and the torch ops alike; width-8 maps (bam_2_6)."""
     multiplier = get_multiplier(name, signed)
     engine = forced(multiplier, "int8", (signed, signed))
     rng = np.random.default_rng(14)
@@ -192,10 +197,10 @@ def test_int8_plan_matches_oracle_for_code_dtypes_and_chunks(name, signed, dtype
         transposed = lut_matmul(a.to(dtype), b.to(dtype).t().contiguous().t(), engine)
         assert np.array_equal(out.numpy(), expected), (m, k, n)
         assert np.array_equal(transposed.numpy(), expected)
-        for chunk in (1, 3, 64):
+        for chunk, kernel in itertools.product((1, 3, 64), KERNELS):
             chunked = lowrank.lowrank_gemm(a.to(dtype)[None], b.to(dtype)[None], engine.lowrank,
-                                           GemmPlan("int8", min(chunk, k), 0.0))
-            assert np.array_equal(chunked[0].numpy(), expected), (m, k, n, chunk)
+                                           GemmPlan("int8", min(chunk, k), 0.0), kernel)
+            assert np.array_equal(chunked[0].numpy(), expected), (m, k, n, chunk, kernel)
     assert "int8 GEMMs" in lowrank_log.text
 
 
@@ -475,8 +480,9 @@ def test_native_gather_matches_oracle(low, high, k, lowrank_log):
         pytest.skip("no C++ toolchain to build the CPU LUT kernel")
     rng = np.random.default_rng(21)
     lut = rng.integers(low, high, (256, 256))
-    for figure, route in (("native_lookup", "native gather"), ("native_table_lookup", "native tables")):
-        fast_native = Calibration(**{**AVX2_ONLY.as_dict(), figure: 1e-15})
+    for figures, route in ((("native_lookup",), "native gather"), (("native_table_entry", "native_row_add"),
+                                                                   "native tables")):
+        fast_native = Calibration(**{**AVX2_ONLY.as_dict(), **dict.fromkeys(figures, 1e-15)})
         engine = LutEngine(lut, strategy="gather", calibration=fast_native)
         for dtype in (torch.int8, torch.int32, torch.float32):
             a, b = codes(rng, (37, k)), codes(rng, (k, 19))
@@ -488,3 +494,24 @@ def test_native_gather_matches_oracle(low, high, k, lowrank_log):
         out = lut_conv2d(x, w, engine, padding=1, groups=2, pad_value=9)
         assert np.array_equal(out.numpy(), conv_oracle(x.numpy(), w.numpy(), lut, 1, 1, 1, 2, 9))
         assert engine.chosen_route(2, 72, 18, 3, "cpu") == route  # each strategy modelled fastest in turn
+
+
+@pytest.mark.parametrize("code_dtype", [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float32])
+def test_map_gathers_agree(code_dtype):
+    """The compiled one-pass gather and torch's give table[byte(codes)] for every code dtype, codes
+    beyond the byte range, and rows of 1, 2, 3 and 4 words (int8 words, int64 offsets, float maps)."""
+    if len(KERNELS) == 1:
+        pytest.skip("no C++ toolchain to build the CPU LUT kernel")
+    rng = np.random.default_rng(30)
+    wide = np.iinfo(np.int64 if code_dtype == torch.int64 else np.int32).max // 512
+    raw = codes(rng, (7, 5, 3), -wide, wide) if code_dtype in (torch.int32, torch.int64) else codes(rng, (7, 5, 3))
+    values = raw.to(code_dtype) if code_dtype != torch.uint8 else (raw & 255).to(torch.uint8)
+    tables = [torch.as_tensor(rng.integers(-2**31, 2**31, 256), dtype=torch.int32),
+              torch.as_tensor(rng.integers(-2**62, 2**62, 256)), torch.randn(256, 3), torch.randn(256, 2).double()]
+    for table in tables:
+        expected = table[(raw & 255).long()]
+        for kernel in KERNELS:
+            gather = lowrank.torch_gather_rows if kernel is None else kernel.gather_rows
+            assert torch.equal(gather(values, table), expected)
+            out = torch.empty(expected.numel() + 3, dtype=table.dtype)
+            assert torch.equal(gather(values, table, out=out[:expected.numel()]), expected)

@@ -61,6 +61,8 @@ class _GroupedLutGemm(torch.autograd.Function):
 def _grouped_gemm(a: torch.Tensor, b: torch.Tensor, engine: LutEngine, grad: str) -> torch.Tensor:
     _check_grad(grad)
     if not (a.is_floating_point() or b.is_floating_point()):
+        if engine.integral:  # every route's sums are exact integers
+            return engine.gemm(a, b, torch.int64)
         return engine.gemm(a, b).round_().to(torch.int64)
     return _GroupedLutGemm.apply(a, b, engine, grad == "lut")
 

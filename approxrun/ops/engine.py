@@ -44,7 +44,7 @@ UNFOLD_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 27}  # unfolded codes per batch 
 PLAN_CACHE = 256  # per-shape plans an engine keeps
 TORCH_GATHER, NATIVE_GATHER, NATIVE_TABLES = "torch gather", "native gather", "native tables"  # gather routes
 TRIAL_ROUNDS = 2  # timed calls per route (the best counts)
-TRIAL_MIN_SECONDS = 2e-3  # shapes modelled faster than this keep the model's route: timing them is noise
+TRIAL_MIN_SECONDS = 2e-4  # shapes modelled faster than this keep the model's route: timing them is noise
 TRIAL_SPREAD = 2.0  # auto also times the low-rank plans modelled within this factor of the best one
 
 
@@ -66,8 +66,10 @@ class LutEngine:
 
     def __init__(self, lut, signed_a: bool = True, signed_b: bool = True, *, strategy: str = "auto",
                  routes: tuple[str, ...] = ROUTE_KINDS, lookup_cost: float | None = None,
-                 calibration: Calibration | None = None, unfold_elements: int | None = None, trials: int = 4):
+                 calibration: Calibration | None = None, unfold_elements: int | None = None, trials: int = 4,
+                 native: bool = True):
         self.values = _table_values(lut)
+        self.native = native  # whether the compiled CPU kernels may run (where they build)
         self.trials = trials  # routes timed on a shape's first calls under auto (below 2: the model alone)
         self.unfold_elements = unfold_elements  # None: per device, see unfold_block
         self.signed_a, self.signed_b = bool(signed_a), bool(signed_b)
@@ -105,6 +107,11 @@ class LutEngine:
         if self._calibration is None:
             self._calibration = load_or_measure()
         return self._calibration
+
+    @property
+    def integral(self) -> bool:
+        """Whether the table holds integers (then every route's sums are exact integers)."""
+        return self.values.dtype == np.int64
 
     @cached_property
     def max_abs(self) -> float:
@@ -155,6 +162,13 @@ class LutEngine:
             self._device_tables[key] = cuda.build_image(self.table(device))
         return self._device_tables[key]
 
+    def kernel(self) -> native.NativeGemm | None:
+        """The compiled CPU kernels, when the engine may use them and they build here."""
+        return native.load() if self.native else None
+
+    def _cpu_kernel(self, device) -> native.NativeGemm | None:
+        return self.kernel() if device.type == "cpu" else None
+
     # ------------------------------------------------------------------ routes
 
     def plan(self, groups: int, m: int, k: int, n: int, device: torch.device, byte_codes: bool = False):
@@ -178,28 +192,44 @@ class LutEngine:
             return None, f"gather (no exact low-rank plan for K={k}, rank {table.rank})"
         best = min(plans, key=lambda p: p.time)
         if self.strategy == "auto" and cal is not None:
-            gather = cal.gather_time(groups, m, k, n) * self.lookup_cost
+            route, gather = self._gather_route(groups, m, k, n, device)
             if best.time >= gather:
-                return None, f"gather ({best.kind} low rank {best.time * 1e3:.3g} ms > gather {gather * 1e3:.3g} ms)"
+                return None, f"{route} ({best.kind} low rank {best.time * 1e3:.3g} ms > gather {gather * 1e3:.3g} ms)"
         return best, f"low rank {table.rank}, {best}"
 
-    def _ranked_routes(self, groups, m, k, n, device, byte_codes) -> list:
-        """The routes auto times on a shape's first calls: each family's best by modelled time (the
-        torch gather, the compiled gather, the best exact low-rank plan; measured figures can be off
-        on a loaded machine, so no family is ruled out by the model alone), then other low-rank
-        plans modelled within :data:`TRIAL_SPREAD` of the best one, ``trials`` routes at most."""
+    def _gather_routes(self, groups, m, k, n, device) -> list[tuple[str, float]]:
+        """The gather routes with their modelled times (the lookup_cost factor applied)."""
         cal = self.calibration
-        routes = [TORCH_GATHER] + ([NATIVE_GATHER, NATIVE_TABLES] if self._native_usable(device) else [])
+        routes = [(TORCH_GATHER, cal.gather_time(groups, m, k, n))]
+        if self._native_usable(device):
+            routes += [(NATIVE_GATHER, cal.native_time(groups, m, k, n, False)),
+                       (NATIVE_TABLES, cal.native_time(groups, m, k, n, True))]
+        return [(route, time_ * self.lookup_cost) for route, time_ in routes]
+
+    def _gather_route(self, groups, m, k, n, device) -> tuple[str, float]:
+        """The gather route modelled fastest, and its time."""
+        return min(self._gather_routes(groups, m, k, n, device), key=lambda route: route[1])
+
+    def _ranked_routes(self, groups, m, k, n, device, byte_codes) -> list:
+        """The routes auto times on a shape's first calls: the gather and the low-rank plan modelled
+        fastest (measured figures can be off on a loaded machine, so neither family is ruled out by
+        the model alone), then the other routes modelled within :data:`TRIAL_SPREAD` of the fastest,
+        by modelled time, ``trials`` routes at most."""
+        ranked = sorted(self._gather_routes(groups, m, k, n, device), key=lambda route: route[1])
+        chosen = [ranked[0][0]]
         if self.lowrank is not None and self.strategy != "gather":
-            plans = sorted(candidate_plans(self.lowrank, groups, m, k, n, device, cal, byte_codes, self.routes),
-                           key=lambda plan: plan.time)
-            routes += [plan for plan in plans if plan.time <= TRIAL_SPREAD * plans[0].time]
-        return routes[:self.trials]
+            plans = candidate_plans(self.lowrank, groups, m, k, n, device, self.calibration, byte_codes, self.routes)
+            plans = sorted(((plan, plan.time) for plan in plans), key=lambda route: route[1])
+            chosen += [plan for plan, _ in plans[:1]]
+            ranked = sorted(ranked + plans, key=lambda route: route[1])
+        fastest = ranked[0][1]
+        chosen += [route for route, time_ in ranked if route not in chosen and time_ <= TRIAL_SPREAD * fastest]
+        return chosen[:self.trials]
 
     def _native_usable(self, device) -> bool:
         cal = self.calibration
-        return (device.type == "cpu" and "native" in self.routes
-                and math.isfinite(min(cal.native_lookup, cal.native_table_lookup))
+        return (device.type == "cpu" and "native" in self.routes and self.kernel() is not None
+                and math.isfinite(min(cal.native_lookup, cal.native_table_entry + cal.native_row_add))
                 and self.values.dtype == np.int64 and self.max_abs < 2**31)
 
     def _gemm_route(self, groups, m, k, n, device, byte_codes):
@@ -232,21 +262,16 @@ class LutEngine:
 
     def _gemm_route_by_model(self, groups, m, k, n, device, byte_codes):
         plan = self._logged_plan("gemm", groups, m, k, n, device, byte_codes)
-        if plan is None and self._native_usable(device) and self.strategy != "lowrank":
-            cal = self.calibration
-            route, time_ = min(((NATIVE_GATHER, cal.native_time(groups, m, k, n, False)),
-                                (NATIVE_TABLES, cal.native_time(groups, m, k, n, True))), key=lambda r: r[1])
-            if time_ < cal.gather_time(groups, m, k, n):
-                return route
-        return TORCH_GATHER if plan is None else plan
+        if plan is not None:
+            return plan
+        if device.type != "cpu" or self.strategy == "lowrank":
+            return TORCH_GATHER
+        return self._gather_route(groups, m, k, n, device)[0]
 
     def _modelled_time(self, groups, m, k, n, device, byte_codes) -> float:
         """The model's time of the route it would pick (seconds)."""
-        cal = self.calibration
         plan = self.plan(groups, m, k, n, device, byte_codes)[0]
-        gather = cal.gather_time(groups, m, k, n)
-        if self._native_usable(device):
-            gather = min(gather, cal.native_time(groups, m, k, n, False), cal.native_time(groups, m, k, n, True))
+        gather = self._gather_route(groups, m, k, n, device)[1]
         return gather if plan is None else min(gather, plan.time)
 
     def chosen_route(self, groups: int, m: int, k: int, n: int, device, byte_codes: bool = False) -> str:
@@ -264,21 +289,22 @@ class LutEngine:
 
     # ------------------------------------------------------------------ operations
 
-    def gemm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """out[g, m, n] = sum_k lut[byte(a[g, m, k])][byte(b[g, k, n])] of code tensors, float64."""
+    def gemm(self, a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """out[g, m, n] = sum_k lut[byte(a[g, m, k])][byte(b[g, k, n])] of code tensors, float64
+        (or int64, exact, for an integer table: the compiled routes write it directly)."""
         groups, m, k = a.shape
         n = b.shape[2]
         if not groups * m * k * n:
-            return self._gather_gemm(a, b)
+            return self._gather_gemm(a, b).to(out_dtype)
         route, times = self._gemm_route(groups, m, k, n, a.device, a.dtype in (torch.int8, torch.uint8))
         start = time.perf_counter()
         if route in (NATIVE_GATHER, NATIVE_TABLES):
-            out = native.load()(a, b, self.int32_table(), wide_sums=k * self.max_abs >= 2**31,
-                                tables=route == NATIVE_TABLES)
+            out = self.kernel()(a, b, self.int32_table(), wide_sums=k * self.max_abs >= 2**31,
+                                tables=route == NATIVE_TABLES, out_dtype=out_dtype)
         elif route == TORCH_GATHER:
-            out = self._gather_gemm(a, b)
+            out = self._gather_gemm(a, b).to(out_dtype)
         else:
-            out = lowrank_gemm(a, b, self.lowrank, route)
+            out = lowrank_gemm(a, b, self.lowrank, route, self._cpu_kernel(a.device), out_dtype)
         if times is not None:  # a timed trial of this route
             times.append(time.perf_counter() - start)
         return out
@@ -352,9 +378,9 @@ class LutEngine:
         if maps is not None:
             plan = self.plan(groups, m, k, n, x.device)[0]
             map_time = map_conv_time(self.calibration, x.numel(), groups, m, k, n, maps.width)
-            gather = self.calibration.gather_time(groups, m, k, n) * self.lookup_cost
+            gather = self._gather_route(groups, m, k, n, x.device)[1]
             if self.strategy == "lowrank" or map_time < min(gather, plan.time if plan is not None else gather):
-                out = map_conv2d(x, w, table, stride, dilation, groups)
+                out = map_conv2d(x, w, table, stride, dilation, groups, self._cpu_kernel(x.device))
                 if out is not None:
                     log.debug("lut conv2d: low rank %d, map-then-conv, shape G=%d M=%d K=%d N=%d", table.rank,
                               groups, m, k, n)
@@ -363,7 +389,7 @@ class LutEngine:
         if plan is None or plan.kind != "int8" or table.int8.code_scale:
             return None
         log.debug("lut conv2d: low rank %d, int8 im2col of packed maps", table.rank)
-        return int8_conv2d(x, w, table, plan.k_chunk, stride, dilation, groups)
+        return int8_conv2d(x, w, table, plan.k_chunk, stride, dilation, groups, self._cpu_kernel(x.device))
 
     def unfold_block(self, device: torch.device) -> int:
         """Unfolded code elements per batch block: the engine's setting, else bounded CPU scratch

@@ -33,22 +33,35 @@ class NativeGemm:
         self._module = module
 
     def __call__(self, a: torch.Tensor, b: torch.Tensor, lut_image: torch.Tensor, wide_sums: bool,
-                 tables: bool = False) -> torch.Tensor:
+                 tables: bool = False, out_dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """out[g, m, n] = sum_k lut[byte(a[g, m, k])][byte(b[g, k, n])] of codes a [G, M, K] and
-        b [G, K, N], float64 (``lut_image``: int32 [256, 256]; ``wide_sums``: accumulate in int64;
-        ``tables``: build per-k tables of products, then add table rows, for large shapes)."""
+        b [G, K, N], float64 or int64 (``lut_image``: int32 [256, 256]; ``wide_sums``: accumulate
+        in int64; ``tables``: build per-k tables of products, then add table rows, for large shapes)."""
         gemm = self._module.lut_gemm_table if tables else self._module.lut_gemm
-        return gemm(_bytes(a), _bytes(b), lut_image, wide_sums)
+        out = torch.empty(a.shape[0], a.shape[1], b.shape[2], dtype=out_dtype)
+        return gemm(_integer(a), _integer(b), lut_image, wide_sums, out)
+
+    def gather_rows(self, codes: torch.Tensor, table: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``table[byte(codes)]``: rows of ``table`` [256, ...] (rows of 4-byte words) at the codes'
+        bytes, shape ``codes.shape + table.shape[1:]``, written into ``out`` when given."""
+        shape = (*codes.shape, *table.shape[1:])
+        out = torch.empty(shape, dtype=table.dtype) if out is None else out.view(shape)
+        return self._module.gather_rows(_integer(codes).contiguous(), table, out)
+
+    def int8_lowrank_gemm(self, a: torch.Tensor, b: torch.Tensor, maps, chunk: int, block_rows: int,
+                          scratch: torch.Tensor, out_dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """The int8 low-rank plan in one call (see :class:`~approxrun.ops.lowrank.tables.Int8Maps`):
+        [G, M, N] (float64 or int64) of codes a [G, M, K], b [G, K, N]; int8 GEMMs over ``chunk`` K
+        columns, rows in blocks of ``block_rows`` through ``scratch`` (int8, block_rows * K * width bytes)."""
+        x_words, y_words, offset = maps.tensors(a.device)
+        out = torch.empty(a.shape[0], a.shape[1], b.shape[2], dtype=out_dtype)
+        return self._module.int8_lowrank_gemm(_integer(a), _integer(b), x_words, y_words, offset, chunk,
+                                              maps.code_scale, maps.denominator, block_rows, scratch, out)
 
 
-def _bytes(codes: torch.Tensor) -> torch.Tensor:
-    """The codes' bytes as uint8: a view of byte codes, one narrowing cast of other integer codes
-    (a cast to uint8 keeps the value modulo 256: the byte), the masked index of codes in floats."""
-    if codes.dtype in (torch.int8, torch.uint8):
-        return codes.view(torch.uint8)
-    if not codes.is_floating_point():
-        return codes.to(torch.uint8)
-    return code_to_index(codes).to(torch.uint8)
+def _integer(codes: torch.Tensor) -> torch.Tensor:
+    """Integer codes as they are (the kernel reads their bytes); codes held in floats as byte indices."""
+    return code_to_index(codes) if codes.is_floating_point() else codes
 
 
 def _build_dir() -> tuple[Path, str]:
@@ -70,7 +83,7 @@ def load() -> NativeGemm | None:
         folder.mkdir(parents=True, exist_ok=True)
         if not any(folder.glob("*.so")):
             log.info("compiling the CPU LUT kernel into %s (once per CPU and torch version)", folder)
-        module = load_inline(name, cpp_sources=source, functions=["lut_gemm", "lut_gemm_table"], build_directory=str(folder),
+        module = load_inline(name, cpp_sources=source, functions=["lut_gemm", "lut_gemm_table", "gather_rows", "int8_lowrank_gemm"], build_directory=str(folder),
                              extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
                              verbose=False)
     except Exception as exc:  # no compiler or a broken toolchain: the torch gathers stay

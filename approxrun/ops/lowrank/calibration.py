@@ -34,7 +34,7 @@ __all__ = ["Calibration", "machine_key", "cpu_description", "calibration_dir", "
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "APPROXRUN_CACHE"
-FORMAT = 4  # bump when the measured figures change meaning
+FORMAT = 5  # bump when the measured figures change meaning
 ISA_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "DNNL_MAX_CPU_ISA")
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_vbmi", "amx_tile", "amx_int8")
 GEMM_WIDTHS = (8, 32, 128)  # N of the timed GEMMs; other widths interpolate on log N
@@ -88,7 +88,8 @@ class Calibration:
     int8_exact: bool
     backward_lookup: float = math.inf  # the gradient-table gathers of a LUT-gradient backward, per product
     native_lookup: float = math.inf  # the compiled CPU LUT GEMM (approxrun.ops.native); inf: not built here
-    native_table_lookup: float = math.inf  # its table strategy, per product or table entry
+    native_table_entry: float = math.inf  # its table strategy: per table entry built (256 K N of them)
+    native_row_add: float = math.inf  # and per 8-lane add of a table row into a row of sums (M K N / 8)
     machine: dict = field(default_factory=dict)
 
     def gemm_mac(self, dtype: str, n: int) -> float:
@@ -112,9 +113,10 @@ class Calibration:
                          + 256 * k * min(m, n) * self.gather_table)
 
     def native_time(self, groups: int, m: int, k: int, n: int, tables: bool) -> float:
-        """Modelled time of the compiled kernel: per product, or (tables) per product and table entry."""
+        """Modelled time of the compiled kernel: per product, or (tables) per table entry and per
+        8-lane row add (the row tiles pad N to a multiple of 8)."""
         if tables:
-            return groups * (m + 256) * k * n * self.native_table_lookup
+            return groups * k * (256 * n * self.native_table_entry + m * -(-n // 8) * self.native_row_add)
         return groups * m * k * n * self.native_lookup
 
     def as_dict(self) -> dict:
@@ -156,8 +158,6 @@ def _gather_figures(generator: torch.Generator) -> tuple[float, float, float, fl
     """(per lookup, per row, per table entry) of the table gather, fitted by non-negative least
     squares in relative error to shapes that stress each term, and the direct gather's time per
     lookup."""
-    from scipy.optimize import nnls
-
     from approxrun.ops.gather import grouped_lut_gemm
     lut = torch.randint(-2**15, 2**15, (256, 256), generator=generator).double()
     rows, times = [], []
@@ -166,9 +166,7 @@ def _gather_figures(generator: torch.Generator) -> tuple[float, float, float, fl
         b = torch.randint(-128, 128, (1, k, n), generator=generator, dtype=torch.int32)
         times.append(_best_time(lambda: grouped_lut_gemm(a, b, lut, direct=False)))
         rows.append((m * k * n, max(m, n) * k, 256 * k * min(m, n)))
-    weighted = np.array(rows, dtype=float) / np.array(times)[:, None]
-    lookup, row, table = nnls(weighted, np.ones(len(times)))[0]
-    lookup = max(lookup, 0.05 * min(t / r[0] for t, r in zip(times, rows)))  # a lookup never costs nothing
+    lookup, row, table = _relative_nnls(np.array(rows, dtype=float), np.array(times))
     a = torch.randint(-128, 128, (1, 128, 64), generator=generator, dtype=torch.int32)
     b = torch.randint(-128, 128, (1, 64, 96), generator=generator, dtype=torch.int32)
     direct = _best_time(lambda: grouped_lut_gemm(a, b, lut, direct=True)) / (128 * 64 * 96)
@@ -225,10 +223,12 @@ def _measure_round() -> Calibration:
     gemm = _gemm_figures(generator, int8_exact)
     count = 1 << 18
     index = torch.randint(0, 256, (count,), generator=generator, dtype=torch.int32)
-    maps = torch.randn(256, 4, generator=generator)
-    map_entry = _best_time(lambda: F.embedding(index, maps)) / (count * 4)
+    gather_rows = _map_gather()
+    maps, mapped = torch.randn(256, 4, generator=generator), torch.empty(count, 4)  # outputs reused, as in use
+    map_entry = _best_time(lambda: gather_rows(index, maps, out=mapped)) / (count * 4)
     words = torch.randint(-2**31, 2**31 - 1, (256,), generator=generator, dtype=torch.int32)
-    word_index = _best_time(lambda: torch.index_select(words, 0, index)) / count
+    gathered = torch.empty(count, dtype=torch.int32)
+    word_index = _best_time(lambda: gather_rows(index, words, out=gathered)) / count
     pairs = torch.randint(-2**62, 2**62, (65536,), generator=generator)
     codes = torch.randint(-128, 128, (count,), generator=generator, dtype=torch.int8)
 
@@ -240,11 +240,19 @@ def _measure_round() -> Calibration:
     accumulate = _best_time(lambda: out.add_(part)) / count
     small = torch.ones(32, 64, dtype=torch.int8)
     int8_call = _best_time(lambda: torch._int_mm(small, small.t().contiguous())) if int8_exact else math.inf
-    native_lookup, native_table_lookup = _native_figures(generator)
+    native_lookup, native_table_entry, native_row_add = _native_figures(generator)
     backward_lookup = _backward_figure(generator)
     log.info("LUT route calibration measured in %.2f s", time.perf_counter() - start)
     return Calibration(lookup, row, table, direct, gemm, map_entry, word_index, pair_index, int8_call, accumulate,
-                       int8_exact, backward_lookup, native_lookup, native_table_lookup, machine_key())
+                       int8_exact, backward_lookup, native_lookup, native_table_entry, native_row_add, machine_key())
+
+
+def _map_gather():
+    """The map gather engines use by default: the compiled one where it builds, else torch's."""
+    from approxrun.ops import native
+    from approxrun.ops.lowrank.executors import torch_gather_rows
+    kernel = native.load()
+    return torch_gather_rows if kernel is None else kernel.gather_rows
 
 
 def _backward_figure(generator: torch.Generator) -> float:
@@ -259,18 +267,36 @@ def _backward_figure(generator: torch.Generator) -> float:
     return _best_time(lambda: grouped_lut_gemm_backward(grad, a, b, *tables), repeats=1) / ((m + 256) * k * n)
 
 
-def _native_figures(generator: torch.Generator) -> tuple[float, float]:
-    """Seconds per lookup of the compiled CPU LUT GEMM's two strategies (inf when it cannot be built)."""
+def _native_figures(generator: torch.Generator) -> tuple[float, float, float]:
+    """The compiled CPU LUT GEMM (inf when it cannot be built): seconds per lookup of its direct
+    strategy; per table entry and per 8-lane row add of its table strategy, fitted to a shape where
+    building the tables dominates and one where adding rows does."""
     from approxrun.ops import native
     kernel = native.load()
     if kernel is None:
-        return math.inf, math.inf
+        return math.inf, math.inf, math.inf
     lut = torch.randint(-2**15, 2**15, (256, 256), generator=generator, dtype=torch.int32)
-    a = torch.randint(-128, 128, (1, 512, 128), generator=generator, dtype=torch.int8)
-    b = torch.randint(-128, 128, (1, 128, 64), generator=generator, dtype=torch.int8)
-    direct = _best_time(lambda: kernel(a, b, lut, False)) / (512 * 128 * 64)
-    tables = _best_time(lambda: kernel(a, b, lut, False, tables=True)) / ((512 + 256) * 128 * 64)
-    return direct, tables
+
+    def timed(m: int, k: int, n: int, tables: bool) -> float:
+        a = torch.randint(-128, 128, (1, m, k), generator=generator, dtype=torch.int8)
+        b = torch.randint(-128, 128, (1, k, n), generator=generator, dtype=torch.int8)
+        return _best_time(lambda: kernel(a, b, lut, False, tables=tables))
+
+    direct = timed(512, 128, 64, False) / (512 * 128 * 64)
+    shapes = ((64, 64, 256), (8192, 64, 16), (2048, 128, 64))  # (M, K, N): tables, row adds, both
+    terms = np.array([(256 * k * n, m * k * -(-n // 8)) for m, k, n in shapes], dtype=float)
+    times = np.array([timed(m, k, n, True) for m, k, n in shapes])
+    entry, row_add = _relative_nnls(terms, times)
+    return direct, entry, row_add
+
+
+def _relative_nnls(terms: np.ndarray, times: np.ndarray) -> np.ndarray:
+    """Non-negative per-term costs fitted in relative error; no term costs nothing (at least 5% of
+    its share of the fastest shape's time per unit)."""
+    from scipy.optimize import nnls
+    costs = nnls(terms / times[:, None], np.ones(len(times)))[0]
+    floor = 0.05 * np.min(times[:, None] / np.maximum(terms, 1), axis=0)
+    return np.maximum(costs, floor)
 
 
 def _path(key: dict, folder: Path) -> Path:

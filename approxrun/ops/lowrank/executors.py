@@ -1,6 +1,6 @@
 """Torch executors of the exact low-rank plans (CPU or CUDA): GEMMs, convolutions, backward.
 
-- float plans: maps gathered by byte index (``F.embedding``), then float32 GEMMs over K chunks whose
+- float plans: maps gathered by byte index, then float32 GEMMs over K chunks whose
   partial sums are integers below 2**24, summed in float64, or one float64 GEMM, rounded;
 - int8 plan (CPU): one gather of packed int8 words per index (per two indices for int8/uint8 codes:
   a byte pair indexes a 65536-word table), int8 GEMMs with int32 sums below 2**31;
@@ -8,6 +8,10 @@
   ``conv2d`` of the maps, exact when torch's backend is direct or im2col, checked per call) or an
   im2col of the packed int8 words;
 - backward: float64 GEMMs over the maps of the low-rank LUT-derived gradient tables.
+
+The executors take ``kernel``, the compiled CPU kernels (:class:`approxrun.ops.native.NativeGemm`)
+or None: with them every map gather is one pass over the codes and the int8 plan one call; without
+them, torch ops (:func:`torch_gather_rows`).
 """
 
 from __future__ import annotations
@@ -21,59 +25,77 @@ from approxrun.ops.im2col import conv_output_size, grouped_columns, grouped_rows
 from approxrun.ops.lowrank.plans import GemmPlan, byte_pairs_readable
 from approxrun.ops.lowrank.tables import Int8Maps, LowRankTable
 
-__all__ = ["lowrank_gemm", "int8_conv2d", "map_conv2d", "lowrank_backward"]
+__all__ = ["lowrank_gemm", "int8_conv2d", "map_conv2d", "lowrank_backward", "torch_gather_rows"]
 
 MAP_ELEMENTS = 1 << 22  # gathered map entries per GEMM block (16 MB of float32)
 MAP_BYTES = 1 << 23  # gathered int8 maps per block of the int8 plan (scratch memory, reused)
 
 
-def lowrank_gemm(a: torch.Tensor, b: torch.Tensor, table: LowRankTable, plan: GemmPlan) -> torch.Tensor:
+def torch_gather_rows(codes: torch.Tensor, table: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``table[byte(codes)]`` by torch ops: rows of ``table`` [256, ...] at the codes' bytes, shape
+    ``codes.shape + table.shape[1:]`` (uint16 codes: byte pairs, ``table[codes]``), written into
+    ``out`` when given. The index goes through scratch memory."""
+    index = scratch("gather index", codes.shape, torch.int32, codes.device)
+    index = index.copy_(codes) if codes.dtype == torch.uint16 else code_to_index(codes, out=index)
+    rows = table.shape[1:]
+    if out is not None:
+        out = out.view(-1, *rows)
+    return torch.index_select(table, 0, index.view(-1), out=out).view(*codes.shape, *rows)
+
+
+def _gatherer(kernel):
+    return torch_gather_rows if kernel is None else kernel.gather_rows
+
+
+def lowrank_gemm(a: torch.Tensor, b: torch.Tensor, table: LowRankTable, plan: GemmPlan,
+                 kernel=None, out_dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """out[g, m, n] = sum_k table[byte(a[g, m, k]), byte(b[g, k, n])] of code tensors, exact, as
-    float64 (see the module)."""
+    ``out_dtype`` (float64 or int64; see the module)."""
     if plan.kind == "int8":
-        return _int8_gemm(a, b, table.int8, plan.k_chunk)
-    a_idx, b_idx = code_to_index(a), code_to_index(b)
-    groups, m, k = a_idx.shape
-    n = b_idx.shape[2]
+        return _int8_gemm(a, b, table.int8, plan.k_chunk, kernel, out_dtype)
+    gather_rows = _gatherer(kernel)
+    groups, m, k = a.shape
+    n = b.shape[2]
     width = table.width
-    x, y = table.maps(a_idx.device, plan.dtype)
-    yb = F.embedding(b_idx, y).transpose(2, 3).reshape(groups, k * width, n)  # row (k, i) = y_i(b[k, :])
-    out = torch.empty(groups, m, n, dtype=torch.float64, device=a_idx.device)
+    x, y = table.maps(a.device, plan.dtype)
+    yb = gather_rows(b.transpose(1, 2).contiguous(), y).view(groups, n, k * width).transpose(1, 2)  # row (k, i)
+    out = torch.empty(groups, m, n, dtype=torch.float64, device=a.device)
     chunk = plan.k_chunk
-    rows = max(1, MAP_ELEMENTS // (chunk * width))
+    rows = max(1, MAP_ELEMENTS // (k * width))
+    a = a.contiguous()
     for m0 in range(0, m, rows):
         m1 = min(m, m0 + rows)
+        xa = gather_rows(a[:, m0:m1], x, out=scratch("gemm maps", (groups, m1 - m0, k, width), x.dtype, a.device))
+        xa = xa.view(groups, m1 - m0, k * width)
         for k0 in range(0, k, chunk):
             k1 = min(k, k0 + chunk)
-            xa = F.embedding(a_idx[:, m0:m1, k0:k1], x).reshape(groups, m1 - m0, (k1 - k0) * width)
-            part = torch.bmm(xa, yb[:, k0 * width:k1 * width])
+            part = torch.bmm(xa[:, :, k0 * width:k1 * width], yb[:, k0 * width:k1 * width])
             if k0 == 0:
                 out[:, m0:m1] = part
             else:
                 out[:, m0:m1] += part
     if plan.kind == "float64":
-        return out.round_()
-    return out.div_(table.denominator) if table.denominator != 1 else out
+        out.round_()
+    elif table.denominator != 1:
+        out.div_(table.denominator)
+    return out.to(out_dtype)
 
 
-def _gather_words(words: torch.Tensor, codes: torch.Tensor, name: str) -> torch.Tensor:
-    """``words[byte(codes)]`` (uint16 codes: byte pairs, ``words[codes]``) flattened, into scratch
-    memory: int8 maps [codes.numel() * bytes per word]."""
-    index = scratch(name + " index", codes.shape, torch.int32, codes.device)
-    index = index.copy_(codes) if codes.dtype == torch.uint16 else code_to_index(codes, out=index)
+def _gather_words(words: torch.Tensor, codes: torch.Tensor, name: str, gather_rows) -> torch.Tensor:
+    """``words[byte(codes)]`` flattened, into scratch memory: int8 maps [codes.numel() * bytes per word]."""
     out = scratch(name + " words", (codes.numel(),), words.dtype, codes.device)
-    return torch.index_select(words, 0, index.view(-1), out=out).view(torch.int8)
+    return gather_rows(codes, words, out=out).view(-1).view(torch.int8)
 
 
-def _int8_columns(b: torch.Tensor, maps: Int8Maps) -> tuple[torch.Tensor, torch.Tensor]:
+def _int8_columns(b: torch.Tensor, maps: Int8Maps, gather_rows) -> tuple[torch.Tensor, torch.Tensor]:
     """B-side operands of the int8 plan: int8 [G, K * width, N] (row (k, i) = y_i(b[k, :])), a
-    column-major view when ``b`` is one (weights transposed for a linear layer: no copy), and the
-    offset summed over K, int64 [G, N]."""
+    column-major view (weights transposed for a linear layer: no copy), and the offset summed over
+    K, int64 [G, N]."""
     _, y_words, offset = maps.tensors(b.device)
-    b_idx = code_to_index(b.transpose(1, 2))  # [G, N, K], contiguous for transposed weights
-    groups, n, k = b_idx.shape
-    y = y_words.index_select(0, b_idx.reshape(-1)).view(torch.int8).view(groups, n, k * maps.width)
-    offset = offset.index_select(0, b_idx.reshape(-1)).view(groups, n, k).sum(2)
+    codes = b.transpose(1, 2).contiguous()  # [G, N, K], a view for transposed weights
+    groups, n, k = codes.shape
+    y = gather_rows(codes, y_words).view(torch.int8).view(groups, n, k * maps.width)
+    offset = gather_rows(codes, offset).sum(2)
     return y.transpose(1, 2), offset
 
 
@@ -104,29 +126,35 @@ def _int8_words_gemm(x: torch.Tensor, y: torch.Tensor, chunk: int, width: int) -
     return total
 
 
-def _int8_gemm(a: torch.Tensor, b: torch.Tensor, maps: Int8Maps, chunk: int) -> torch.Tensor:
+def _int8_gemm(a: torch.Tensor, b: torch.Tensor, maps: Int8Maps, chunk: int, kernel,
+               out_dtype: torch.dtype) -> torch.Tensor:
     """The int8 plan: per block of rows, one gather of packed int8 maps per index and int8 GEMMs
     (int32 sums over ``chunk`` K columns), plus the offset, divided by the denominator (an exact
-    integer quotient). Row blocks bound the scratch memory."""
+    integer quotient). Row blocks bound the scratch memory. The compiled kernel, where given, runs
+    all of it in one call; else torch ops."""
     groups, m, k = a.shape
-    y, offset = _int8_columns(b, maps)
+    rows = max(1, MAP_BYTES // (k * maps.width))
+    if kernel is not None:
+        buffer = scratch("gemm rows words", (min(rows, m) * k * maps.width,), torch.int8, a.device)
+        return kernel.int8_lowrank_gemm(a, b, maps, chunk, rows, buffer, out_dtype)
+    gather_rows = torch_gather_rows
+    y, offset = _int8_columns(b, maps, gather_rows)
     b_bytes = _code_bytes(b, "gemm columns") if maps.code_scale else None
     out = torch.empty(groups, m, b.shape[2], dtype=torch.float64, device=a.device)
+    a = a.contiguous()
     x_words, gathered = maps.tensors(a.device)[0], a
     if maps.width == 4 and a.dtype in (torch.int8, torch.uint8) and k % 2 == 0 and byte_pairs_readable():
-        a = a.contiguous()
         x_words, gathered = maps.pair_words(a.device), a.view(torch.uint16)  # byte pairs: half the gathers
-    rows = max(1, MAP_BYTES // (k * maps.width))
     for g in range(groups):
         for m0 in range(0, m, rows):
-            x = _gather_words(x_words, gathered[g, m0:m0 + rows], "gemm rows").view(-1, k * maps.width)
+            x = _gather_words(x_words, gathered[g, m0:m0 + rows], "gemm rows", gather_rows).view(-1, k * maps.width)
             block = out[g, m0:m0 + rows]
             block.copy_(_int8_words_gemm(x, y[g], chunk, maps.width))
             if maps.code_scale:
                 a_bytes = _code_bytes(a[g, m0:m0 + rows], "gemm row codes")
                 block.add_(_int8_words_gemm(a_bytes, b_bytes[g], chunk, 1), alpha=maps.code_scale)
         out[g] += offset[g]
-    return out.div_(maps.denominator) if maps.denominator != 1 else out
+    return (out.div_(maps.denominator) if maps.denominator != 1 else out).to(out_dtype)
 
 
 def _code_bytes(codes: torch.Tensor, name: str) -> torch.Tensor:
@@ -139,14 +167,15 @@ def _code_bytes(codes: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def int8_conv2d(x: torch.Tensor, w: torch.Tensor, table: LowRankTable, chunk: int, stride, dilation,
-                groups: int) -> torch.Tensor:
+                groups: int, kernel=None) -> torch.Tensor:
     """LUT convolution of padded codes x [B, C, H, W] with codes w [O, C/G, kh, kw] on the int8
     plan, float64 [B, O, Ho, Wo]: the maps are gathered once per input element (not per unfolded
     one) and the packed words are unfolded, in batch blocks."""
     maps = table.int8
+    gather_rows = _gatherer(kernel)
     batch, channels, height, width = x.shape
     out_channels, group_channels, kh, kw = w.shape
-    y, offset = _int8_columns(grouped_columns(w, groups), maps)
+    y, offset = _int8_columns(grouped_columns(w, groups), maps, gather_rows)
     x_words = maps.tensors(x.device)[0]
     ho = conv_output_size(height, kh, stride[0], 0, dilation[0])
     wo = conv_output_size(width, kw, stride[1], 0, dilation[1])
@@ -156,7 +185,7 @@ def int8_conv2d(x: torch.Tensor, w: torch.Tensor, table: LowRankTable, chunk: in
     block = max(1, MAP_BYTES // (ho * wo * channels * kh * kw * maps.width))
     for b0 in range(0, batch, block):
         nb = min(batch, b0 + block) - b0
-        words = _gather_words(x_words, x[b0:b0 + nb], "conv input").view(x_words.dtype)
+        words = _gather_words(x_words, x[b0:b0 + nb].contiguous(), "conv input", gather_rows).view(x_words.dtype)
         words = words.view(nb, channels, height, width)
         rows = grouped_rows(words, (kh, kw), stride, dilation, groups,
                             out=scratch("conv rows", (groups * nb * ho * wo * k,), words.dtype, x.device))
@@ -191,7 +220,7 @@ def _float32_conv_is_exact(x: torch.Tensor, w: torch.Tensor, stride, dilation, g
 
 
 def map_conv2d(x: torch.Tensor, w: torch.Tensor, table: LowRankTable, stride, dilation,
-               groups: int) -> torch.Tensor | None:
+               groups: int, kernel=None) -> torch.Tensor | None:
     """Map-then-conv: one float32 conv2d of the factor maps of padded codes x [B, C, H, W] with
     those of codes w [O, C/G, kh, kw] (channel (c, i) holds map i of channel c), float64
     [B, O, Ho, Wo]; None unless provably exact (see :func:`_float32_conv_is_exact`, and every
@@ -203,8 +232,9 @@ def map_conv2d(x: torch.Tensor, w: torch.Tensor, table: LowRankTable, stride, di
     x_map, y_map = maps.tensors(x.device)
     rank = x_map.shape[1]
     batch, channels, height, width = x.shape
-    xm = F.embedding(code_to_index(x), x_map).permute(0, 1, 4, 2, 3).reshape(batch, channels * rank, height, width)
-    ym = F.embedding(code_to_index(w), y_map).permute(0, 1, 4, 2, 3).reshape(out_channels, group_channels * rank,
+    gather_rows = _gatherer(kernel)
+    xm = gather_rows(x.contiguous(), x_map).permute(0, 1, 4, 2, 3).reshape(batch, channels * rank, height, width)
+    ym = gather_rows(w.contiguous(), y_map).permute(0, 1, 4, 2, 3).reshape(out_channels, group_channels * rank,
                                                                              kh, kw)
     if not _float32_conv_is_exact(xm, ym, stride, dilation, groups):
         return None
