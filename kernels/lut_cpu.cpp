@@ -1,6 +1,7 @@
 // Exact LUT GEMMs on the CPU, out[g][m][n] = sum_k lut[byte(a[g][m][k])][byte(b[g][k][n])], and the
-// map gathers of the low-rank plans. Codes are any of uint8, int8, int16, int32, int64: the byte of a code
-// (its value modulo 256) is the LUT index, read on the way, so no index tensor is ever made.
+// map gathers of the low-rank plans. Codes are uint8, int8, int16, int32, int64 or integers held in
+// float32/float64: the byte of a code (its value modulo 256) is the LUT index, read on the way, so no
+// index tensor is ever made.
 // - lut_gemm: one LUT read per product (small shapes);
 // - lut_gemm_table: per tile of k, tables T[k][v][:] = lut[v][b[k][:]] of every product a weight
 //   column can produce, then each row adds one table row per k in registers (vector adds, no
@@ -15,6 +16,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <unistd.h>
 #include <vector>
 
@@ -22,7 +24,11 @@ namespace {
 
 template <typename Code>
 inline int64_t byte_of(Code code) {
-  return static_cast<int64_t>(static_cast<uint8_t>(code));
+  if constexpr (std::is_floating_point_v<Code>) {  // an integer code held in a float
+    return static_cast<int64_t>(static_cast<uint8_t>(static_cast<int64_t>(code)));
+  } else {
+    return static_cast<int64_t>(static_cast<uint8_t>(code));
+  }
 }
 
 // Calls fn with the typed data pointer of integer codes.
@@ -34,7 +40,9 @@ void with_codes(const torch::Tensor& codes, const char* name, Fn&& fn) {
     case torch::kInt16: fn(codes.data_ptr<int16_t>()); break;
     case torch::kInt32: fn(codes.data_ptr<int32_t>()); break;
     case torch::kInt64: fn(codes.data_ptr<int64_t>()); break;
-    default: TORCH_CHECK(false, name, ": integer codes expected (uint8, int8, int16, int32 or int64), got ",
+    case torch::kFloat32: fn(codes.data_ptr<float>()); break;
+    case torch::kFloat64: fn(codes.data_ptr<double>()); break;
+    default: TORCH_CHECK(false, name, ": codes expected (uint8, int8, int16, int32, int64, float32 or float64), got ",
                          codes.scalar_type());
   }
 }

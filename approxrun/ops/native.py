@@ -21,7 +21,7 @@ import torch
 
 from approxrun.lut import code_to_index
 
-__all__ = ["NativeGemm", "load"]
+__all__ = ["NativeGemm", "load", "READ_DTYPES"]
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +39,14 @@ class NativeGemm:
         in int64; ``tables``: build per-k tables of products, then add table rows, for large shapes)."""
         gemm = self._module.lut_gemm_table if tables else self._module.lut_gemm
         out = torch.empty(a.shape[0], a.shape[1], b.shape[2], dtype=out_dtype)
-        return gemm(_integer(a), _integer(b), lut_image, wide_sums, out)
+        return gemm(_readable(a), _readable(b), lut_image, wide_sums, out)
 
     def gather_rows(self, codes: torch.Tensor, table: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """``table[byte(codes)]``: rows of ``table`` [256, ...] (rows of 4-byte words) at the codes'
         bytes, shape ``codes.shape + table.shape[1:]``, written into ``out`` when given."""
         shape = (*codes.shape, *table.shape[1:])
         out = torch.empty(shape, dtype=table.dtype) if out is None else out.view(shape)
-        return self._module.gather_rows(_integer(codes).contiguous(), table, out)
+        return self._module.gather_rows(_readable(codes).contiguous(), table, out)
 
     def int8_lowrank_gemm(self, a: torch.Tensor, b: torch.Tensor, maps, chunk: int, block_rows: int,
                           scratch: torch.Tensor, out_dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -55,13 +55,17 @@ class NativeGemm:
         columns, rows in blocks of ``block_rows`` through ``scratch`` (int8, block_rows * K * width bytes)."""
         x_words, y_words, offset = maps.tensors(a.device)
         out = torch.empty(a.shape[0], a.shape[1], b.shape[2], dtype=out_dtype)
-        return self._module.int8_lowrank_gemm(_integer(a), _integer(b), x_words, y_words, offset, chunk,
+        return self._module.int8_lowrank_gemm(_readable(a), _readable(b), x_words, y_words, offset, chunk,
                                               maps.code_scale, maps.denominator, block_rows, scratch, out)
 
 
-def _integer(codes: torch.Tensor) -> torch.Tensor:
-    """Integer codes as they are (the kernel reads their bytes); codes held in floats as byte indices."""
-    return code_to_index(codes) if codes.is_floating_point() else codes
+READ_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float32, torch.float64)
+
+
+def _readable(codes: torch.Tensor) -> torch.Tensor:
+    """Codes the kernels read as they are (they take each code's byte on the way); others (half
+    floats) as byte indices."""
+    return codes if codes.dtype in READ_DTYPES else code_to_index(codes)
 
 
 def _build_dir() -> tuple[Path, str]:
