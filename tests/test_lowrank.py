@@ -13,6 +13,7 @@ from approxrun.lut import exact_lut
 from approxrun.multipliers import get_multiplier
 from approxrun.ops import EngineRegistry, LutEngine, engine_for, lut_conv2d, lut_matmul
 from approxrun.ops import lowrank, native
+from approxrun.ops.engine import TRIAL_ROUNDS
 from approxrun.ops.gradients import gradient_tables
 from approxrun.ops.lowrank import Calibration, GemmPlan, calibration as calibration_module
 from approxrun.ops.lowrank.calibration import GEMM_WIDTHS
@@ -362,17 +363,26 @@ def test_router_follows_injected_calibration():
     assert biased.plan(1, 4096, 576, 64, cpu)[0] is None  # lookup_cost scales the gather's time
     gather = LutEngine(get_multiplier("drum_4").lut, strategy="gather", calibration=AMX_LIKE)
     assert gather.plan(1, 4096, 576, 64, cpu) == (None, "gather (strategy)")
+    if native.load() is not None:  # cheap compiled row adds beat low rank where N is small
+        tables = Calibration(**{**AMX_LIKE.as_dict(), "native_lookup": 1e-9, "native_table_entry": 1e-10,
+                                "native_row_add": 1e-11})
+        engine = LutEngine(get_multiplier("drum_4").lut, calibration=tables, trials=0)
+        assert engine.chosen_route(1, 73728, 25, 6, cpu) == "native tables"
+        assert engine.chosen_route(1, 4096, 1152, 128, cpu).startswith("int8")
+        assert LutEngine(get_multiplier("drum_4").lut, calibration=tables, native=False).chosen_route(
+            1, 73728, 25, 6, cpu).startswith("int8")
 
 
 def test_auto_times_close_routes_then_keeps_the_fastest(lowrank_log):
     """Under auto the first calls of a shape run the candidate routes (each exact), then the fastest
-    measured one stays; trials=0, or a shape modelled under 2 ms, keeps the model's choice untimed."""
+    measured one stays; trials=0, or a shape modelled under TRIAL_MIN_SECONDS, keeps the model's
+    choice untimed."""
     rng = np.random.default_rng(17)
     lut = get_multiplier("drum_4").lut
     a, b = codes(rng, (300, 64)), codes(rng, (64, 40))
     even = machine(int8_mac=1e-9, float32_mac=1e-9, gather_lookup=1e-8)  # routes modelled close, over 2 ms
     engine = LutEngine(lut, calibration=even)
-    for _ in range(10):
+    for _ in range(engine.trials * TRIAL_ROUNDS + 1):
         assert np.array_equal(lut_matmul(a, b, engine).numpy(), matmul_oracle(a, b, lut))
     measured = [line for line in lowrank_log.text.splitlines() if "lut gemm: measured" in line]
     assert len(measured) == 1 and measured[0].count(" ms for ") == 1 and "GEMM" in measured[0]

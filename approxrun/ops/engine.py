@@ -43,7 +43,7 @@ ROUTE_KINDS = (*PLAN_KINDS, "map_conv", "native")  # routes an engine may be res
 UNFOLD_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 27}  # unfolded codes per batch block (CPU: 8 MB of int32)
 PLAN_CACHE = 256  # per-shape plans an engine keeps
 TORCH_GATHER, NATIVE_GATHER, NATIVE_TABLES = "torch gather", "native gather", "native tables"  # gather routes
-TRIAL_ROUNDS = 2  # timed calls per route (the best counts)
+TRIAL_ROUNDS = 3  # timed calls per route (the best counts: the first may pay for first-use costs)
 TRIAL_MIN_SECONDS = 2e-4  # shapes modelled faster than this keep the model's route: timing them is noise
 TRIAL_SPREAD = 2.0  # auto also times the low-rank plans modelled within this factor of the best one
 

@@ -1,11 +1,16 @@
-"""A compiled CPU LUT GEMM (C++/OpenMP), built on first use with torch's cpp_extension and cached.
+"""The compiled CPU kernels (C++/OpenMP), built on first use with torch's cpp_extension and cached.
 
-Two strategies over byte operands and a 256x256 int32 image, int32 sums (int64 when a sum could
-leave the int32 range), rows in parallel: one LUT read per product (small shapes, such as a linear
-layer at batch 128, where the torch-op gathers pay more for their index tensors than for the
-lookups), or tables of products per tile of k and contiguous row adds (large shapes). The
-build needs a C++ compiler; without one the route is simply absent (:func:`load` returns None)
-and the torch gathers remain. The source lives in ``kernels/lut_cpu.cpp``.
+- two exact LUT GEMM strategies over integer codes and a 256x256 int32 image, int32 sums (int64 when
+  a sum could leave the int32 range), rows in parallel: one LUT read per product (small shapes, such
+  as a linear layer at batch 128), or tables of products per tile of k and vector row adds (large
+  shapes; a random LUT's fastest route);
+- one-pass map gathers ``table[byte(codes)]`` for the low-rank plans, and the int8 low-rank plan in
+  one call (gathers, torch's int8 GEMMs, offsets and the exact division), so small shapes pay no
+  per-op overhead.
+
+Codes are read as they are (any integer dtype, or integers held in floats); results are written as
+float64 or int64. The build needs a C++ compiler; without one the routes are simply absent
+(:func:`load` returns None) and the torch ops remain. The source lives in ``kernels/lut_cpu.cpp``.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import functools
 import hashlib
 import json
 import logging
+import os
+import platform
 from importlib import resources
 from pathlib import Path
 
@@ -68,28 +75,41 @@ def _readable(codes: torch.Tensor) -> torch.Tensor:
     return codes if codes.dtype in READ_DTYPES else code_to_index(codes)
 
 
-def _build_dir() -> tuple[Path, str]:
+FUNCTIONS = ["lut_gemm", "lut_gemm_table", "gather_rows", "int8_lowrank_gemm"]
+ISA_CEILINGS = {"default": "-march=x86-64", "avx2": "-march=x86-64-v3"}  # ATEN_CPU_CAPABILITY -> -march
+
+
+def target_flag() -> str:
+    """The compiler's target: this CPU, or on x86-64 the ceiling torch's own CPU kernels obey
+    (``ATEN_CPU_CAPABILITY=default|avx2``), so that an instruction-set limit holds for this kernel too."""
+    capability = os.environ.get("ATEN_CPU_CAPABILITY", "").lower()
+    if platform.machine().lower() in ("x86_64", "amd64") and capability in ISA_CEILINGS:
+        return ISA_CEILINGS[capability]
+    return "-march=native"
+
+
+def _build_dir(target: str) -> tuple[Path, str]:
     from approxrun.ops.lowrank.calibration import calibration_dir, machine_key
     key = machine_key()
-    digest = hashlib.sha256(json.dumps([key["cpu"], key["torch"]], sort_keys=True).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(json.dumps([key["cpu"], key["torch"], target], sort_keys=True).encode()).hexdigest()[:12]
     return calibration_dir().parent / "native" / digest, f"approxrun_lut_cpu_{digest}"
 
 
 @functools.cache
 def load() -> NativeGemm | None:
-    """The compiled kernel (compiled once per CPU and torch version into the approxrun cache, then
-    loaded), or None when it cannot be built here (no compiler, no OpenMP). Loaded once per process:
-    an extension module is process state by nature (``sys.modules``)."""
+    """The compiled kernel (compiled once per CPU, torch version and target into the approxrun
+    cache, then loaded), or None when it cannot be built here (no compiler, no OpenMP). Loaded once
+    per process: an extension module is process state by nature (``sys.modules``)."""
     from torch.utils.cpp_extension import load_inline
-    folder, name = _build_dir()
+    target = target_flag()
+    folder, name = _build_dir(target)
     source = resources.files("approxrun.kernels").joinpath("lut_cpu.cpp").read_text()
     try:
         folder.mkdir(parents=True, exist_ok=True)
         if not any(folder.glob("*.so")):
-            log.info("compiling the CPU LUT kernel into %s (once per CPU and torch version)", folder)
-        module = load_inline(name, cpp_sources=source, functions=["lut_gemm", "lut_gemm_table", "gather_rows", "int8_lowrank_gemm"], build_directory=str(folder),
-                             extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
-                             verbose=False)
+            log.info("compiling the CPU LUT kernel (%s) into %s (once per CPU and torch version)", target, folder)
+        module = load_inline(name, cpp_sources=source, functions=FUNCTIONS, build_directory=str(folder),
+                             extra_cflags=["-O3", target, "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:  # no compiler or a broken toolchain: the torch gathers stay
         log.info("CPU LUT kernel not available (%s); using the torch gathers", " ".join(str(exc).split())[:200])
         return None
