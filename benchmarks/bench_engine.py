@@ -88,16 +88,18 @@ def luts(names: list[str]) -> dict[str, np.ndarray]:
 
 def alternating_best(fns: dict, repeats: int) -> dict:
     """Fastest of ``repeats`` calls of each function, the functions taking turns (shared machine).
-    Each timed call follows an untimed call of the same function: the first call after another
-    function pays for caches that function evicted (measured: 1-2 ms on 6-8 ms calls right after the
-    native kernel, whichever route came next), which would bias the table against whatever is timed
-    after a route with a different footprint (before: always auto, right after native)."""
+    Each timed call follows an untimed call of the same function, and the order rotates every
+    round: the first call after another function pays for caches (and allocator state) that
+    function left behind (measured: 1-2 ms on 6-8 ms calls right after the native kernel), which
+    would bias the table against whatever always came after a route with a different footprint."""
     best = dict.fromkeys(fns, math.inf)
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            fn()
+    names = list(fns)
+    for round_ in range(repeats):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            fns[name]()
             start = time.perf_counter()
-            fn()
+            fns[name]()
             best[name] = min(best[name], time.perf_counter() - start)
     return best
 
