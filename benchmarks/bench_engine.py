@@ -132,7 +132,7 @@ def bench_lut(name: str, lut: np.ndarray, reference, repeats: int, calibration) 
             plan = engine.plan(1, m, k, n, torch.device("cpu"))[0]
             if route in FORCED[2:] and (plan is None or plan.kind != route):
                 continue
-            calls = engine.trials * TRIAL_ROUNDS + 1 if route == "auto" else 1  # auto: past its route trials
+            calls = 2 * engine.trials * TRIAL_ROUNDS + 1 if route == "auto" else 1  # auto: past its route trials
             for _ in range(calls):
                 assert torch.equal(lut_matmul(a, b, engine), expected), (name, route, (m, k, n))
             fns[route] = lambda engine=engine: lut_matmul(a, b, engine)

@@ -146,16 +146,18 @@ inline void add_table_rows(const Code* a_row, const int32_t* table, int64_t dept
   }
   Sum lanes[8 * Vectors];
   for (int v = 0; v < Vectors; ++v) std::memcpy(lanes + 8 * v, &acc[v], sizeof(Acc));
-  for (int64_t j = 0; j < std::min<int64_t>(8 * Vectors, target.columns); ++j) target.out[j] = static_cast<Out>(lanes[j]);
+  const int64_t columns = std::min<int64_t>(8 * Vectors, target.columns);
+  for (int64_t j = 0; j < columns; ++j) target.out[j] = static_cast<Out>(lanes[j]);
 }
 
 // Output row tiles of 64, 32, 16 and 8 columns over the padded width (a multiple of 8).
 template <typename Sum, typename Code, typename Out>
-void add_table_row(const Code* a_row, const int32_t* table, int64_t depth, int64_t padded, RowTarget<Sum, Out> target,
-                   bool first) {
+void add_table_row(const Code* a_row, const int32_t* table, int64_t depth, int64_t padded,
+                   RowTarget<Sum, Out> target, bool first) {
   int64_t n0 = 0;
   auto tile = [&](int64_t offset) {
-    return RowTarget<Sum, Out>{target.sums + offset, target.out ? target.out + offset : nullptr, target.columns - offset};
+    return RowTarget<Sum, Out>{target.sums ? target.sums + offset : nullptr,
+                               target.out ? target.out + offset : nullptr, target.columns - offset};
   };
   for (; padded - n0 >= 64; n0 += 64) add_table_rows<8>(a_row, table + n0, depth, padded, tile(n0), first);
   if (padded - n0 >= 32) { add_table_rows<4>(a_row, table + n0, depth, padded, tile(n0), first); n0 += 32; }
@@ -191,8 +193,9 @@ void table_gemm(const Code* a, const BCode* b, const int32_t* lut, Out* out, int
       });
       at::parallel_for(0, m_size, row_grain, [&](int64_t begin, int64_t end) {
         for (int64_t m = begin; m < end; ++m) {
-          RowTarget<Sum, Out> target{sums.data() + m * padded * (tile_k < k_size), last ? out + m * n_size + n0 : nullptr,
-                                     columns};
+          // one tile of k: no sums carried, the row goes straight to out
+          RowTarget<Sum, Out> target{tile_k < k_size ? sums.data() + m * padded : nullptr,
+                                     last ? out + m * n_size + n0 : nullptr, columns};
           add_table_row(a + m * k_size + k0, table.data(), depth, padded, target, k0 == 0);
         }
       });

@@ -43,7 +43,7 @@ ROUTE_KINDS = (*PLAN_KINDS, "map_conv", "native")  # routes an engine may be res
 UNFOLD_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 27}  # unfolded codes per batch block (CPU: 8 MB of int32)
 PLAN_CACHE = 256  # per-shape plans an engine keeps
 TORCH_GATHER, NATIVE_GATHER, NATIVE_TABLES = "torch gather", "native gather", "native tables"  # gather routes
-TRIAL_ROUNDS = 3  # timed calls per route (the best counts: the first may pay for first-use costs)
+TRIAL_ROUNDS = 3  # timed turns per route (the best counts)
 TRIAL_MIN_SECONDS = 2e-4  # shapes modelled faster than this keep the model's route: timing them is noise
 TRIAL_SPREAD = 2.0  # auto also times the low-rank plans modelled within this factor of the best one
 
@@ -234,9 +234,12 @@ class LutEngine:
 
     def _gemm_route(self, groups, m, k, n, device, byte_codes):
         """(the route of one GEMM call, the list its time goes to when timed). Under ``auto`` on a
-        CPU the first calls of a shape time the candidate routes (:meth:`_ranked_routes`), one per
-        call in turns, :data:`TRIAL_ROUNDS` times each, and the fastest measured one is kept: every
-        route is exact, so only the speed depends on it. Otherwise the model's choice."""
+        CPU the first calls of a shape time the candidate routes (:meth:`_ranked_routes`) in turns,
+        :data:`TRIAL_ROUNDS` turns each, and the fastest measured one is kept: every route is exact,
+        so only the speed depends on it. A turn is two calls of its route, of which the second is
+        timed: the first call after another route pays for the caches, allocator state and library
+        primitives that route left behind (measured: up to 2x on the int8 plan). Otherwise the
+        model's choice."""
         if device.type != "cpu" or self.strategy == "lowrank" or self.trials < 2:
             return self._gemm_route_by_model(groups, m, k, n, device, byte_codes), None
         key = ("trial", groups, m, k, n, byte_codes, torch.get_float32_matmul_precision())
@@ -251,9 +254,10 @@ class LutEngine:
                 self._plans.popitem(last=False)
         if "best" not in trial:
             routes, times = trial["routes"], trial["times"]
-            if len(times) < TRIAL_ROUNDS * len(routes):  # the routes take turns, so load bursts hit them alike
-                return routes[len(times) % len(routes)], times
-            best = [min(times[i::len(routes)]) for i in range(len(routes))]
+            if len(times) < 2 * TRIAL_ROUNDS * len(routes):  # the routes take turns, so load bursts hit them alike
+                return routes[len(times) // 2 % len(routes)], times
+            turns = times[1::2]  # each route runs twice in a row: the second call, warm, counts
+            best = [min(turns[i::len(routes)]) for i in range(len(routes))]
             trial["best"] = routes[min(range(len(routes)), key=best.__getitem__)]
             log.debug("lut gemm: measured %s ms for %s: %s, shape G=%d M=%d K=%d N=%d",
                       ", ".join(f"{t * 1e3:.3g}" for t in best), ", ".join(map(_route_name, routes)),
