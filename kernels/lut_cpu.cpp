@@ -344,16 +344,23 @@ void int8_columns(const Code* b, int64_t k_size, int64_t n_size, int64_t stride_
   });
 }
 
-// out[r][n] = (sums[r][n] + offsets[n]) / denominator (an exact integer quotient).
+// The codes' bytes read as int8 (their signed values), the operands of the code GEMM: a cast to
+// uint8 keeps an integer's byte; codes held in floats become integers first.
+torch::Tensor code_bytes(const torch::Tensor& codes) {
+  const auto integer = codes.is_floating_point() ? codes.to(torch::kInt64) : codes;
+  return integer.to(torch::kUInt8).view(torch::kInt8);
+}
+
+// out[r][n] = (sums[r][n] + code_scale * code_sums[r][n] + offsets[n]) / denominator (an exact
+// integer quotient; code_sums may be null).
 template <typename Sum, typename Out>
-void finish_rows(const Sum* sums, const int64_t* offsets, int64_t denominator, Out* out, int64_t rows,
-                 int64_t n_size) {
+void finish_rows(const Sum* sums, const Sum* code_sums, int64_t code_scale, const int64_t* offsets,
+                 int64_t denominator, Out* out, int64_t rows, int64_t n_size) {
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, n_size)), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      for (int64_t n = 0; n < n_size; ++n) {
-        const int64_t total = static_cast<int64_t>(sums[r * n_size + n]) + offsets[n];
-        out[r * n_size + n] = static_cast<Out>(denominator == 1 ? total : total / denominator);
-      }
+    for (int64_t i = begin * n_size; i < end * n_size; ++i) {
+      int64_t total = static_cast<int64_t>(sums[i]) + offsets[i % n_size];
+      if (code_sums != nullptr) total += code_scale * static_cast<int64_t>(code_sums[i]);
+      out[i] = static_cast<Out>(denominator == 1 ? total : total / denominator);
     }
   });
 }
@@ -396,30 +403,34 @@ torch::Tensor int8_lowrank_gemm(torch::Tensor a, torch::Tensor b, torch::Tensor 
     });
     auto columns = y.t();  // [K * width, N], column-major
     torch::Tensor b_bytes;
-    if (code_scale) b_bytes = b_g.to(torch::kUInt8).view(torch::kInt8);  // [K, N]
+    if (code_scale) b_bytes = code_bytes(b_g);  // [K, N]
     for (int64_t m0 = 0; m0 < m_size; m0 += block_rows) {
       const int64_t rows = std::min(block_rows, m_size - m0);
       auto codes_a = a[g].slice(0, m0, m0 + rows);
       auto x = scratch.slice(0, 0, rows * k_size * width).view({rows, k_size * width});
       gather_rows(codes_a, x_words, x.view(x_words.scalar_type()));
       const int64_t first_row = g * m_size + m0;
-      if (chunk >= k_size && !code_scale) {
+      torch::Tensor a_bytes;
+      if (code_scale) a_bytes = code_bytes(codes_a);  // [rows, K]
+      if (chunk >= k_size) {  // one int8 GEMM (two with the code GEMM), int32 sums
         auto sums = at::_int_mm(dense(x), dense(columns)).contiguous();
+        torch::Tensor code_sums;
+        if (code_scale) code_sums = at::_int_mm(a_bytes, dense(b_bytes)).contiguous();
         with_output(out, "int8_lowrank_gemm", [&](auto* out_ptr) {
-          finish_rows(sums.data_ptr<int32_t>(), offsets.data_ptr<int64_t>(), denominator,
-                      out_ptr + first_row * n_size, rows, n_size);
+          finish_rows(sums.data_ptr<int32_t>(), code_scale ? code_sums.data_ptr<int32_t>() : nullptr, code_scale,
+                      offsets.data_ptr<int64_t>(), denominator, out_ptr + first_row * n_size, rows, n_size);
         });
-      } else {
+      } else {  // int32 GEMMs over chunks of K, summed in int64
         auto sums = torch::zeros({rows, n_size}, torch::kInt64);
         add_int8_products(x, columns, chunk, width, sums);
+        torch::Tensor code_sums;
         if (code_scale) {
-          auto code_products = torch::zeros({rows, n_size}, torch::kInt64);
-          add_int8_products(codes_a.to(torch::kUInt8).view(torch::kInt8), b_bytes, chunk, 1, code_products);
-          sums.add_(code_products, code_scale);
+          code_sums = torch::zeros({rows, n_size}, torch::kInt64);
+          add_int8_products(a_bytes, b_bytes, chunk, 1, code_sums);
         }
         with_output(out, "int8_lowrank_gemm", [&](auto* out_ptr) {
-          finish_rows(sums.data_ptr<int64_t>(), offsets.data_ptr<int64_t>(), denominator,
-                      out_ptr + first_row * n_size, rows, n_size);
+          finish_rows(sums.data_ptr<int64_t>(), code_scale ? code_sums.data_ptr<int64_t>() : nullptr, code_scale,
+                      offsets.data_ptr<int64_t>(), denominator, out_ptr + first_row * n_size, rows, n_size);
         });
       }
     }
