@@ -357,10 +357,13 @@ template <typename Sum, typename Out>
 void finish_rows(const Sum* sums, const Sum* code_sums, int64_t code_scale, const int64_t* offsets,
                  int64_t denominator, Out* out, int64_t rows, int64_t n_size) {
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, n_size)), [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin * n_size; i < end * n_size; ++i) {
-      int64_t total = static_cast<int64_t>(sums[i]) + offsets[i % n_size];
-      if (code_sums != nullptr) total += code_scale * static_cast<int64_t>(code_sums[i]);
-      out[i] = static_cast<Out>(denominator == 1 ? total : total / denominator);
+    for (int64_t r = begin; r < end; ++r) {
+      for (int64_t n = 0; n < n_size; ++n) {
+        const int64_t i = r * n_size + n;
+        int64_t total = static_cast<int64_t>(sums[i]) + offsets[n];
+        if (code_sums != nullptr) total += code_scale * static_cast<int64_t>(code_sums[i]);
+        out[i] = static_cast<Out>(denominator == 1 ? total : total / denominator);
+      }
     }
   });
 }
