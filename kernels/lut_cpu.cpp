@@ -114,55 +114,50 @@ inline typename Lanes<Sum>::type load_lanes(const int32_t* source) {
   return __builtin_convertvector(words, typename Lanes<Sum>::type);
 }
 
-// Where one output row's tile of sums goes: `sums` (carried to the next tile of k), or, on the last
-// tile of k, `out` (its first `columns` entries: the padding lanes are dropped).
-template <typename Sum, typename Out>
-struct RowTarget {
-  Sum* sums;
-  Out* out;  // null until the last tile of k
-  int64_t columns;
-};
-
-// target (+)= sum_kk T[kk][byte(a_row[kk])][j] for j < 8 * Vectors, the sums kept in registers.
+// sums[j] (+)= sum_kk T[kk][byte(a_row[kk])][j] for j < 8 * Vectors, the sums kept in registers;
+// on the last tile of k (`out` not null) the first `columns` sums go to out instead (the padding
+// lanes are dropped). Plain pointer arguments: a struct of them built per row would be stored and
+// reloaded in one wider load, which stalls store forwarding on every row.
 template <int Vectors, typename Sum, typename Code, typename Out>
-inline void add_table_rows(const Code* a_row, const int32_t* table, int64_t depth, int64_t stride,
-                           const RowTarget<Sum, Out>& target, bool first) {
+inline void add_table_rows(const Code* a_row, const int32_t* table, int64_t depth, int64_t stride, Sum* sums,
+                           Out* out, int64_t columns, bool first) {
   using Acc = typename Lanes<Sum>::type;
   Acc acc[Vectors];
   for (int v = 0; v < Vectors; ++v) {
     if (first) {
       acc[v] = Acc{};
     } else {
-      std::memcpy(&acc[v], target.sums + 8 * v, sizeof(Acc));
+      std::memcpy(&acc[v], sums + 8 * v, sizeof(Acc));
     }
   }
   for (int64_t kk = 0; kk < depth; ++kk) {
     const int32_t* t_row = table + (kk * 256 + byte_of(a_row[kk])) * stride;
     for (int v = 0; v < Vectors; ++v) acc[v] += load_lanes<Sum>(t_row + 8 * v);
   }
-  if (target.out == nullptr) {
-    for (int v = 0; v < Vectors; ++v) std::memcpy(target.sums + 8 * v, &acc[v], sizeof(Acc));
+  if (out == nullptr) {
+    for (int v = 0; v < Vectors; ++v) std::memcpy(sums + 8 * v, &acc[v], sizeof(Acc));
     return;
   }
   Sum lanes[8 * Vectors];
   for (int v = 0; v < Vectors; ++v) std::memcpy(lanes + 8 * v, &acc[v], sizeof(Acc));
-  const int64_t columns = std::min<int64_t>(8 * Vectors, target.columns);
-  for (int64_t j = 0; j < columns; ++j) target.out[j] = static_cast<Out>(lanes[j]);
+  for (int64_t j = 0; j < std::min<int64_t>(8 * Vectors, columns); ++j) out[j] = static_cast<Out>(lanes[j]);
 }
 
-// Output row tiles of 64, 32, 16 and 8 columns over the padded width (a multiple of 8).
+// Output row tiles of 64, 32, 16 and 8 columns over the padded width (a multiple of 8); `sums`
+// is null when there is a single tile of k (nothing carried).
 template <typename Sum, typename Code, typename Out>
-void add_table_row(const Code* a_row, const int32_t* table, int64_t depth, int64_t padded,
-                   RowTarget<Sum, Out> target, bool first) {
+void add_table_row(const Code* a_row, const int32_t* table, int64_t depth, int64_t padded, Sum* sums, Out* out,
+                   int64_t columns, bool first) {
   int64_t n0 = 0;
-  auto tile = [&](int64_t offset) {
-    return RowTarget<Sum, Out>{target.sums ? target.sums + offset : nullptr,
-                               target.out ? target.out + offset : nullptr, target.columns - offset};
+  auto tile = [&](auto vectors) {
+    add_table_rows<decltype(vectors)::value>(a_row, table + n0, depth, padded, sums ? sums + n0 : nullptr,
+                                             out ? out + n0 : nullptr, columns - n0, first);
+    n0 += 8 * decltype(vectors)::value;
   };
-  for (; padded - n0 >= 64; n0 += 64) add_table_rows<8>(a_row, table + n0, depth, padded, tile(n0), first);
-  if (padded - n0 >= 32) { add_table_rows<4>(a_row, table + n0, depth, padded, tile(n0), first); n0 += 32; }
-  if (padded - n0 >= 16) { add_table_rows<2>(a_row, table + n0, depth, padded, tile(n0), first); n0 += 16; }
-  if (padded - n0 >= 8) add_table_rows<1>(a_row, table + n0, depth, padded, tile(n0), first);
+  while (padded - n0 >= 64) tile(std::integral_constant<int, 8>{});
+  if (padded - n0 >= 32) tile(std::integral_constant<int, 4>{});
+  if (padded - n0 >= 16) tile(std::integral_constant<int, 2>{});
+  if (padded - n0 >= 8) tile(std::integral_constant<int, 1>{});
 }
 
 // Per tile of up to kTileColumns columns and per tile of k: build the tables (in parallel), then add
@@ -193,10 +188,9 @@ void table_gemm(const Code* a, const BCode* b, const int32_t* lut, Out* out, int
       });
       at::parallel_for(0, m_size, row_grain, [&](int64_t begin, int64_t end) {
         for (int64_t m = begin; m < end; ++m) {
-          // one tile of k: no sums carried, the row goes straight to out
-          RowTarget<Sum, Out> target{tile_k < k_size ? sums.data() + m * padded : nullptr,
-                                     last ? out + m * n_size + n0 : nullptr, columns};
-          add_table_row(a + m * k_size + k0, table.data(), depth, padded, target, k0 == 0);
+          add_table_row(a + m * k_size + k0, table.data(), depth, padded,
+                        tile_k < k_size ? sums.data() + m * padded : nullptr,  // one tile of k: nothing carried
+                        last ? out + m * n_size + n0 : nullptr, columns, k0 == 0);
         }
       });
     }
