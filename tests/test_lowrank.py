@@ -2,6 +2,7 @@
 the engine's arguments (strategy, routes, an injected calibration)."""
 
 import itertools
+import types
 import logging
 import math
 
@@ -525,3 +526,24 @@ def test_map_gathers_agree(code_dtype):
             assert torch.equal(gather(values, table), expected)
             out = torch.empty(expected.numel() + 3, dtype=table.dtype)
             assert torch.equal(gather(values, table, out=out[:expected.numel()]), expected)
+
+
+@pytest.mark.parametrize("code_scale", [0, 2])
+def test_int8_plan_divides_by_its_denominator_exactly(code_scale):
+    """Maps whose sums are multiples of their denominator (here 3 * (x' y + offset'), plus the code
+    GEMM's multiple): both executors return the exact quotient, in one K chunk or several."""
+    if not INT8_EXACT:
+        pytest.skip("torch's int8 GEMM is not exact here")
+    rng = np.random.default_rng(31)
+    x, y = rng.integers(-42, 43, (256, 4)), rng.integers(-128, 128, (256, 4))
+    offset = 3 * rng.integers(-10**6, 10**6, 256)
+    maps = lowrank.Int8Maps((3 * x).astype(np.int8), y.astype(np.int8), offset, 3,
+                            int((np.abs(3 * x) @ np.abs(y).T).max()), 3 * code_scale)
+    table = np.arange(256, dtype=np.uint8).view(np.int8).astype(np.int64)  # a byte read as int8
+    lut = x @ y.T + offset[None, :] // 3 + code_scale * np.outer(table, table)
+    a, b = codes(rng, (37, 101)), codes(rng, (101, 6))
+    expected = matmul_oracle(a, b, lut)
+    for chunk, kernel in itertools.product((101, 10), KERNELS):
+        out = lowrank.lowrank_gemm(a[None], b[None], types.SimpleNamespace(int8=maps), GemmPlan("int8", chunk, 0.0),
+                                   kernel, torch.int64)
+        assert np.array_equal(out[0].numpy(), expected), (chunk, kernel)
