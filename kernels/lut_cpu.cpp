@@ -7,7 +7,9 @@
 //   column can produce, then each row adds one table row per k in registers (vector adds, no
 //   gathers in the row loop; large shapes);
 // - gather_rows: out[i][:] = table[byte(codes[i])][:], rows of 4-byte words (packed int8 maps,
-//   float32 or float64 maps).
+//   float32 or float64 maps);
+// - int8_lowrank_gemm: the int8 low-rank plan in one call (map gathers, torch's int8 GEMMs, offsets,
+//   the exact division by the denominator).
 // Sums are int32 when the caller proved that K * max|lut| < 2**31, int64 otherwise; GEMM results go
 // into the caller's `out`, float64 (exact: |sum| < 2**53) or int64. Rows in parallel (torch's pool).
 // Built by approxrun/ops/native.py.
@@ -31,7 +33,13 @@ inline int64_t byte_of(Code code) {
   }
 }
 
-// Calls fn with the typed data pointer of integer codes.
+// The codes' bytes as uint8 (a cast to uint8 keeps an integer's byte; codes held in floats become
+// integers first).
+torch::Tensor code_bytes(const torch::Tensor& codes) {
+  return (codes.is_floating_point() ? codes.to(torch::kInt64) : codes).to(torch::kUInt8);
+}
+
+// Calls fn with the typed data pointer of codes.
 template <typename Fn>
 void with_codes(const torch::Tensor& codes, const char* name, Fn&& fn) {
   switch (codes.scalar_type()) {
@@ -217,7 +225,7 @@ void check_operands(const char* name, const torch::Tensor& a, const torch::Tenso
 torch::Tensor lut_gemm_table(torch::Tensor a, torch::Tensor b, torch::Tensor lut, bool wide_sums, torch::Tensor out) {
   check_operands("lut_gemm_table", a, b, lut, out);
   a = a.contiguous();
-  b = b.to(torch::kUInt8).contiguous();  // a cast to uint8 keeps the byte
+  b = code_bytes(b).contiguous();
   const int64_t groups = a.size(0), m_size = a.size(1), k_size = a.size(2), n_size = b.size(2);
   with_codes(a, "lut_gemm_table", [&](auto* a_ptr) {
     with_output(out, "lut_gemm_table", [&](auto* out_ptr) {
@@ -239,7 +247,7 @@ torch::Tensor lut_gemm_table(torch::Tensor a, torch::Tensor b, torch::Tensor lut
 torch::Tensor lut_gemm(torch::Tensor a, torch::Tensor b, torch::Tensor lut, bool wide_sums, torch::Tensor out) {
   check_operands("lut_gemm", a, b, lut, out);
   a = a.contiguous();
-  b = b.to(torch::kUInt8).contiguous();
+  b = code_bytes(b).contiguous();
   const int64_t groups = a.size(0), m_size = a.size(1), k_size = a.size(2), n_size = b.size(2);
   const uint8_t* b_ptr = b.data_ptr<uint8_t>();
   const int32_t* lut_ptr = lut.data_ptr<int32_t>();
@@ -338,13 +346,6 @@ void int8_columns(const Code* b, int64_t k_size, int64_t n_size, int64_t stride_
   });
 }
 
-// The codes' bytes read as int8 (their signed values), the operands of the code GEMM: a cast to
-// uint8 keeps an integer's byte; codes held in floats become integers first.
-torch::Tensor code_bytes(const torch::Tensor& codes) {
-  const auto integer = codes.is_floating_point() ? codes.to(torch::kInt64) : codes;
-  return integer.to(torch::kUInt8).view(torch::kInt8);
-}
-
 // out[r][n] = (sums[r][n] + code_scale * code_sums[r][n] + offsets[n]) / denominator (code_sums may
 // be null). The quotient is an exact integer below 2**53 (the caller's proof), so the correctly
 // rounded float64 division gives it exactly: vector divisions instead of a 64-bit integer division
@@ -403,7 +404,7 @@ torch::Tensor int8_lowrank_gemm(torch::Tensor a, torch::Tensor b, torch::Tensor 
     });
     auto columns = y.t();  // [K * width, N], column-major
     torch::Tensor b_bytes;
-    if (code_scale) b_bytes = code_bytes(b_g);  // [K, N]
+    if (code_scale) b_bytes = code_bytes(b_g).view(torch::kInt8);  // [K, N], the bytes read as int8
     for (int64_t m0 = 0; m0 < m_size; m0 += block_rows) {
       const int64_t rows = std::min(block_rows, m_size - m0);
       auto codes_a = a[g].slice(0, m0, m0 + rows);
@@ -411,7 +412,7 @@ torch::Tensor int8_lowrank_gemm(torch::Tensor a, torch::Tensor b, torch::Tensor 
       gather_rows(codes_a, x_words, x.view(x_words.scalar_type()));
       const int64_t first_row = g * m_size + m0;
       torch::Tensor a_bytes;
-      if (code_scale) a_bytes = code_bytes(codes_a);  // [rows, K]
+      if (code_scale) a_bytes = code_bytes(codes_a).view(torch::kInt8);  // [rows, K]
       if (chunk >= k_size) {  // one int8 GEMM (two with the code GEMM), int32 sums
         auto sums = at::_int_mm(dense(x), dense(columns)).contiguous();
         torch::Tensor code_sums;
