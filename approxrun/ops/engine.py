@@ -230,7 +230,7 @@ class LutEngine:
         cal = self.calibration
         return (device.type == "cpu" and "native" in self.routes and self.kernel() is not None
                 and math.isfinite(min(cal.native_lookup, cal.native_table_entry + cal.native_row_add))
-                and self.values.dtype == np.int64 and self.max_abs < 2**31)
+                and self.integral and self.max_abs < 2**31)
 
     def _gemm_route(self, groups, m, k, n, device, byte_codes):
         """(the route of one GEMM call, the list its time goes to when timed). Under ``auto`` on a
@@ -294,8 +294,9 @@ class LutEngine:
     # ------------------------------------------------------------------ operations
 
     def gemm(self, a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype = torch.float64) -> torch.Tensor:
-        """out[g, m, n] = sum_k lut[byte(a[g, m, k])][byte(b[g, k, n])] of code tensors, float64
-        (or int64, exact, for an integer table: the compiled routes write it directly)."""
+        """out[g, m, n] = sum_k lut[byte(a[g, m, k])][byte(b[g, k, n])] of code tensors, as
+        ``out_dtype``: float64, or int64 for an integer table (its sums are exact integers; the
+        compiled routes write them directly)."""
         groups, m, k = a.shape
         n = b.shape[2]
         if not groups * m * k * n:

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 __all__ = ["Calibration", "machine_key", "cpu_description", "calibration_dir", "measure", "load_or_measure",
            "int8_gemm_is_exact"]
