@@ -14,7 +14,10 @@ timing starts, so every column measures the settled, repeated call. Every result
 the reference. Targets (issue 13): geo-mean speed-up >= 3x for a random full-range LUT and >= 10x for a
 LUT whose error has rank <= 4; auto within 10% of the best forced route on every shape.
 The CPU model, its avx2/avx512/vnni/amx flags, the library ISA settings in the environment and the
-load average are printed with the table: timings on a shared machine are noisy.
+load average are printed with the table: timings on a shared machine are noisy. A known bias: the
+engine in the first engine slot (auto's) measures 10-30% slower than an identical engine in
+another slot (measured with a forced int8 engine in auto's slot; cause not found), so where auto
+settled on the best forced route, auto/best above 1 is this bias, not a worse route.
 """
 
 from __future__ import annotations
@@ -88,18 +91,16 @@ def luts(names: list[str]) -> dict[str, np.ndarray]:
 
 def alternating_best(fns: dict, repeats: int) -> dict:
     """Fastest of ``repeats`` calls of each function, the functions taking turns (shared machine).
-    Each timed call follows an untimed call of the same function, and the order rotates every
-    round: the first call after another function pays for caches (and allocator state) that
-    function left behind (measured: 1-2 ms on 6-8 ms calls right after the native kernel), which
-    would bias the table against whatever always came after a route with a different footprint."""
+    Each timed call follows an untimed call of the same function: the first call after another
+    function pays for caches that function evicted (measured: 1-2 ms on 6-8 ms calls right after the
+    native kernel, whichever route came next), which would bias the table against whatever is timed
+    after a route with a different footprint (before: always auto, right after native)."""
     best = dict.fromkeys(fns, math.inf)
-    names = list(fns)
-    for round_ in range(repeats):
-        shift = round_ % len(names)
-        for name in names[shift:] + names[:shift]:
-            fns[name]()
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            fn()
             start = time.perf_counter()
-            fns[name]()
+            fn()
             best[name] = min(best[name], time.perf_counter() - start)
     return best
 
