@@ -137,8 +137,7 @@ def _int8_gemm(a: torch.Tensor, b: torch.Tensor, maps: Int8Maps, chunk: int, ker
     if kernel is not None:
         buffer = scratch("gemm rows words", (min(rows, m) * k * maps.width,), torch.int8, a.device)
         return kernel.int8_lowrank_gemm(a, b, maps, chunk, rows, buffer, out_dtype)
-    gather_rows = torch_gather_rows
-    y, offset = _int8_columns(b, maps, gather_rows)
+    y, offset = _int8_columns(b, maps, torch_gather_rows)
     b_bytes = _code_bytes(b, "gemm columns") if maps.code_scale else None
     out = torch.empty(groups, m, b.shape[2], dtype=torch.float64, device=a.device)
     a = a.contiguous()
@@ -147,7 +146,8 @@ def _int8_gemm(a: torch.Tensor, b: torch.Tensor, maps: Int8Maps, chunk: int, ker
         x_words, gathered = maps.pair_words(a.device), a.view(torch.uint16)  # byte pairs: half the gathers
     for g in range(groups):
         for m0 in range(0, m, rows):
-            x = _gather_words(x_words, gathered[g, m0:m0 + rows], "gemm rows", gather_rows).view(-1, k * maps.width)
+            x = _gather_words(x_words, gathered[g, m0:m0 + rows], "gemm rows", torch_gather_rows)
+            x = x.view(-1, k * maps.width)
             block = out[g, m0:m0 + rows]
             block.copy_(_int8_words_gemm(x, y[g], chunk, maps.width))
             if maps.code_scale:
