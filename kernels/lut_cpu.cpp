@@ -313,8 +313,8 @@ namespace {
 // above 1 (it misreads other strides, including those a size-1 dimension may carry).
 torch::Tensor dense(const torch::Tensor& t) {
   if (t.size(0) > 1 && t.size(1) > 1 && t.stride(0) == 1 && t.stride(1) == t.size(0)) return t;
-  return t.is_contiguous() && (t.size(1) == 1 || t.stride(1) == 1) && (t.size(0) == 1 || t.stride(0) == t.size(1))
-             ? t : t.contiguous().view(t.sizes());
+  if (t.stride(1) == 1 && t.stride(0) == t.size(1)) return t;  // row-major, canonical strides
+  return torch::empty(t.sizes(), t.options()).copy_(t);  // a fresh tensor has canonical strides
 }
 
 // int32 GEMMs of x [R, K * width] and y [K * width, N] over chunks of `chunk` K columns, each
@@ -394,13 +394,13 @@ torch::Tensor int8_lowrank_gemm(torch::Tensor a, torch::Tensor b, torch::Tensor 
   for (int64_t g = 0; g < groups; ++g) {
     const auto b_g = b[g];
     with_codes(b_g, "int8_lowrank_gemm", [&](auto* codes) {
-      if (width == 4) {
-        int8_columns(codes, k_size, n_size, b_g.stride(0), b_g.stride(1), y_words.data_ptr<int32_t>(),
-                     offset.data_ptr<int64_t>(), y.view(torch::kInt32).data_ptr<int32_t>(), offsets.data_ptr<int64_t>());
-      } else {
-        int8_columns(codes, k_size, n_size, b_g.stride(0), b_g.stride(1), y_words.data_ptr<int64_t>(),
-                     offset.data_ptr<int64_t>(), y.view(torch::kInt64).data_ptr<int64_t>(), offsets.data_ptr<int64_t>());
-      }
+      auto gather = [&](auto word) {  // the packed word: int32 for width 4, int64 for width 8
+        using Word = decltype(word);
+        int8_columns(codes, k_size, n_size, b_g.stride(0), b_g.stride(1), y_words.data_ptr<Word>(),
+                     offset.data_ptr<int64_t>(), y.view(y_words.scalar_type()).data_ptr<Word>(),
+                     offsets.data_ptr<int64_t>());
+      };
+      width == 4 ? gather(int32_t{}) : gather(int64_t{});
     });
     auto columns = y.t();  // [K * width, N], column-major
     torch::Tensor b_bytes;
@@ -413,14 +413,18 @@ torch::Tensor int8_lowrank_gemm(torch::Tensor a, torch::Tensor b, torch::Tensor 
       const int64_t first_row = g * m_size + m0;
       torch::Tensor a_bytes;
       if (code_scale) a_bytes = code_bytes(codes_a).view(torch::kInt8);  // [rows, K]
+      auto finish = [&](const torch::Tensor& sums, const torch::Tensor& code_sums, auto sum) {
+        using Sum = decltype(sum);
+        with_output(out, "int8_lowrank_gemm", [&](auto* out_ptr) {
+          finish_rows(sums.data_ptr<Sum>(), code_scale ? code_sums.data_ptr<Sum>() : nullptr, code_scale,
+                      offsets.data_ptr<int64_t>(), denominator, out_ptr + first_row * n_size, rows, n_size);
+        });
+      };
       if (chunk >= k_size) {  // one int8 GEMM (two with the code GEMM), int32 sums
         auto sums = at::_int_mm(dense(x), dense(columns)).contiguous();
         torch::Tensor code_sums;
-        if (code_scale) code_sums = at::_int_mm(a_bytes, dense(b_bytes)).contiguous();
-        with_output(out, "int8_lowrank_gemm", [&](auto* out_ptr) {
-          finish_rows(sums.data_ptr<int32_t>(), code_scale ? code_sums.data_ptr<int32_t>() : nullptr, code_scale,
-                      offsets.data_ptr<int64_t>(), denominator, out_ptr + first_row * n_size, rows, n_size);
-        });
+        if (code_scale) code_sums = at::_int_mm(dense(a_bytes), dense(b_bytes)).contiguous();
+        finish(sums, code_sums, int32_t{});
       } else {  // int32 GEMMs over chunks of K, summed in int64
         auto sums = torch::zeros({rows, n_size}, torch::kInt64);
         add_int8_products(x, columns, chunk, width, sums);
@@ -429,10 +433,7 @@ torch::Tensor int8_lowrank_gemm(torch::Tensor a, torch::Tensor b, torch::Tensor 
           code_sums = torch::zeros({rows, n_size}, torch::kInt64);
           add_int8_products(a_bytes, b_bytes, chunk, 1, code_sums);
         }
-        with_output(out, "int8_lowrank_gemm", [&](auto* out_ptr) {
-          finish_rows(sums.data_ptr<int64_t>(), code_scale ? code_sums.data_ptr<int64_t>() : nullptr, code_scale,
-                      offsets.data_ptr<int64_t>(), denominator, out_ptr + first_row * n_size, rows, n_size);
-        });
+        finish(sums, code_sums, int64_t{});
       }
     }
   }
