@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import math
 import logging
 import sys
 import textwrap
@@ -179,6 +180,11 @@ def cmd_calibrate(args) -> None:
           f"{cal.gather_table * 1e9:.3g} ns/table entry; direct {cal.direct_lookup * 1e9:.3g} ns/lookup")
     print(f"gather (compiled kernel): {cal.native_lookup * 1e9:.3g} ns/lookup direct, "
           f"tables {cal.native_table_entry * 1e9:.3g} ns/entry + {cal.native_row_add * 1e9:.3g} ns/8-lane row add")
+    if math.isfinite(cal.native_permute_group):
+        print(f"in-register permutes (AVX-512 VBMI): {cal.native_permute_group * 1e9:.3g} ns/64-lane lookup, "
+              f"{cal.native_permute_code * 1e9:.3g} ns/code transposed")
+    else:
+        print("in-register permutes: not built here (needs AVX-512 VBMI)")
     for dtype, rates in cal.gemm.items():
         print(f"{dtype} GEMM: " + ", ".join(f"N={n}: {1e-9 / r:.3g} GMAC/s" for n, r in zip((8, 32, 128), rates)))
     print(f"maps: {cal.map_entry * 1e9:.3g} ns/float entry, {cal.word_index * 1e9:.3g} ns/int8 word, "

@@ -6,7 +6,8 @@ The reference is compiled here with ``torch.utils.cpp_extension.load_inline``: o
 product, int32 sums, ``#pragma omp parallel for`` over rows (what a straightforward C++ LUT GEMM
 does). Per LUT and core shape it prints the reference's time, approxrun's time per route (``auto``;
 ``gather``; the low-rank plans ``int8``/``float32``/``float64`` forced through the engine's
-``routes``; ``native``: the compiled gather kernel, the faster of its two strategies, its int64
+``routes``; ``native``: the compiled gather kernel, the fastest of its strategies (direct, tables, and on AVX-512
+VBMI the in-register permutes in both orientations), its int64
 result as ``lut_matmul`` returns it; ``-`` where that plan is not exact for the shape),
 the route auto settled on, the speed-up of auto over the reference, and auto's time over the best
 forced route. Auto is called until its timed first calls (its route trials) are over before the
@@ -126,6 +127,10 @@ def bench_lut(name: str, lut: np.ndarray, reference, repeats: int, calibration) 
         if kernel is not None:  # the compiled gather, its faster strategy, with lut_matmul's int64 result
             variants = {tables: (lambda tables=tables: kernel(a[None], b[None], lut32, wide_sums, tables,
                                                               out_dtype=torch.int64)[0]) for tables in (False, True)}
+            planes = engines["auto"].byte_planes
+            if kernel.permutes and planes is not None:
+                variants.update({("permute", rows): (lambda rows=rows: kernel.permute(
+                    a[None], b[None], planes, rows, out_dtype=torch.int64)[0]) for rows in (False, True)})
             fastest = alternating_best(variants, 2)
             fns["native"] = variants[min(fastest, key=fastest.get)]
             assert torch.equal(fns["native"](), expected)

@@ -122,14 +122,16 @@ inline typename Lanes<Sum>::type load_lanes(const int32_t* source) {
   return __builtin_convertvector(words, typename Lanes<Sum>::type);
 }
 
-// sums[j] (+)= sum_kk T[kk][byte(a_row[kk])][j] for j < 8 * Vectors, the sums kept in registers;
-// on the last tile of k (`out` not null) the first `columns` sums go to out instead (the padding
-// lanes are dropped). Plain pointer arguments: a struct of them built per row would be stored and
-// reloaded in one wider load, which stalls store forwarding on every row.
+// sums[j] (+)= sum_kk T[kk][byte(a_row[kk])][j] for j < 8 * Vectors, the sums kept in registers; the
+// sub-tile's tables are rows of exactly 8 * Vectors words, so an address is a shift and an add. On the
+// last tile of k (`out` not null) the first `columns` sums go to out instead (the padding lanes are
+// dropped). Plain pointer arguments: a struct of them built per row would be stored and reloaded in
+// one wider load, which stalls store forwarding on every row.
 template <int Vectors, typename Sum, typename Code, typename Out>
-inline void add_table_rows(const Code* a_row, const int32_t* table, int64_t depth, int64_t stride, Sum* sums,
-                           Out* out, int64_t columns, bool first) {
+inline void add_table_rows(const Code* a_row, const int32_t* table, int64_t depth, Sum* sums, Out* out,
+                           int64_t columns, bool first) {
   using Acc = typename Lanes<Sum>::type;
+  constexpr int64_t kWidth = 8 * Vectors;
   Acc acc[Vectors];
   for (int v = 0; v < Vectors; ++v) {
     if (first) {
@@ -138,34 +140,43 @@ inline void add_table_rows(const Code* a_row, const int32_t* table, int64_t dept
       std::memcpy(&acc[v], sums + 8 * v, sizeof(Acc));
     }
   }
-  for (int64_t kk = 0; kk < depth; ++kk) {
-    const int32_t* t_row = table + (kk * 256 + byte_of(a_row[kk])) * stride;
+  for (int64_t kk = 0; kk < depth; ++kk, table += 256 * kWidth) {
+    const int32_t* t_row = table + byte_of(a_row[kk]) * kWidth;
     for (int v = 0; v < Vectors; ++v) acc[v] += load_lanes<Sum>(t_row + 8 * v);
   }
   if (out == nullptr) {
     for (int v = 0; v < Vectors; ++v) std::memcpy(sums + 8 * v, &acc[v], sizeof(Acc));
     return;
   }
-  Sum lanes[8 * Vectors];
+  Sum lanes[kWidth];
   for (int v = 0; v < Vectors; ++v) std::memcpy(lanes + 8 * v, &acc[v], sizeof(Acc));
-  for (int64_t j = 0; j < std::min<int64_t>(8 * Vectors, columns); ++j) out[j] = static_cast<Out>(lanes[j]);
+  for (int64_t j = 0; j < std::min<int64_t>(kWidth, columns); ++j) out[j] = static_cast<Out>(lanes[j]);
 }
 
-// Output row tiles of 64, 32, 16 and 8 columns over the padded width (a multiple of 8); `sums`
-// is null when there is a single tile of k (nothing carried).
-template <typename Sum, typename Code, typename Out>
-void add_table_row(const Code* a_row, const int32_t* table, int64_t depth, int64_t padded, Sum* sums, Out* out,
-                   int64_t columns, bool first) {
+// A tile's padded width (a multiple of 8, at most kTileColumns) splits into sub-tiles of 64, 32, 16
+// and 8 columns; calls fn(first column, std::integral_constant<int, vectors>) for each.
+template <typename Fn>
+void for_sub_tiles(int64_t padded, Fn&& fn) {
   int64_t n0 = 0;
   auto tile = [&](auto vectors) {
-    add_table_rows<decltype(vectors)::value>(a_row, table + n0, depth, padded, sums ? sums + n0 : nullptr,
-                                             out ? out + n0 : nullptr, columns - n0, first);
+    fn(n0, vectors);
     n0 += 8 * decltype(vectors)::value;
   };
-  while (padded - n0 >= 64) tile(std::integral_constant<int, 8>{});
+  if (padded - n0 >= 64) tile(std::integral_constant<int, 8>{});
   if (padded - n0 >= 32) tile(std::integral_constant<int, 4>{});
   if (padded - n0 >= 16) tile(std::integral_constant<int, 2>{});
   if (padded - n0 >= 8) tile(std::integral_constant<int, 1>{});
+}
+
+// One output row's tile: each sub-tile's tables start at depth * 256 * (its first column) in
+// `table`; `sums` is null when there is a single tile of k (nothing carried).
+template <typename Sum, typename Code, typename Out>
+void add_table_row(const Code* a_row, const int32_t* table, int64_t depth, int64_t padded, Sum* sums, Out* out,
+                   int64_t columns, bool first) {
+  for_sub_tiles(padded, [&](int64_t n0, auto vectors) {
+    add_table_rows<decltype(vectors)::value>(a_row, table + depth * 256 * n0, depth, sums ? sums + n0 : nullptr,
+                                             out ? out + n0 : nullptr, columns - n0, first);
+  });
 }
 
 // Per tile of up to kTileColumns columns and per tile of k: build the tables (in parallel), then add
@@ -179,7 +190,7 @@ void table_gemm(const Code* a, const BCode* b, const int32_t* lut, Out* out, int
   for (int64_t n0 = 0; n0 < n_size; n0 += kTileColumns) {
     const int64_t columns = std::min(kTileColumns, n_size - n0), padded = (columns + 7) / 8 * 8;
     const int64_t tile_k = std::min(k_size, std::max<int64_t>(1, table_bytes() / (256 * 4 * padded)));
-    table.assign(tile_k * 256 * padded, 0);
+    table.resize(tile_k * 256 * padded);
     if (tile_k < k_size) sums.resize(m_size * padded);
     const int64_t row_grain = std::max<int64_t>(1, kRowWork / std::max<int64_t>(1, tile_k * padded / 8));
     for (int64_t k0 = 0; k0 < k_size; k0 += tile_k) {
@@ -190,8 +201,11 @@ void table_gemm(const Code* a, const BCode* b, const int32_t* lut, Out* out, int
           const int64_t kk = entry / 256, v = entry % 256;
           const BCode* b_row = b + (k0 + kk) * n_size + n0;
           const int32_t* lut_row = lut + v * 256;
-          int32_t* t_row = table.data() + entry * padded;
-          for (int64_t j = 0; j < columns; ++j) t_row[j] = lut_row[byte_of(b_row[j])];
+          for_sub_tiles(padded, [&](int64_t c0, auto vectors) {
+            constexpr int64_t kWidth = 8 * decltype(vectors)::value;
+            int32_t* t_row = table.data() + depth * 256 * c0 + entry * kWidth;
+            for (int64_t j = 0; j < kWidth; ++j) t_row[j] = c0 + j < columns ? lut_row[byte_of(b_row[c0 + j])] : 0;
+          });
         }
       });
       at::parallel_for(0, m_size, row_grain, [&](int64_t begin, int64_t end) {

@@ -42,7 +42,10 @@ STRATEGIES = ("auto", "gather", "lowrank")
 ROUTE_KINDS = (*PLAN_KINDS, "map_conv", "native")  # routes an engine may be restricted to
 UNFOLD_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 27}  # unfolded codes per batch block (CPU: 8 MB of int32)
 PLAN_CACHE = 256  # per-shape plans an engine keeps
-TORCH_GATHER, NATIVE_GATHER, NATIVE_TABLES = "torch gather", "native gather", "native tables"  # gather routes
+# the gather routes: torch ops; the compiled kernel's strategies (one read per product, tables of
+# products, in-register byte permutes with lanes over b's columns or over a's rows)
+TORCH_GATHER, NATIVE_GATHER, NATIVE_TABLES = "torch gather", "native gather", "native tables"
+NATIVE_PERMUTE, NATIVE_PERMUTE_ROWS = "native permute", "native permute (lanes over rows)"
 TRIAL_ROUNDS = 3  # timed turns per route (the best counts)
 TRIAL_MIN_SECONDS = 2e-4  # shapes modelled faster than this keep the model's route: timing them is noise
 TRIAL_SPREAD = 2.0  # auto also times the low-rank plans modelled within this factor of the best one
@@ -154,6 +157,11 @@ class LutEngine:
             self._device_tables["int32"] = torch.as_tensor(self.values.astype(np.int32))
         return self._device_tables["int32"]
 
+    @cached_property
+    def byte_planes(self) -> native.BytePlanes | None:
+        """The compiled in-register strategy's image of the table (values spanning at most 2**16), or None."""
+        return native.byte_planes(self.values)
+
     def cuda_image(self, device):
         """The CUDA kernels' image of the table on ``device``, built once (no host round trip per call)."""
         from approxrun.ops import cuda
@@ -204,6 +212,9 @@ class LutEngine:
         if self._native_usable(device):
             routes += [(NATIVE_GATHER, cal.native_time(groups, m, k, n, False)),
                        (NATIVE_TABLES, cal.native_time(groups, m, k, n, True))]
+            if self._permute_usable(k):
+                routes += [(NATIVE_PERMUTE, cal.permute_time(groups, m, k, n, False)),
+                           (NATIVE_PERMUTE_ROWS, cal.permute_time(groups, m, k, n, True))]
         return [(route, time_ * self.lookup_cost) for route, time_ in routes]
 
     def _gather_route(self, groups, m, k, n, device) -> tuple[str, float]:
@@ -231,6 +242,10 @@ class LutEngine:
         return (device.type == "cpu" and "native" in self.routes and self.kernel() is not None
                 and math.isfinite(min(cal.native_lookup, cal.native_table_entry + cal.native_row_add))
                 and self.integral and self.max_abs < 2**31)
+
+    def _permute_usable(self, k: int) -> bool:
+        return (self.kernel().permutes and math.isfinite(self.calibration.native_permute_group)
+                and self.byte_planes is not None and k < native.PERMUTE_MAX_K)
 
     def _gemm_route(self, groups, m, k, n, device, byte_codes):
         """(the route of one GEMM call, the list its time goes to when timed). Under ``auto`` on a
@@ -303,7 +318,9 @@ class LutEngine:
             return self._gather_gemm(a, b).to(out_dtype)
         route, times = self._gemm_route(groups, m, k, n, a.device, a.dtype in (torch.int8, torch.uint8))
         start = time.perf_counter()
-        if route in (NATIVE_GATHER, NATIVE_TABLES):
+        if route in (NATIVE_PERMUTE, NATIVE_PERMUTE_ROWS):
+            out = self.kernel().permute(a, b, self.byte_planes, route == NATIVE_PERMUTE_ROWS, out_dtype)
+        elif route in (NATIVE_GATHER, NATIVE_TABLES):
             out = self.kernel()(a, b, self.int32_table(), wide_sums=k * self.max_abs >= 2**31,
                                 tables=route == NATIVE_TABLES, out_dtype=out_dtype)
         elif route == TORCH_GATHER:

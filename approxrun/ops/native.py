@@ -4,13 +4,17 @@
   a sum could leave the int32 range), rows in parallel: one LUT read per product (small shapes, such
   as a linear layer at batch 128), or tables of products per tile of k and vector row adds (large
   shapes; a random LUT's fastest route);
+- on CPUs with AVX-512 VBMI, an in-register strategy for LUTs whose values span at most 2**16: a LUT
+  row's two byte planes sit in eight registers and byte permutes look up 64 products at once, lanes
+  over the columns of b or (``transposed``, narrow N) over the rows of a;
 - one-pass map gathers ``table[byte(codes)]`` for the low-rank plans, and the int8 low-rank plan in
   one call (gathers, torch's int8 GEMMs, offsets and the exact division), so small shapes pay no
   per-op overhead.
 
 Codes are read as they are (any integer dtype, or integers held in floats); results are written as
 float64 or int64. The build needs a C++ compiler; without one the routes are simply absent
-(:func:`load` returns None) and the torch ops remain. The source lives in ``kernels/lut_cpu.cpp``.
+(:func:`load` returns None) and the torch ops remain. The sources live in ``kernels/lut_cpu.cpp`` and
+``kernels/lut_cpu_permute.cpp``.
 """
 
 from __future__ import annotations
@@ -21,16 +25,44 @@ import json
 import logging
 import os
 import platform
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from approxrun.lut import code_to_index
 
-__all__ = ["NativeGemm", "load", "READ_DTYPES"]
+__all__ = ["NativeGemm", "BytePlanes", "byte_planes", "load", "READ_DTYPES"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BytePlanes:
+    """A LUT as ``low + u`` with ``0 <= u < 2**16``, u's bytes in planes: ``rows[v]`` holds the low
+    then the high bytes of ``u[v, :]`` (uint8 [256, 512]), ``columns[w]`` those of ``u[:, w]``."""
+
+    rows: torch.Tensor
+    columns: torch.Tensor
+    low: int
+
+
+def byte_planes(values: np.ndarray) -> BytePlanes | None:
+    """The byte planes of an integer LUT whose values span at most 2**16, else None."""
+    if not np.issubdtype(values.dtype, np.integer) or int(values.max()) - int(values.min()) >= 2**16:
+        return None
+    low = int(values.min())
+    u = (values.astype(np.int64) - low).astype(np.uint16)
+
+    def planes(rows: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.concatenate([(rows & 255).astype(np.uint8), (rows >> 8).astype(np.uint8)], axis=1))
+
+    return BytePlanes(planes(u), planes(np.ascontiguousarray(u.T)), low)
+
+
+PERMUTE_MAX_K = 2**15  # the in-register strategy's int32 lanes hold K * 2**16
 
 
 class NativeGemm:
@@ -38,6 +70,7 @@ class NativeGemm:
 
     def __init__(self, module):
         self._module = module
+        self.permutes = bool(module.permute_available())  # the in-register strategy was built (AVX-512 VBMI)
 
     def __call__(self, a: torch.Tensor, b: torch.Tensor, lut_image: torch.Tensor, wide_sums: bool,
                  tables: bool = False, out_dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -47,6 +80,14 @@ class NativeGemm:
         gemm = self._module.lut_gemm_table if tables else self._module.lut_gemm
         out = torch.empty(a.shape[0], a.shape[1], b.shape[2], dtype=out_dtype)
         return gemm(_readable(a), _readable(b), lut_image, wide_sums, out)
+
+    def permute(self, a: torch.Tensor, b: torch.Tensor, planes: BytePlanes, transposed: bool,
+                out_dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """The same GEMM by the in-register strategy (``self.permutes`` only; K below
+        :data:`PERMUTE_MAX_K`): lanes over the columns of b, or with ``transposed`` over the rows of a."""
+        out = torch.empty(a.shape[0], a.shape[1], b.shape[2], dtype=out_dtype)
+        return self._module.lut_gemm_permute(_readable(a), _readable(b), planes.rows, planes.columns, planes.low,
+                                             transposed, out)
 
     def gather_rows(self, codes: torch.Tensor, table: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """``table[byte(codes)]``: rows of ``table`` [256, ...] (rows of 4-byte words) at the codes'
@@ -75,7 +116,9 @@ def _readable(codes: torch.Tensor) -> torch.Tensor:
     return codes if codes.dtype in READ_DTYPES else code_to_index(codes)
 
 
-FUNCTIONS = ["lut_gemm", "lut_gemm_table", "gather_rows", "int8_lowrank_gemm"]
+FUNCTIONS = ["lut_gemm", "lut_gemm_table", "lut_gemm_permute", "permute_available", "gather_rows",
+             "int8_lowrank_gemm"]
+SOURCES = ("lut_cpu.cpp", "lut_cpu_permute.cpp")  # one translation unit, in this order
 ISA_CEILINGS = {"default": "-march=x86-64", "avx2": "-march=x86-64-v3"}  # ATEN_CPU_CAPABILITY -> -march
 
 
@@ -103,7 +146,7 @@ def load() -> NativeGemm | None:
     from torch.utils.cpp_extension import load_inline
     target = target_flag()
     folder, name = _build_dir(target)
-    source = resources.files("approxrun.kernels").joinpath("lut_cpu.cpp").read_text()
+    source = "\n".join(resources.files("approxrun.kernels").joinpath(name).read_text() for name in SOURCES)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         if not any(folder.glob("*.so")):

@@ -33,7 +33,7 @@ __all__ = ["Calibration", "machine_key", "cpu_description", "calibration_dir", "
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "APPROXRUN_CACHE"
-FORMAT = 5  # bump when the measured figures change meaning
+FORMAT = 6  # bump when the measured figures change meaning
 ISA_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "DNNL_MAX_CPU_ISA")
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_vbmi", "amx_tile", "amx_int8")
 GEMM_WIDTHS = (8, 32, 128)  # N of the timed GEMMs; other widths interpolate on log N
@@ -89,6 +89,8 @@ class Calibration:
     native_lookup: float = math.inf  # the compiled CPU LUT GEMM (approxrun.ops.native); inf: not built here
     native_table_entry: float = math.inf  # its table strategy: per table entry built (256 K N of them)
     native_row_add: float = math.inf  # and per 8-lane add of a table row into a row of sums (M K N / 8)
+    native_permute_group: float = math.inf  # its in-register strategy (inf: not built): per 64-lane lookup
+    native_permute_code: float = math.inf  # and, lanes over rows, per code of a transposed on the way
     machine: dict = field(default_factory=dict)
 
     def gemm_mac(self, dtype: str, n: int) -> float:
@@ -117,6 +119,13 @@ class Calibration:
         if tables:
             return groups * k * (256 * n * self.native_table_entry + m * -(-n // 8) * self.native_row_add)
         return groups * m * k * n * self.native_lookup
+
+    def permute_time(self, groups: int, m: int, k: int, n: int, transposed: bool) -> float:
+        """Modelled time of the compiled in-register strategy: per lookup of 64 lanes (lanes over the
+        columns of b, or with ``transposed`` over the rows of a, whose codes are transposed first)."""
+        if transposed:
+            return groups * k * (n * -(-m // 64) * self.native_permute_group + m * self.native_permute_code)
+        return groups * m * k * -(-n // 64) * self.native_permute_group
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -239,11 +248,12 @@ def _measure_round() -> Calibration:
     accumulate = _best_time(lambda: out.add_(part)) / count
     small = torch.ones(32, 64, dtype=torch.int8)
     int8_call = _best_time(lambda: torch._int_mm(small, small.t().contiguous())) if int8_exact else math.inf
-    native_lookup, native_table_entry, native_row_add = _native_figures(generator)
+    native_lookup, native_table_entry, native_row_add, permute_group, permute_code = _native_figures(generator)
     backward_lookup = _backward_figure(generator)
     log.info("LUT route calibration measured in %.2f s", time.perf_counter() - start)
     return Calibration(lookup, row, table, direct, gemm, map_entry, word_index, pair_index, int8_call, accumulate,
-                       int8_exact, backward_lookup, native_lookup, native_table_entry, native_row_add, machine_key())
+                       int8_exact, backward_lookup, native_lookup, native_table_entry, native_row_add, permute_group,
+                       permute_code, machine_key())
 
 
 def _map_gather():
@@ -266,19 +276,23 @@ def _backward_figure(generator: torch.Generator) -> float:
     return _best_time(lambda: grouped_lut_gemm_backward(grad, a, b, *tables), repeats=1) / ((m + 256) * k * n)
 
 
-def _native_figures(generator: torch.Generator) -> tuple[float, float, float]:
+def _native_figures(generator: torch.Generator) -> tuple[float, float, float, float, float]:
     """The compiled CPU LUT GEMM (inf when it cannot be built): seconds per lookup of its direct
     strategy; per table entry and per 8-lane row add of its table strategy, fitted to a shape where
-    building the tables dominates and one where adding rows does."""
+    building the tables dominates and one where adding rows does; per 64-lane lookup of the
+    in-register strategy, and per code its transposed form transposes (inf where not built)."""
     from approxrun.ops import native
     kernel = native.load()
     if kernel is None:
-        return math.inf, math.inf, math.inf
+        return (math.inf,) * 5
     lut = torch.randint(-2**15, 2**15, (256, 256), generator=generator, dtype=torch.int32)
 
+    def codes(m: int, k: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.randint(-128, 128, (1, m, k), generator=generator, dtype=torch.int8),
+                torch.randint(-128, 128, (1, k, n), generator=generator, dtype=torch.int8))
+
     def timed(m: int, k: int, n: int, tables: bool) -> float:
-        a = torch.randint(-128, 128, (1, m, k), generator=generator, dtype=torch.int8)
-        b = torch.randint(-128, 128, (1, k, n), generator=generator, dtype=torch.int8)
+        a, b = codes(m, k, n)
         return _best_time(lambda: kernel(a, b, lut, False, tables=tables))
 
     direct = timed(512, 128, 64, False) / (512 * 128 * 64)
@@ -286,7 +300,16 @@ def _native_figures(generator: torch.Generator) -> tuple[float, float, float]:
     terms = np.array([(256 * k * n, m * k * -(-n // 8)) for m, k, n in shapes], dtype=float)
     times = np.array([timed(m, k, n, True) for m, k, n in shapes])
     entry, row_add = _relative_nnls(terms, times)
-    return direct, entry, row_add
+    if not kernel.permutes:
+        return direct, entry, row_add, math.inf, math.inf
+    planes = native.byte_planes(lut.numpy().astype(np.int64))
+    a, b = codes(512, 128, 128)
+    group = _best_time(lambda: kernel.permute(a, b, planes, False)) / (512 * 128 * 2)
+    m, k, n = 8192, 64, 8
+    a, b = codes(m, k, n)
+    transposed = _best_time(lambda: kernel.permute(a, b, planes, True))
+    code = max(transposed - n * k * (m // 64) * group, 0.05 * transposed) / (m * k)
+    return direct, entry, row_add, group, code
 
 
 def _relative_nnls(terms: np.ndarray, times: np.ndarray) -> np.ndarray:
