@@ -6,6 +6,8 @@
 // - lut_gemm_table: per tile of k, tables T[k][v][:] = lut[v][b[k][:]] of every product a weight
 //   column can produce, then each row adds one table row per k in registers (vector adds, no
 //   gathers in the row loop; large shapes);
+// - lut_gemm_permute (kernels/lut_cpu_permute.cpp, appended to this file): byte permutes over a
+//   LUT's byte planes in registers (AVX-512 VBMI);
 // - gather_rows: out[i][:] = table[byte(codes[i])][:], rows of 4-byte words (packed int8 maps,
 //   float32 or float64 maps);
 // - int8_lowrank_gemm: the int8 low-rank plan in one call (map gathers, torch's int8 GEMMs, offsets,

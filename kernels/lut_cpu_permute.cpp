@@ -14,7 +14,7 @@ namespace {
 
 constexpr int64_t kPermuteChunk = 256;  // k summed in 16-bit lanes before widening
 
-// 64 bytes of `rows` (four registers: a 256-byte plane) at the 64 byte indices idx.
+// The bytes of a 256-byte plane (four registers) at 64 byte indices: bit 7 picks the register pair.
 inline __m512i lookup_plane(const __m512i* plane, __m512i idx, __mmask64 high_half) {
   return _mm512_mask_blend_epi8(high_half, _mm512_permutex2var_epi8(plane[0], idx, plane[1]),
                                 _mm512_permutex2var_epi8(plane[2], idx, plane[3]));
