@@ -15,10 +15,7 @@ timing starts, so every column measures the settled, repeated call. Every result
 the reference. Targets (issue 13): geo-mean speed-up >= 3x for a random full-range LUT and >= 10x for a
 LUT whose error has rank <= 4; auto within 10% of the best forced route on every shape.
 The CPU model, its avx2/avx512/vnni/amx flags, the library ISA settings in the environment and the
-load average are printed with the table: timings on a shared machine are noisy. A known bias: the
-engine in the first engine slot (auto's) measures 10-30% slower than an identical engine in
-another slot (measured with a forced int8 engine in auto's slot; cause not found), so where auto
-settled on the best forced route, auto/best above 1 is this bias, not a worse route.
+load average are printed with the table: timings on a shared machine are noisy.
 """
 
 from __future__ import annotations
@@ -90,16 +87,22 @@ def luts(names: list[str]) -> dict[str, np.ndarray]:
     return {name: made[name] if name in made else get_multiplier(name).lut for name in names}
 
 
+WARM_SECONDS = 0.02  # untimed calls of a function before its timed one: the CPU's slow spell after other work
+
+
 def alternating_best(fns: dict, repeats: int) -> dict:
     """Fastest of ``repeats`` calls of each function, the functions taking turns (shared machine).
-    Each timed call follows an untimed call of the same function: the first call after another
-    function pays for caches that function evicted (measured: 1-2 ms on 6-8 ms calls right after the
-    native kernel, whichever route came next), which would bias the table against whatever is timed
-    after a route with a different footprint (before: always auto, right after native)."""
+    Before each timed call the same function runs untimed for :data:`WARM_SECONDS`: after another
+    heavy function (the reference, or any 40 ms vector loop) this CPU runs the next 3-4 calls of a
+    1.3 ms int8 GEMM 1.2-2.3x slower (measured: 2.93, 2.27, 1.56, 1.45 ms, then 1.3-1.4), so a single
+    untimed call left whatever was timed right after the reference about 20% slow."""
     best = dict.fromkeys(fns, math.inf)
     for _ in range(repeats):
         for name, fn in fns.items():
+            warm_until = time.perf_counter() + WARM_SECONDS
             fn()
+            while time.perf_counter() < warm_until:
+                fn()
             start = time.perf_counter()
             fn()
             best[name] = min(best[name], time.perf_counter() - start)

@@ -42,8 +42,8 @@ void permute_rows(const Code* a, const uint8_t* b, const uint8_t* planes, int64_
         const __m512i* row = reinterpret_cast<const __m512i*>(planes + byte_of(a_row[k]) * 512);
         __m512i low_plane[4], high_plane[4];
         for (int i = 0; i < 4; ++i) {
-          low_plane[i] = _mm512_loadu_si512(row + i);
-          high_plane[i] = _mm512_loadu_si512(row + 4 + i);
+          low_plane[i] = _mm512_load_si512(row + i);
+          high_plane[i] = _mm512_load_si512(row + 4 + i);
         }
         const uint8_t* b_row = b + k * stride + c0;
         for (int g = 0; g < Groups; ++g) {
@@ -105,14 +105,17 @@ void permute_tiles(const Code* a, const uint8_t* b, const uint8_t* planes, int64
 bool permute_available() { return true; }
 
 // out [G, M, N] (float64 or int64) = sum_k lut[byte(a)][byte(b)] with lut = low + u: `planes` [256,
-// 512] uint8 the byte planes of u's rows, `planes_t` those of its columns (the transposed LUT). With
-// `transposed` the lanes run over rows of a instead of columns of b (narrow N): out^T = the GEMM of
-// b^T and a^T through the transposed LUT. The caller proves K * 2**16 < 2**31.
+// 512] uint8 (64-byte aligned) the byte planes of u's rows, `planes_t` those of its columns (the
+// transposed LUT). With `transposed` the lanes run over rows of a instead of columns of b (narrow
+// N): out^T = the GEMM of b^T and a^T through the transposed LUT. The caller proves K * 2**16 < 2**31.
 torch::Tensor lut_gemm_permute(torch::Tensor a, torch::Tensor b, torch::Tensor planes, torch::Tensor planes_t,
                                int64_t low, bool transposed, torch::Tensor out) {
   TORCH_CHECK(planes.dtype() == torch::kUInt8 && planes.numel() == 256 * 512 && planes.is_contiguous() &&
-              planes_t.dtype() == torch::kUInt8 && planes_t.numel() == 256 * 512 && planes_t.is_contiguous(),
-              "lut_gemm_permute: contiguous uint8 planes [256, 512] expected");
+              planes_t.dtype() == torch::kUInt8 && planes_t.numel() == 256 * 512 && planes_t.is_contiguous() &&
+              reinterpret_cast<uintptr_t>(planes.data_ptr()) % 64 == 0 &&
+              reinterpret_cast<uintptr_t>(planes_t.data_ptr()) % 64 == 0,
+              "lut_gemm_permute: contiguous, 64-byte aligned uint8 planes [256, 512] expected (a misaligned "
+              "plane splits every load across two cache lines)");
   TORCH_CHECK(a.dim() == 3 && b.dim() == 3 && a.size(0) == b.size(0) && a.size(2) == b.size(1) &&
               a.device().is_cpu() && b.device().is_cpu(), "lut_gemm_permute: CPU a [G, M, K] and b [G, K, N] expected");
   TORCH_CHECK(out.dim() == 3 && out.size(0) == a.size(0) && out.size(1) == a.size(1) && out.size(2) == b.size(2),

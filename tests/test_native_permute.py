@@ -2,6 +2,9 @@
 against the float64 gather oracle: both lane orientations, K across its 16-bit chunks, odd shapes,
 several groups, every code dtype, LUTs spanning the full 2**16 range; and its route through the engine."""
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -27,6 +30,18 @@ def full_span_lut(rng, low: int) -> np.ndarray:
 
 def grouped_oracle(a, b, lut):
     return np.stack([matmul_oracle(a[g], b[g], lut) for g in range(a.shape[0])])
+
+
+@pytest.mark.skipif(not (shutil.which("c++") and shutil.which("ninja")), reason="needs a C++ compiler and ninja")
+def test_kernel_builds_with_its_strategies():
+    """Where a compiler is there the kernel must build (a broken source would otherwise only fall back
+    to torch ops and skip its tests), with the in-register strategy wherever the CPU has AVX-512 VBMI
+    and no instruction-set ceiling applies."""
+    assert KERNEL is not None
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = set(cpuinfo.read_text().split()) if cpuinfo.exists() else set()
+    if {"avx512vbmi", "avx512bw"} <= flags and native.target_flag() == "-march=native":
+        assert KERNEL.permutes
 
 
 def test_byte_planes_only_for_a_16_bit_span():

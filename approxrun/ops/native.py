@@ -56,8 +56,9 @@ def byte_planes(values: np.ndarray) -> BytePlanes | None:
     low = int(values.min())
     u = (values.astype(np.int64) - low).astype(np.uint16)
 
-    def planes(rows: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.concatenate([(rows & 255).astype(np.uint8), (rows >> 8).astype(np.uint8)], axis=1))
+    def planes(rows: np.ndarray) -> torch.Tensor:  # torch's allocator aligns to 64 bytes: no load splits a line
+        planes = np.concatenate([(rows & 255).astype(np.uint8), (rows >> 8).astype(np.uint8)], axis=1)
+        return torch.empty(planes.shape, dtype=torch.uint8).copy_(torch.from_numpy(planes))
 
     return BytePlanes(planes(u), planes(np.ascontiguousarray(u.T)), low)
 
