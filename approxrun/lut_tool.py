@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 import io
-import math
 import logging
+import math
 import sys
 import textwrap
 from pathlib import Path
