@@ -100,6 +100,45 @@ void permute_tiles(const Code* a, const uint8_t* b, const uint8_t* planes, int64
   }
 }
 
+constexpr int64_t kBlock = 256;  // rows of a per block, lanes over rows
+
+// Transposes the 8x8 bytes held in rows[0..7] (byte j of rows[i]: element (i, j)) in place: swaps of
+// bytes, byte pairs and byte quads between rows 1, 2 and 4 apart.
+inline void transpose_8x8(uint64_t* rows) {
+  for (int i = 0; i < 8; i += 2) {
+    const uint64_t t = ((rows[i] >> 8) ^ rows[i + 1]) & 0x00FF00FF00FF00FFull;
+    rows[i + 1] ^= t;
+    rows[i] ^= t << 8;
+  }
+  for (int i : {0, 1, 4, 5}) {
+    const uint64_t t = ((rows[i] >> 16) ^ rows[i + 2]) & 0x0000FFFF0000FFFFull;
+    rows[i + 2] ^= t;
+    rows[i] ^= t << 16;
+  }
+  for (int i = 0; i < 4; ++i) {
+    const uint64_t t = ((rows[i] >> 32) ^ rows[i + 4]) & 0x00000000FFFFFFFFull;
+    rows[i + 4] ^= t;
+    rows[i] ^= t << 32;
+  }
+}
+
+// bytes [k_pad][kBlock] (k_pad: K rounded up to 8) = the code bytes of a [rows, K] transposed:
+// the codes' bytes in one flat pass into `flat` (at least kBlock * K + 8 bytes), then 8x8 byte
+// transposes. Lanes beyond `rows` and k beyond K hold leftover bytes (valid indices, never read).
+template <typename Code>
+void transpose_block(const Code* a, int64_t k_size, int64_t rows, uint8_t* flat, uint8_t* bytes) {
+  for (int64_t i = 0; i < rows * k_size; ++i) flat[i] = static_cast<uint8_t>(byte_of(a[i]));
+  const int64_t k_pad = (k_size + 7) / 8 * 8;
+  for (int64_t r0 = 0; r0 < kBlock; r0 += 8) {
+    for (int64_t k0 = 0; k0 < k_pad; k0 += 8) {
+      uint64_t words[8];
+      for (int i = 0; i < 8; ++i) std::memcpy(&words[i], flat + (r0 + i) * k_size + k0, 8);
+      transpose_8x8(words);
+      for (int i = 0; i < 8; ++i) std::memcpy(bytes + (k0 + i) * kBlock + r0, &words[i], 8);
+    }
+  }
+}
+
 }  // namespace
 
 bool permute_available() { return true; }
@@ -142,25 +181,20 @@ torch::Tensor lut_gemm_permute(torch::Tensor a, torch::Tensor b, torch::Tensor p
       });
       return;
     }
-    // lanes over the rows of a, in blocks of 128 rows whose bytes are transposed into [K][128] first
+    // lanes over the rows of a, in blocks of kBlock rows whose bytes are transposed into [K][kBlock] first
     auto b_t = code_bytes(b).transpose(1, 2).contiguous();  // [G, N, K]
-    constexpr int64_t kBlock = 64 * 4;
     with_codes(a.contiguous(), "lut_gemm_permute", [&](auto* a_ptr) {
       for (int64_t g = 0; g < groups; ++g) {
         const auto* a_g = a_ptr + g * m_size * k_size;
         const uint8_t* b_g = b_t.data_ptr<uint8_t>() + g * n_size * k_size;
-        const int64_t blocks = (m_size + kBlock - 1) / kBlock;
+        const int64_t blocks = (m_size + kBlock - 1) / kBlock, k_pad = (k_size + 7) / 8 * 8;
         at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-          std::vector<uint8_t> bytes(k_size * kBlock);
+          std::vector<uint8_t> flat(kBlock * k_size + 8), bytes(k_pad * kBlock);
           for (int64_t block = begin; block < end; ++block) {
             const int64_t m0 = block * kBlock, rows = std::min(kBlock, m_size - m0);
-            if (rows < kBlock) std::fill(bytes.begin(), bytes.end(), 0);
-            for (int64_t r = 0; r < rows; ++r) {
-              const auto* a_row = a_g + (m0 + r) * k_size;
-              for (int64_t k = 0; k < k_size; ++k) bytes[k * kBlock + r] = static_cast<uint8_t>(byte_of(a_row[k]));
-            }
+            transpose_block(a_g + m0 * k_size, k_size, rows, flat.data(), bytes.data());
             permute_tiles<4>(b_g, bytes.data(), planes_t.data_ptr<uint8_t>(), k_size, kBlock, rows, offset, 0,
-                          n_size, out_ptr + g * m_size * n_size + m0 * n_size, 1, n_size);
+                             n_size, out_ptr + g * m_size * n_size + m0 * n_size, 1, n_size);
           }
         });
       }
