@@ -6,9 +6,9 @@ The reference is compiled here with ``torch.utils.cpp_extension.load_inline``: o
 product, int32 sums, ``#pragma omp parallel for`` over rows (what a straightforward C++ LUT GEMM
 does). Per LUT and core shape it prints the reference's time, approxrun's time per route (``auto``;
 ``gather``; the low-rank plans ``int8``/``float32``/``float64`` forced through the engine's
-``routes``; ``native``: the compiled gather kernel, the fastest of its strategies (direct, tables, and on AVX-512
-VBMI the in-register permutes in both orientations), its int64
-result as ``lut_matmul`` returns it; ``-`` where that plan is not exact for the shape),
+``routes``; ``native``: the compiled gather kernel, the fastest of its strategies (direct, tables,
+and on AVX-512 VBMI the in-register permutes in both orientations), its int64 result as
+``lut_matmul`` returns it; ``-`` where that plan is not exact for the shape),
 the route auto settled on, the speed-up of auto over the reference, and auto's time over the best
 forced route. Auto is called until its timed first calls (its route trials) are over before the
 timing starts, so every column measures the settled, repeated call. Every result is checked against
@@ -34,7 +34,6 @@ from torch.utils.cpp_extension import load_inline
 from approxrun.lut import exact_lut
 from approxrun.multipliers import get_multiplier
 from approxrun.ops import LutEngine, lut_matmul, native
-from approxrun.ops.engine import TRIAL_ROUNDS
 from approxrun.ops.lowrank.calibration import ISA_ENV, cpu_description, load_or_measure
 
 SHAPES = ((8192, 150, 16), (128, 256, 120), (73728, 25, 6), (4096, 576, 64), (4096, 1152, 128))
@@ -141,8 +140,8 @@ def bench_lut(name: str, lut: np.ndarray, reference, repeats: int, calibration) 
             plan = engine.plan(1, m, k, n, torch.device("cpu"))[0]
             if route in FORCED[2:] and (plan is None or plan.kind != route):
                 continue
-            calls = 2 * engine.trials * TRIAL_ROUNDS + 1 if route == "auto" else 1  # auto: past its route trials
-            for _ in range(calls):
+            assert torch.equal(lut_matmul(a, b, engine), expected), (name, route, (m, k, n))
+            while engine.timing_routes(1, m, k, n):  # auto: past its route trials
                 assert torch.equal(lut_matmul(a, b, engine), expected), (name, route, (m, k, n))
             fns[route] = lambda engine=engine: lut_matmul(a, b, engine)
         best = alternating_best(fns, repeats)

@@ -47,6 +47,7 @@ PLAN_CACHE = 256  # per-shape plans an engine keeps
 TORCH_GATHER, NATIVE_GATHER, NATIVE_TABLES = "torch gather", "native gather", "native tables"
 NATIVE_PERMUTE, NATIVE_PERMUTE_ROWS = "native permute", "native permute (lanes over rows)"
 TRIAL_ROUNDS = 3  # timed turns per route (the best counts)
+TRIAL_WARM_SECONDS = 5e-3  # untimed calls of a route before its timed one, per turn
 TRIAL_MIN_SECONDS = 2e-4  # shapes modelled faster than this keep the model's route: timing them is noise
 TRIAL_SPREAD = 2.0  # auto also times the low-rank plans modelled within this factor of the best one
 
@@ -248,13 +249,10 @@ class LutEngine:
                 and self.byte_planes is not None and k < native.PERMUTE_MAX_K)
 
     def _gemm_route(self, groups, m, k, n, device, byte_codes):
-        """(the route of one GEMM call, the list its time goes to when timed). Under ``auto`` on a
-        CPU the first calls of a shape time the candidate routes (:meth:`_ranked_routes`) in turns,
-        :data:`TRIAL_ROUNDS` turns each, and the fastest measured one is kept: every route is exact,
-        so only the speed depends on it. A turn is two calls of its route, of which the second is
-        timed: the first call after another route pays for the caches, allocator state and library
-        primitives that route left behind (measured: up to 2x on the int8 plan). Otherwise the
-        model's choice."""
+        """(the route of one GEMM call, the function its time goes to while timed). Under ``auto``
+        on a CPU the first calls of a shape time the candidate routes (:meth:`_ranked_routes`) in
+        turns (a :class:`RouteTrial`), and the fastest measured one is kept: every route is exact, so
+        only the speed depends on it. Otherwise the model's choice."""
         if device.type != "cpu" or self.strategy == "lowrank" or self.trials < 2:
             return self._gemm_route_by_model(groups, m, k, n, device, byte_codes), None
         key = ("trial", groups, m, k, n, byte_codes, torch.get_float32_matmul_precision())
@@ -263,21 +261,26 @@ class LutEngine:
             if self._modelled_time(groups, m, k, n, device, byte_codes) < TRIAL_MIN_SECONDS:
                 trial = {"best": self._gemm_route_by_model(groups, m, k, n, device, byte_codes)}
             else:
-                trial = {"routes": self._ranked_routes(groups, m, k, n, device, byte_codes), "times": []}
+                trial = {"trial": RouteTrial(self._ranked_routes(groups, m, k, n, device, byte_codes))}
             self._plans[key] = trial
             if len(self._plans) > PLAN_CACHE:
                 self._plans.popitem(last=False)
         if "best" not in trial:
-            routes, times = trial["routes"], trial["times"]
-            if len(times) < 2 * TRIAL_ROUNDS * len(routes):  # the routes take turns, so load bursts hit them alike
-                return routes[len(times) // 2 % len(routes)], times
-            turns = times[1::2]  # each route runs twice in a row: the second call, warm, counts
-            best = [min(turns[i::len(routes)]) for i in range(len(routes))]
-            trial["best"] = routes[min(range(len(routes)), key=best.__getitem__)]
+            timing = trial["trial"]
+            if not timing.done:
+                return timing.route, timing.record
+            best = timing.best_times()
+            trial["best"] = timing.routes[min(range(len(best)), key=best.__getitem__)]
             log.debug("lut gemm: measured %s ms for %s: %s, shape G=%d M=%d K=%d N=%d",
-                      ", ".join(f"{t * 1e3:.3g}" for t in best), ", ".join(map(_route_name, routes)),
+                      ", ".join(f"{t * 1e3:.3g}" for t in best), ", ".join(map(_route_name, timing.routes)),
                       _route_name(trial["best"]), groups, m, k, n)
         return trial["best"], None
+
+    def timing_routes(self, groups: int, m: int, k: int, n: int, byte_codes: bool = False) -> bool:
+        """Whether auto is still timing its candidate routes for this CPU GEMM shape (its first
+        calls); False once a route is kept, or where nothing is timed."""
+        trial = self._plans.get(("trial", groups, m, k, n, byte_codes, torch.get_float32_matmul_precision()))
+        return trial is not None and "best" not in trial
 
     def _gemm_route_by_model(self, groups, m, k, n, device, byte_codes):
         plan = self._logged_plan("gemm", groups, m, k, n, device, byte_codes)
@@ -316,7 +319,7 @@ class LutEngine:
         n = b.shape[2]
         if not groups * m * k * n:
             return self._gather_gemm(a, b).to(out_dtype)
-        route, times = self._gemm_route(groups, m, k, n, a.device, a.dtype in (torch.int8, torch.uint8))
+        route, record = self._gemm_route(groups, m, k, n, a.device, a.dtype in (torch.int8, torch.uint8))
         start = time.perf_counter()
         if route in (NATIVE_PERMUTE, NATIVE_PERMUTE_ROWS):
             out = self.kernel().permute(a, b, self.byte_planes, route == NATIVE_PERMUTE_ROWS, out_dtype)
@@ -327,8 +330,8 @@ class LutEngine:
             out = self._gather_gemm(a, b).to(out_dtype)
         else:
             out = lowrank_gemm(a, b, self.lowrank, route, self._cpu_kernel(a.device), out_dtype)
-        if times is not None:  # a timed trial of this route
-            times.append(time.perf_counter() - start)
+        if record is not None:  # a call of auto's route trials
+            record(time.perf_counter() - start)
         return out
 
     def _gather_gemm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -439,6 +442,40 @@ class LutEngine:
             product = self.gemm(rows, columns)  # [G, nb*L, O/G]
             by_group[b0:b0 + nb].copy_(product.view(groups, nb, ho * wo, -1).permute(1, 0, 3, 2))
         return out
+
+
+class RouteTrial:
+    """Auto's timing of a shape's candidate routes: the routes take turns (so that load bursts hit
+    them alike), :data:`TRIAL_ROUNDS` turns each. A turn runs its route untimed for
+    :data:`TRIAL_WARM_SECONDS` (at least one call), then times one call: after another route this
+    CPU runs the next few calls slowly (measured: 2.93, 2.27, 1.56 ms, then 1.3-1.4 ms for a
+    1.3 ms int8 plan after other work), and a single untimed call did not absorb that."""
+
+    def __init__(self, routes: list):
+        self.routes = routes
+        self.turn = 0
+        self.warmed = 0.0  # seconds of untimed calls in this turn
+        self.samples = [[] for _ in routes]
+
+    @property
+    def route(self):
+        return self.routes[self.turn % len(self.routes)]
+
+    @property
+    def done(self) -> bool:
+        return self.turn >= TRIAL_ROUNDS * len(self.routes)
+
+    def record(self, seconds: float) -> None:
+        """The duration of the call just made on :attr:`route`."""
+        if self.warmed < TRIAL_WARM_SECONDS:
+            self.warmed += seconds
+            return
+        self.samples[self.turn % len(self.routes)].append(seconds)
+        self.turn, self.warmed = self.turn + 1, 0.0
+
+    def best_times(self) -> list[float]:
+        """Each route's fastest timed call."""
+        return [min(times) for times in self.samples]
 
 
 def _route_name(route) -> str:
