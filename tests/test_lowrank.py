@@ -14,7 +14,7 @@ from approxrun.lut import exact_lut
 from approxrun.multipliers import get_multiplier
 from approxrun.ops import EngineRegistry, LutEngine, engine_for, lut_conv2d, lut_matmul
 from approxrun.ops import lowrank, native
-from approxrun.ops.engine import TRIAL_ROUNDS
+from approxrun.ops.trials import TRIAL_ROUNDS
 from approxrun.ops.gradients import gradient_tables
 from approxrun.ops.lowrank import Calibration, GemmPlan, calibration as calibration_module
 from approxrun.ops.lowrank.calibration import GEMM_WIDTHS

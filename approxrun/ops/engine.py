@@ -34,6 +34,7 @@ from approxrun.ops.im2col import conv_output_size, grouped_columns, grouped_rows
 from approxrun.ops.lowrank import (PLAN_KINDS, Calibration, LowRankTable, candidate_plans, factor_lut,
                                    factor_rational_table, int8_conv2d, load_or_measure, lowrank_backward,
                                    lowrank_gemm, map_conv2d, map_conv_time)
+from approxrun.ops.trials import TRIAL_MIN_SECONDS, TRIAL_SPREAD, RouteTrial
 
 __all__ = ["STRATEGIES", "ROUTE_KINDS", "LutEngine", "EngineRegistry", "DEFAULT_ENGINES"]
 
@@ -46,10 +47,6 @@ PLAN_CACHE = 256  # per-shape plans an engine keeps
 # products, in-register byte permutes with lanes over b's columns or over a's rows)
 TORCH_GATHER, NATIVE_GATHER, NATIVE_TABLES = "torch gather", "native gather", "native tables"
 NATIVE_PERMUTE, NATIVE_PERMUTE_ROWS = "native permute", "native permute (lanes over rows)"
-TRIAL_ROUNDS = 3  # timed turns per route (the best counts)
-TRIAL_WARM_SECONDS = 5e-3  # untimed calls of a route before its timed one, per turn
-TRIAL_MIN_SECONDS = 2e-4  # shapes modelled faster than this keep the model's route: timing them is noise
-TRIAL_SPREAD = 2.0  # auto also times the low-rank plans modelled within this factor of the best one
 
 
 def _table_values(lut) -> np.ndarray:
@@ -442,40 +439,6 @@ class LutEngine:
             product = self.gemm(rows, columns)  # [G, nb*L, O/G]
             by_group[b0:b0 + nb].copy_(product.view(groups, nb, ho * wo, -1).permute(1, 0, 3, 2))
         return out
-
-
-class RouteTrial:
-    """Auto's timing of a shape's candidate routes: the routes take turns (so that load bursts hit
-    them alike), :data:`TRIAL_ROUNDS` turns each. A turn runs its route untimed for
-    :data:`TRIAL_WARM_SECONDS` (at least one call), then times one call: after another route this
-    CPU runs the next few calls slowly (measured: 2.93, 2.27, 1.56 ms, then 1.3-1.4 ms for a
-    1.3 ms int8 plan after other work), and a single untimed call did not absorb that."""
-
-    def __init__(self, routes: list):
-        self.routes = routes
-        self.turn = 0
-        self.warmed = 0.0  # seconds of untimed calls in this turn
-        self.samples = [[] for _ in routes]
-
-    @property
-    def route(self):
-        return self.routes[self.turn % len(self.routes)]
-
-    @property
-    def done(self) -> bool:
-        return self.turn >= TRIAL_ROUNDS * len(self.routes)
-
-    def record(self, seconds: float) -> None:
-        """The duration of the call just made on :attr:`route`."""
-        if self.warmed < TRIAL_WARM_SECONDS:
-            self.warmed += seconds
-            return
-        self.samples[self.turn % len(self.routes)].append(seconds)
-        self.turn, self.warmed = self.turn + 1, 0.0
-
-    def best_times(self) -> list[float]:
-        """Each route's fastest timed call."""
-        return [min(times) for times in self.samples]
 
 
 def _route_name(route) -> str:
