@@ -4,7 +4,7 @@ take turns, and the fastest measured one is kept (see :class:`~approxrun.ops.eng
 from __future__ import annotations
 
 TRIAL_ROUNDS = 3  # timed turns per route (the best counts)
-TRIAL_WARM_SECONDS = 5e-3  # untimed calls of a route before its timed one, per turn
+TRIAL_WARM_SECONDS, TRIAL_WARM_CALLS = 5e-3, 3  # untimed calls of a route per turn: until either is reached
 TRIAL_MIN_SECONDS = 2e-4  # shapes modelled faster than this keep the model's route: timing them is noise
 TRIAL_SPREAD = 2.0  # auto also times the routes modelled within this factor of the fastest one
 
@@ -12,14 +12,16 @@ TRIAL_SPREAD = 2.0  # auto also times the routes modelled within this factor of 
 class RouteTrial:
     """Auto's timing of a shape's candidate routes: the routes take turns (so that load bursts hit
     them alike), :data:`TRIAL_ROUNDS` turns each. A turn runs its route untimed for
-    :data:`TRIAL_WARM_SECONDS` (at least one call), then times one call: after another route this
-    CPU runs the next few calls slowly (measured: 2.93, 2.27, 1.56 ms, then 1.3-1.4 ms for a
-    1.3 ms int8 plan after other work), and a single untimed call did not absorb that."""
+    :data:`TRIAL_WARM_SECONDS` or :data:`TRIAL_WARM_CALLS` calls, whichever comes first (at least
+    one call), then times one call: after another route this CPU runs the next few calls slowly
+    (measured: 2.93, 2.27, 1.56 ms, then 1.3-1.4 ms for a 1.3 ms int8 plan after other work), and a
+    single untimed call did not absorb that. The call cap keeps the trials of cheap shapes short
+    (a training epoch may call a shape only tens of times)."""
 
     def __init__(self, routes: list):
         self.routes = routes
         self.turn = 0
-        self.warmed = 0.0  # seconds of untimed calls in this turn
+        self.warmed, self.warm_calls = 0.0, 0  # untimed calls in this turn: seconds, count
         self.samples = [[] for _ in routes]
 
     @property
@@ -32,11 +34,11 @@ class RouteTrial:
 
     def record(self, seconds: float) -> None:
         """The duration of the call just made on :attr:`route`."""
-        if self.warmed < TRIAL_WARM_SECONDS:
-            self.warmed += seconds
+        if not self.warm_calls or (self.warm_calls < TRIAL_WARM_CALLS and self.warmed < TRIAL_WARM_SECONDS):
+            self.warmed, self.warm_calls = self.warmed + seconds, self.warm_calls + 1
             return
         self.samples[self.turn % len(self.routes)].append(seconds)
-        self.turn, self.warmed = self.turn + 1, 0.0
+        self.turn, self.warmed, self.warm_calls = self.turn + 1, 0.0, 0
 
     def best_times(self) -> list[float]:
         """Each route's fastest timed call."""
