@@ -175,7 +175,7 @@ torch::Tensor lut_gemm_permute(torch::Tensor a, torch::Tensor b, torch::Tensor p
           const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, k_size * stride / 64));
           at::parallel_for(0, m_size, grain, [&](int64_t begin, int64_t end) {
             permute_tiles<2>(a_g, b_g, planes.data_ptr<uint8_t>(), k_size, stride, n_size, offset, begin, end,
-                          out_ptr + g * m_size * n_size, n_size, 1);
+                             out_ptr + g * m_size * n_size, n_size, 1);
           });
         }
       });
