@@ -86,15 +86,18 @@ def luts(names: list[str]) -> dict[str, np.ndarray]:
     return {name: made[name] if name in made else get_multiplier(name).lut for name in names}
 
 
-WARM_SECONDS = 0.02  # untimed calls of a function before its timed one: the CPU's slow spell after other work
+WARM_SECONDS = 0.05  # untimed calls of a function before its timed ones: the CPU's slow spell after other work
+TIMED_SECONDS = 0.005  # a timed sample: the mean of as many calls as fit (at least one)
 
 
 def alternating_best(fns: dict, repeats: int) -> dict:
-    """Fastest of ``repeats`` calls of each function, the functions taking turns (shared machine).
-    Before each timed call the same function runs untimed for :data:`WARM_SECONDS`: after another
+    """Fastest of ``repeats`` samples of each function, the functions taking turns (shared machine).
+    Before each sample the same function runs untimed for :data:`WARM_SECONDS`: after another
     heavy function (the reference, or any 40 ms vector loop) this CPU runs the next 3-4 calls of a
     1.3 ms int8 GEMM 1.2-2.3x slower (measured: 2.93, 2.27, 1.56, 1.45 ms, then 1.3-1.4), so a single
-    untimed call left whatever was timed right after the reference about 20% slow."""
+    untimed call left whatever was timed right after the reference about 20% slow (and 20 ms still
+    8-12% at 3 ms calls). A sample is the mean time of the calls made in :data:`TIMED_SECONDS`, so
+    that 0.1 ms calls are not single noisy readings."""
     best = dict.fromkeys(fns, math.inf)
     for _ in range(repeats):
         for name, fn in fns.items():
@@ -102,9 +105,14 @@ def alternating_best(fns: dict, repeats: int) -> dict:
             fn()
             while time.perf_counter() < warm_until:
                 fn()
-            start = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - start)
+            start, calls = time.perf_counter(), 0
+            while True:
+                fn()
+                calls += 1
+                elapsed = time.perf_counter() - start
+                if elapsed >= TIMED_SECONDS:
+                    break
+            best[name] = min(best[name], elapsed / calls)
     return best
 
 
