@@ -223,16 +223,21 @@ void table_gemm(const Code* a, const BCode* b, const int32_t* lut, Out* out, int
 
 // ---------------------------------------------------------------- entry points
 
-// a [G, M, K] and b [G, K, N] integer codes (made contiguous), a contiguous int32 [256, 256] LUT.
-void check_operands(const char* name, const torch::Tensor& a, const torch::Tensor& b, const torch::Tensor& lut,
-                    const torch::Tensor& out) {
-  TORCH_CHECK(lut.dtype() == torch::kInt32 && lut.numel() == 256 * 256 && lut.is_contiguous(),
-              name, ": a contiguous int32 [256, 256] LUT expected");
+// a [G, M, K] and b [G, K, N] integer codes (made contiguous) on the CPU, out [G, M, N]; the GEMMs'
+// LUT a contiguous int32 [256, 256].
+void check_shapes(const char* name, const torch::Tensor& a, const torch::Tensor& b, const torch::Tensor& out) {
   TORCH_CHECK(a.dim() == 3 && b.dim() == 3 && a.size(0) == b.size(0) && a.size(2) == b.size(1),
               name, ": a [G, M, K] and b [G, K, N] expected");
   TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu(), name, ": CPU tensors expected");
   TORCH_CHECK(out.dim() == 3 && out.size(0) == a.size(0) && out.size(1) == a.size(1) && out.size(2) == b.size(2),
               name, ": out [G, M, N] expected");
+}
+
+void check_operands(const char* name, const torch::Tensor& a, const torch::Tensor& b, const torch::Tensor& lut,
+                    const torch::Tensor& out) {
+  TORCH_CHECK(lut.dtype() == torch::kInt32 && lut.numel() == 256 * 256 && lut.is_contiguous(),
+              name, ": a contiguous int32 [256, 256] LUT expected");
+  check_shapes(name, a, b, out);
 }
 
 }  // namespace

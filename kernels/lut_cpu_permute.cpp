@@ -155,10 +155,7 @@ torch::Tensor lut_gemm_permute(torch::Tensor a, torch::Tensor b, torch::Tensor p
               reinterpret_cast<uintptr_t>(planes_t.data_ptr()) % 64 == 0,
               "lut_gemm_permute: contiguous, 64-byte aligned uint8 planes [256, 512] expected (a misaligned "
               "plane splits every load across two cache lines)");
-  TORCH_CHECK(a.dim() == 3 && b.dim() == 3 && a.size(0) == b.size(0) && a.size(2) == b.size(1) &&
-              a.device().is_cpu() && b.device().is_cpu(), "lut_gemm_permute: CPU a [G, M, K] and b [G, K, N] expected");
-  TORCH_CHECK(out.dim() == 3 && out.size(0) == a.size(0) && out.size(1) == a.size(1) && out.size(2) == b.size(2),
-              "lut_gemm_permute: out [G, M, N] expected");
+  check_shapes("lut_gemm_permute", a, b, out);
   TORCH_CHECK(a.size(2) * 65536 < (int64_t(1) << 31), "lut_gemm_permute: K below 2**15 expected");
   const int64_t groups = a.size(0), m_size = a.size(1), k_size = a.size(2), n_size = b.size(2);
   const int64_t offset = k_size * low;

@@ -252,7 +252,7 @@ class LutEngine:
         only the speed depends on it. Otherwise the model's choice."""
         if device.type != "cpu" or self.strategy == "lowrank" or self.trials < 2:
             return self._gemm_route_by_model(groups, m, k, n, device, byte_codes), None
-        key = ("trial", groups, m, k, n, byte_codes, torch.get_float32_matmul_precision())
+        key = _trial_key(groups, m, k, n, byte_codes)
         trial = self._plans.get(key)
         if trial is None:  # decided once per shape: later calls only look the route up
             if self._modelled_time(groups, m, k, n, device, byte_codes) < TRIAL_MIN_SECONDS:
@@ -276,7 +276,7 @@ class LutEngine:
     def timing_routes(self, groups: int, m: int, k: int, n: int, byte_codes: bool = False) -> bool:
         """Whether auto is still timing its candidate routes for this CPU GEMM shape (its first
         calls); False once a route is kept, or where nothing is timed."""
-        trial = self._plans.get(("trial", groups, m, k, n, byte_codes, torch.get_float32_matmul_precision()))
+        trial = self._plans.get(_trial_key(groups, m, k, n, byte_codes))
         return trial is not None and "best" not in trial
 
     def _gemm_route_by_model(self, groups, m, k, n, device, byte_codes):
@@ -296,7 +296,7 @@ class LutEngine:
     def chosen_route(self, groups: int, m: int, k: int, n: int, device, byte_codes: bool = False) -> str:
         """The route a GEMM of this shape takes now, in words (after auto's timed first calls: the
         measured fastest; before them, or without trials: the model's choice)."""
-        trial = self._plans.get(("trial", groups, m, k, n, byte_codes, torch.get_float32_matmul_precision()))
+        trial = self._plans.get(_trial_key(groups, m, k, n, byte_codes))
         if trial is not None and "best" in trial:
             return _route_name(trial["best"])
         return _route_name(self._gemm_route_by_model(groups, m, k, n, torch.device(device), byte_codes))
@@ -439,6 +439,11 @@ class LutEngine:
             product = self.gemm(rows, columns)  # [G, nb*L, O/G]
             by_group[b0:b0 + nb].copy_(product.view(groups, nb, ho * wo, -1).permute(1, 0, 3, 2))
         return out
+
+
+def _trial_key(groups, m, k, n, byte_codes) -> tuple:
+    """The key of a CPU GEMM shape's route trial in an engine's plans."""
+    return ("trial", groups, m, k, n, byte_codes, torch.get_float32_matmul_precision())
 
 
 def _route_name(route) -> str:

@@ -79,16 +79,14 @@ class NativeGemm:
         b [G, K, N], float64 or int64 (``lut_image``: int32 [256, 256]; ``wide_sums``: accumulate
         in int64; ``tables``: build per-k tables of products, then add table rows, for large shapes)."""
         gemm = self._module.lut_gemm_table if tables else self._module.lut_gemm
-        out = torch.empty(a.shape[0], a.shape[1], b.shape[2], dtype=out_dtype)
-        return gemm(_readable(a), _readable(b), lut_image, wide_sums, out)
+        return gemm(_readable(a), _readable(b), lut_image, wide_sums, _result(a, b, out_dtype))
 
     def permute(self, a: torch.Tensor, b: torch.Tensor, planes: BytePlanes, transposed: bool,
                 out_dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """The same GEMM by the in-register strategy (``self.permutes`` only; K below
         :data:`PERMUTE_MAX_K`): lanes over the columns of b, or with ``transposed`` over the rows of a."""
-        out = torch.empty(a.shape[0], a.shape[1], b.shape[2], dtype=out_dtype)
         return self._module.lut_gemm_permute(_readable(a), _readable(b), planes.rows, planes.columns, planes.low,
-                                             transposed, out)
+                                             transposed, _result(a, b, out_dtype))
 
     def gather_rows(self, codes: torch.Tensor, table: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """``table[byte(codes)]``: rows of ``table`` [256, ...] (rows of 4-byte words) at the codes'
@@ -103,12 +101,17 @@ class NativeGemm:
         [G, M, N] (float64 or int64) of codes a [G, M, K], b [G, K, N]; int8 GEMMs over ``chunk`` K
         columns, rows in blocks of ``block_rows`` through ``scratch`` (int8, block_rows * K * width bytes)."""
         x_words, y_words, offset = maps.tensors(a.device)
-        out = torch.empty(a.shape[0], a.shape[1], b.shape[2], dtype=out_dtype)
         return self._module.int8_lowrank_gemm(_readable(a), _readable(b), x_words, y_words, offset, chunk,
-                                              maps.code_scale, maps.denominator, block_rows, scratch, out)
+                                              maps.code_scale, maps.denominator, block_rows, scratch,
+                                              _result(a, b, out_dtype))
 
 
 READ_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float32, torch.float64)
+
+
+def _result(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The [G, M, N] tensor a GEMM of a [G, M, K] and b [G, K, N] writes."""
+    return torch.empty(a.shape[0], a.shape[1], b.shape[2], dtype=dtype)
 
 
 def _readable(codes: torch.Tensor) -> torch.Tensor:
@@ -147,7 +150,7 @@ def load() -> NativeGemm | None:
     from torch.utils.cpp_extension import load_inline
     target = target_flag()
     folder, name = _build_dir(target)
-    source = "\n".join(resources.files("approxrun.kernels").joinpath(name).read_text() for name in SOURCES)
+    source = "\n".join(resources.files("approxrun.kernels").joinpath(file).read_text() for file in SOURCES)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         if not any(folder.glob("*.so")):
