@@ -154,13 +154,33 @@ def test_large_k_rational_factors_match_oracle(rank, lowrank_log):
 def test_plans_keep_every_partial_sum_exact():
     drum = LutEngine(get_multiplier("drum_4").lut).lowrank
     plans = {p.kind: p for p in lowrank.candidate_plans(drum, 1, 64, 4096, 64, torch.device("cpu"), AMX_LIKE)}
-    assert plans["float32"].k_chunk * drum.term_bound < 2**24 and plans["float32"].k_chunk < 4096
+    float32 = plans["float32"]
+    assert float32.k_chunk * float32.form.term_bound < 2**24 and float32.k_chunk < 4096
     assert plans["float64"].k_chunk == 4096
     if INT8_EXACT:
         assert plans["int8"].k_chunk * drum.int8.bound < 2**31
     rational = LutEngine(low_rank_lut(5, seed=5)).lowrank
     assert rational.denominator > 1  # random factors are rational: the digits hold D * lut
     assert lowrank.candidate_plans(rational, 1, 64, 4096, 64, torch.device("cpu"), AMX_LIKE)
+
+
+@pytest.mark.parametrize("name, signed, width", [("drum_4", True, 1), ("drum_4", False, 1),
+                                                 ("perforated_0_2", True, 1), ("bam_2_6", True, 6)])
+@pytest.mark.parametrize("kind", ["float32", "float64"])
+def test_float_plans_run_the_narrowest_form(name, signed, width, kind, lowrank_log):
+    """Where the whole table has a lower rank than exact product + error (DRUM: u(a) u(b), rank 1,
+    against width 3), float plans multiply the whole table's maps, exactly, its denominator included."""
+    multiplier = get_multiplier(name, signed)
+    engine = forced(multiplier, kind, (signed, signed))
+    assert engine.lowrank.width > width
+    plan = next(p for p in lowrank.candidate_plans(engine.lowrank, 1, 37, 1030, 29, torch.device("cpu"), AMX_LIKE)
+                if p.kind == kind)
+    assert plan.form.width == width and plan.form.exact_part is None
+    rng = np.random.default_rng(15)
+    lo, hi = (-128, 128) if signed else (0, 256)
+    a, b = codes(rng, (37, 1030), lo, hi), codes(rng, (1030, 29), lo, hi)
+    assert np.array_equal(lut_matmul(a, b, engine).numpy(), matmul_oracle(a, b, multiplier.lut))
+    assert f"{width} map columns" in lowrank_log.text
 
 
 @pytest.mark.parametrize("name, signed, width, code_gemm", [
@@ -370,8 +390,8 @@ def test_router_follows_injected_calibration():
         engine = LutEngine(get_multiplier("drum_4").lut, calibration=tables, trials=0)
         assert engine.chosen_route(1, 73728, 25, 6, cpu) == "native tables"
         assert engine.chosen_route(1, 4096, 1152, 128, cpu).startswith("int8")
-        assert LutEngine(get_multiplier("drum_4").lut, calibration=tables, native=False).chosen_route(
-            1, 73728, 25, 6, cpu).startswith("int8")
+        without_native = LutEngine(get_multiplier("drum_4").lut, calibration=tables, native=False)
+        assert without_native.chosen_route(1, 73728, 25, 6, cpu).startswith(("int8", "float32"))  # low rank
 
 
 def test_auto_times_close_routes_then_keeps_the_fastest(lowrank_log):

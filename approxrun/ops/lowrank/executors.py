@@ -56,8 +56,9 @@ def lowrank_gemm(a: torch.Tensor, b: torch.Tensor, table: LowRankTable, plan: Ge
     gather_rows = _gatherer(kernel)
     groups, m, k = a.shape
     n = b.shape[2]
-    width = table.width
-    x, y = table.maps(a.device, plan.dtype)
+    form = table if plan.form is None else plan.form
+    width = form.width
+    x, y = form.maps(a.device, plan.dtype)
     yb = gather_rows(b.transpose(1, 2).contiguous(), y).view(groups, n, k * width).transpose(1, 2)  # row (k, i)
     out = torch.empty(groups, m, n, dtype=torch.float64, device=a.device)
     chunk = plan.k_chunk
@@ -76,8 +77,8 @@ def lowrank_gemm(a: torch.Tensor, b: torch.Tensor, table: LowRankTable, plan: Ge
                 out[:, m0:m1] += part
     if plan.kind == "float64":
         out.round_()
-    elif table.denominator != 1:
-        out.div_(table.denominator)
+    elif form.denominator != 1:
+        out.div_(form.denominator)
     return out.to(out_dtype)
 
 

@@ -31,20 +31,24 @@ PLAN_KINDS = ("int8", "float32", "float64")
 @dataclass(frozen=True)
 class GemmPlan:
     """How one LUT GEMM runs exactly: ``kind`` GEMMs over ``k_chunk`` K columns, summed in
-    int64/float64 (float64: one GEMM, rounded); ``time`` is the modelled seconds."""
+    int64/float64 (float64: one GEMM, rounded); ``time`` is the modelled seconds. ``form``: the
+    factorization a float plan multiplies (one of the table's :attr:`~LowRankTable.forms`; None:
+    the table itself); int8 plans run the table's int8 maps."""
 
     kind: str
     k_chunk: int
     time: float
+    form: LowRankTable | None = None
 
     @property
     def dtype(self) -> torch.dtype:
         return getattr(torch, self.kind)
 
     def __str__(self) -> str:
+        width = "" if self.form is None else f", {self.form.width} map columns"
         if self.kind == "float64":
-            return "float64 GEMM, rounded"
-        return f"{self.kind} GEMMs over {self.k_chunk} K columns"
+            return "float64 GEMM, rounded" + width
+        return f"{self.kind} GEMMs over {self.k_chunk} K columns{width}"
 
 
 def float32_matmul_is_ieee(device: torch.device) -> bool:
@@ -96,6 +100,21 @@ def _int8_time(cal: Calibration, groups: int, m: int, k: int, n: int, width: int
     return groups * (rows + gemms + calls * (m * n * cal.accumulate + cal.int8_call))
 
 
+def _float_plan(form: LowRankTable, kind: str, groups: int, m: int, k: int, n: int, device: torch.device,
+                calibration: Calibration | None) -> GemmPlan | None:
+    """The exact ``kind`` plan of one factorization, or None where no chunking makes it exact."""
+    if kind == "float64":
+        if float64_error_bound(form, k) >= 0.5:
+            return None
+        time = 1e-12 if calibration is None else _float_time(calibration, kind, groups, m, k, n, form.width, k)
+        return GemmPlan(kind, k, time, form)
+    chunk = min(k, (FLOAT32_EXACT - 1) // max(1, form.term_bound))
+    if not float32_matmul_is_ieee(device) or chunk < 1 or k * form.term_bound >= FLOAT64_EXACT:
+        return None  # not exact, or the chunk sums would not add up exactly in float64
+    time = 0.0 if calibration is None else _float_time(calibration, kind, groups, m, k, n, form.width, chunk)
+    return GemmPlan(kind, chunk, time, form)
+
+
 def candidate_plans(table: LowRankTable, groups: int, m: int, k: int, n: int, device: torch.device,
                     calibration: Calibration | None, byte_codes: bool = False,
                     kinds: tuple[str, ...] = PLAN_KINDS) -> list[GemmPlan]:
@@ -104,20 +123,17 @@ def candidate_plans(table: LowRankTable, groups: int, m: int, k: int, n: int, de
     the rows side holds int8/uint8 codes, which the int8 plan gathers in pairs."""
     plans = []
     cal = calibration
-    accumulable = k * table.term_bound < FLOAT64_EXACT  # chunk sums add up exactly in float64/int64
     int8 = table.int8 if "int8" in kinds and device.type == "cpu" else None
     if int8 is not None and cal is not None and cal.int8_exact and k * int8.sum_bound < FLOAT64_EXACT:
         chunk = min(k, (INT32_EXACT - 1) // max(1, int8.bound, 128 * 128 if int8.code_scale else 0))
         paired = byte_codes and k % 2 == 0 and int8.width == 4 and byte_pairs_readable()
         time = _int8_time(cal, groups, m, k, n, int8.width, chunk, paired, bool(int8.code_scale))
         plans.append(GemmPlan("int8", chunk, time))
-    chunk = min(k, (FLOAT32_EXACT - 1) // max(1, table.term_bound))
-    if "float32" in kinds and float32_matmul_is_ieee(device) and chunk >= 1 and accumulable:
-        time = 0.0 if cal is None else _float_time(cal, "float32", groups, m, k, n, table.width, chunk)
-        plans.append(GemmPlan("float32", chunk, time))
-    if "float64" in kinds and float64_error_bound(table, k) < 0.5:
-        time = 0.0 if cal is None else _float_time(cal, "float64", groups, m, k, n, table.width, k) * 1.0
-        plans.append(GemmPlan("float64", k, time + (1e-12 if cal is None else 0.0)))
+    for kind in ("float32", "float64"):
+        options = [plan for form in table.forms if kind in kinds
+                   and (plan := _float_plan(form, kind, groups, m, k, n, device, cal))]
+        if options:
+            plans.append(min(options, key=lambda p: (p.time, p.form.width, p.form.term_bound)))
     return plans
 
 

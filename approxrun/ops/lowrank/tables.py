@@ -16,7 +16,7 @@ import torch
 
 from approxrun.lut import LUT_SIZE
 from approxrun.ops.gather import FLOAT32_EXACT
-from approxrun.ops.lowrank.factor import Factors, exact_matmul, rank_factorization
+from approxrun.ops.lowrank.factor import Factors, compact, exact_matmul, rank_factorization
 
 __all__ = ["LowRankTable", "ConvMaps", "Int8Maps"]
 
@@ -44,9 +44,14 @@ class LowRankTable:
     def from_factors(cls, factors: Factors | None) -> "LowRankTable | None":
         if factors is None:
             return None
-        x, y = factors.x, factors.y
+        return cls.of(factors.x, factors.y, factors.denominator, factors.exact_part)
+
+    @classmethod
+    def of(cls, x: np.ndarray, y: np.ndarray, denominator: int,
+           exact_part: tuple[bool, bool] | None = None) -> "LowRankTable":
+        """The table of these factors, with its term bound."""
         bound = int(exact_matmul(np.abs(x), np.abs(y).T).max(initial=0))
-        return cls(x, y, factors.denominator, bound, factors.exact_part)
+        return cls(x, y, denominator, bound, exact_part)
 
     @property
     def width(self) -> int:
@@ -58,25 +63,26 @@ class LowRankTable:
         return self.width - (self.exact_part is not None)
 
     @functools.cached_property
-    def factorizations(self) -> list[tuple[np.ndarray, np.ndarray, int]]:
-        """Exact ``(x, y, denominator)`` factorizations: this one and, for a LUT, one of the whole
-        table (no exact-product column; DRUM's is ``u(a) u(b)``, rank 1), verified here."""
-        return list(_factorizations(self))
+    def forms(self) -> list["LowRankTable"]:
+        """Exact factorizations of the same table: this one and, for a LUT, one of the whole table
+        (no exact-product column; DRUM's is ``u(a) u(b)``, width 1 where this one has 3), verified
+        here. Float plans run whichever is cheapest, the int8 and conv forms the narrowest."""
+        return [self, *_whole_table_forms(self)]
 
     @functools.cached_property
     def conv_maps(self) -> "ConvMaps | None":
         """The narrowest integer factorization (fewest columns, then smallest bound), for
         map-then-conv in float32; None when every one has a term above 2**24."""
         best = None
-        for x, y, denominator in self.factorizations:
-            bound = int(exact_matmul(np.abs(x), np.abs(y).T).max(initial=0))
-            if bound < FLOAT32_EXACT and (best is None or (x.shape[1], bound) < (best.width, best.bound)):
-                best = ConvMaps(np.asarray(x, dtype=np.float32), np.asarray(y, dtype=np.float32), denominator, bound)
+        for form in self.forms:
+            if form.term_bound < FLOAT32_EXACT and (best is None or (form.width, form.term_bound) < (best.width, best.bound)):
+                best = ConvMaps(np.asarray(form.x, dtype=np.float32), np.asarray(form.y, dtype=np.float32),
+                                form.denominator, form.term_bound)
         return best
 
     @functools.cached_property
     def int8(self) -> "Int8Maps | None":
-        """The int8 form for int8 GEMMs, from the narrowest of :attr:`factorizations`."""
+        """The int8 form for int8 GEMMs, from the narrowest of :attr:`forms`."""
         return _int8_maps(self)
 
     def maps(self, device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -161,16 +167,17 @@ class Int8Maps:
         return self._device_maps[key]
 
 
-def _factorizations(table: LowRankTable):
-    """See :attr:`LowRankTable.factorizations`."""
-    yield table.x, table.y, table.denominator
+def _whole_table_forms(table: LowRankTable):
+    """See :attr:`LowRankTable.forms`: the whole table factored, when ``table`` splits off the exact
+    product and the whole table's rank is at most its width."""
     if table.exact_part is None:
         return
     values = exact_matmul(table.x, table.y.T) // table.denominator
     factors = rank_factorization(np.asarray(values, dtype=np.int64), table.width)
     if factors is not None and np.array_equal(exact_matmul(factors[0], factors[1].T),
                                               np.asarray(values, dtype=object) * factors[2]):
-        yield factors
+        x, y, denominator = factors
+        yield LowRankTable.of(compact(x, 0), compact(y, 0), denominator)
 
 
 def _fits_int8(column: np.ndarray) -> bool:
@@ -229,8 +236,8 @@ def _int8_candidates(table: LowRankTable):
     """(x, y, denominator, code_scale) factorizations to convert to int8: the table's own ones and,
     when its column 0 is the signed x signed exact product, the rest with that product left to an
     int8 GEMM of the codes themselves (``code_scale`` times it; no gather)."""
-    for x, y, denominator in table.factorizations:
-        yield x, y, denominator, 0
+    for form in table.forms:
+        yield form.x, form.y, form.denominator, 0
     if table.exact_part == (True, True):
         yield table.x[:, 1:], table.y[:, 1:], table.denominator, table.denominator
 
