@@ -185,11 +185,16 @@ def cmd_calibrate(args) -> None:
               f"{cal.native_permute_code * 1e9:.3g} ns/code transposed")
     else:
         print("in-register permutes: not built here (needs AVX-512 VBMI)")
+    if math.isfinite(cal.native_map_mac):
+        print(f"compiled float32 low rank ({cal.native_map_lanes} lanes): {cal.native_map_entry * 1e9:.3g} ns/map read, "
+              f"{1e-9 / cal.native_map_mac:.3g} GMAC/s")
     for dtype, rates in cal.gemm.items():
         print(f"{dtype} GEMM: " + ", ".join(f"N={n}: {1e-9 / r:.3g} GMAC/s" for n, r in zip((8, 32, 128), rates)))
     print(f"maps: {cal.map_entry * 1e9:.3g} ns/float entry, {cal.word_index * 1e9:.3g} ns/int8 word, "
           f"{cal.pair_index * 1e9:.3g} ns/byte pair; int8 call {cal.int8_call * 1e6:.3g} us; "
           f"int8 GEMM exact: {cal.int8_exact}")
+    print("fixed cost per call: " + (", ".join(f"{route} {seconds * 1e6:.3g} us" for route, seconds
+                                               in cal.call_overhead.items()) or "-"))
 
 
 class _Parser(argparse.ArgumentParser):

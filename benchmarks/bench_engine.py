@@ -8,7 +8,8 @@ does). Per LUT and core shape it prints the reference's time, approxrun's time p
 ``gather``; the low-rank plans ``int8``/``float32``/``float64`` forced through the engine's
 ``routes``; ``native``: the compiled gather kernel, the fastest of its strategies (direct, tables,
 and on AVX-512 VBMI the in-register permutes in both orientations), its int64 result as
-``lut_matmul`` returns it; ``-`` where that plan is not exact for the shape),
+``lut_matmul`` returns it; ``compiled``: the float32 low-rank plan in the compiled kernel (maps read
+and multiplied in registers); ``-`` where that plan is not exact for the shape),
 the route auto settled on, the speed-up of auto over the reference, and auto's time over the best
 forced route. Auto is called until its timed first calls (its route trials) are over before the
 timing starts, so every column measures the settled, repeated call. Every result is checked against
@@ -34,10 +35,12 @@ from torch.utils.cpp_extension import load_inline
 from approxrun.lut import exact_lut
 from approxrun.multipliers import get_multiplier
 from approxrun.ops import LutEngine, lut_matmul, native
+from approxrun.ops.lowrank import candidate_plans, lowrank_gemm
 from approxrun.ops.lowrank.calibration import ISA_ENV, cpu_description, load_or_measure
 
 SHAPES = ((8192, 150, 16), (128, 256, 120), (73728, 25, 6), (4096, 576, 64), (4096, 1152, 128))
-FORCED = ("gather", "native", "int8", "float32", "float64")
+FORCED = ("gather", "native", "int8", "float32", "compiled", "float64")
+PLANS = ("int8", "float32", "float64")  # forced through the engine's routes
 
 REFERENCE_SOURCE = r"""
 #include <torch/extension.h>
@@ -120,7 +123,7 @@ def bench_lut(name: str, lut: np.ndarray, reference, repeats: int, calibration) 
     """Rows of the table for one LUT; (auto speed-ups over the reference, auto / best forced)."""
     engines = {"auto": LutEngine(lut, calibration=calibration),
                "gather": LutEngine(lut, strategy="gather", calibration=calibration)}
-    for kind in FORCED[2:]:
+    for kind in PLANS:
         engines[kind] = LutEngine(lut, strategy="lowrank", routes=(kind,), calibration=calibration)
     kernel = native.load()
     wide_sums = bool(np.abs(lut).max() * max(k for _, k, _ in SHAPES) >= 2**31)
@@ -144,9 +147,15 @@ def bench_lut(name: str, lut: np.ndarray, reference, repeats: int, calibration) 
             fastest = alternating_best(variants, 2)
             fns["native"] = variants[min(fastest, key=fastest.get)]
             assert torch.equal(fns["native"](), expected)
+            compiled = [plan for plan in candidate_plans(table, 1, m, k, n, torch.device("cpu"), calibration,
+                                                         compiled=True) if plan.compiled] if table else []
+            if compiled:  # the compiled float32 plan, called as the engine calls it
+                fns["compiled"] = lambda plan=compiled[0]: lowrank_gemm(a[None], b[None], table, plan, kernel,
+                                                                        torch.int64)[0]
+                assert torch.equal(fns["compiled"](), expected)
         for route, engine in engines.items():
             plan = engine.plan(1, m, k, n, torch.device("cpu"))[0]
-            if route in FORCED[2:] and (plan is None or plan.kind != route):
+            if route in PLANS and (plan is None or plan.kind != route):
                 continue
             assert torch.equal(lut_matmul(a, b, engine), expected), (name, route, (m, k, n))
             while engine.timing_routes(1, m, k, n):  # auto: past its route trials

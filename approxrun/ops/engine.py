@@ -193,7 +193,8 @@ class LutEngine:
         if table is None:
             return None, "gather (no exact low-rank form: rank above the limit or a non-integer LUT)"
         cal = None if device.type != "cpu" else self.calibration
-        plans = candidate_plans(table, groups, m, k, n, device, cal, byte_codes, self.routes)
+        plans = candidate_plans(table, groups, m, k, n, device, cal, byte_codes, self.routes,
+                                self._compiled_float_usable(device))
         if not plans:
             return None, f"gather (no exact low-rank plan for K={k}, rank {table.rank})"
         best = min(plans, key=lambda p: p.time)
@@ -227,7 +228,8 @@ class LutEngine:
         ranked = sorted(self._gather_routes(groups, m, k, n, device), key=lambda route: route[1])
         chosen = [ranked[0][0]]
         if self.lowrank is not None and self.strategy != "gather":
-            plans = candidate_plans(self.lowrank, groups, m, k, n, device, self.calibration, byte_codes, self.routes)
+            plans = candidate_plans(self.lowrank, groups, m, k, n, device, self.calibration, byte_codes, self.routes,
+                                    self._compiled_float_usable(device))
             plans = sorted(((plan, plan.time) for plan in plans), key=lambda route: route[1])
             chosen += [plan for plan, _ in plans[:1]]
             ranked = sorted(ranked + plans, key=lambda route: route[1])
@@ -240,6 +242,11 @@ class LutEngine:
         return (device.type == "cpu" and "native" in self.routes and self.kernel() is not None
                 and math.isfinite(min(cal.native_lookup, cal.native_table_entry + cal.native_row_add))
                 and self.integral and self.max_abs < 2**31)
+
+    def _compiled_float_usable(self, device) -> bool:
+        """Whether the compiled kernel may run float32 low-rank plans here."""
+        return (device.type == "cpu" and "native" in self.routes and "float32" in self.routes
+                and self.kernel() is not None and math.isfinite(self.calibration.native_map_mac))
 
     def _permute_usable(self, k: int) -> bool:
         return (self.kernel().permutes and math.isfinite(self.calibration.native_permute_group)

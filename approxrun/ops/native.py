@@ -9,12 +9,15 @@
   over the columns of b or (``transposed``, narrow N) over the rows of a;
 - one-pass map gathers ``table[byte(codes)]`` for the low-rank plans, and the int8 low-rank plan in
   one call (gathers, torch's int8 GEMMs, offsets and the exact division), so small shapes pay no
-  per-op overhead.
+  per-op overhead;
+- the float32 low-rank plan in one call: maps read by code and multiplied in registers (FMAs over
+  exact integer partial sums), no mapped copy of the rows in memory; where int8 GEMMs are slow
+  (AVX2-only CPUs) this is the fast exact route for low-rank LUTs.
 
 Codes are read as they are (any integer dtype, or integers held in floats); results are written as
 float64 or int64. The build needs a C++ compiler; without one the routes are simply absent
-(:func:`load` returns None) and the torch ops remain. The sources live in ``kernels/lut_cpu.cpp`` and
-``kernels/lut_cpu_permute.cpp``.
+(:func:`load` returns None) and the torch ops remain. The sources live in ``kernels/lut_cpu.cpp``,
+``kernels/lut_cpu_permute.cpp`` and ``kernels/lut_cpu_maps.cpp``.
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ class NativeGemm:
     def __init__(self, module):
         self._module = module
         self.permutes = bool(module.permute_available())  # the in-register strategy was built (AVX-512 VBMI)
+        self.map_lanes = int(module.map_gemm_lanes())  # float32 lanes of map_gemm's vectors (8 or 16)
 
     def __call__(self, a: torch.Tensor, b: torch.Tensor, lut_image: torch.Tensor, wide_sums: bool,
                  tables: bool = False, out_dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -105,6 +109,13 @@ class NativeGemm:
                                               maps.code_scale, maps.denominator, block_rows, scratch,
                                               _result(a, b, out_dtype))
 
+    def map_gemm(self, a: torch.Tensor, b: torch.Tensor, x: torch.Tensor, y: torch.Tensor, chunk: int,
+                 denominator: int, out_dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """The float32 low-rank plan in one call: [G, M, N] = sum over k and i of x[byte(a), i] *
+        y[byte(b), i] / denominator, with integer float32 maps [256, W] (the caller proves every
+        partial sum over ``chunk`` K columns an integer below 2**24), mapped and multiplied in registers."""
+        return self._module.map_gemm(_readable(a), _readable(b), x, y, chunk, denominator, _result(a, b, out_dtype))
+
 
 READ_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float32, torch.float64)
 
@@ -121,8 +132,8 @@ def _readable(codes: torch.Tensor) -> torch.Tensor:
 
 
 FUNCTIONS = ["lut_gemm", "lut_gemm_table", "lut_gemm_permute", "permute_available", "gather_rows",
-             "int8_lowrank_gemm"]
-SOURCES = ("lut_cpu.cpp", "lut_cpu_permute.cpp")  # one translation unit, in this order
+             "int8_lowrank_gemm", "map_gemm", "map_gemm_lanes"]
+SOURCES = ("lut_cpu.cpp", "lut_cpu_permute.cpp", "lut_cpu_maps.cpp")  # one translation unit, in this order
 ISA_CEILINGS = {"default": "-march=x86-64", "avx2": "-march=x86-64-v3"}  # ATEN_CPU_CAPABILITY -> -march
 
 

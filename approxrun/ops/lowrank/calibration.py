@@ -33,7 +33,7 @@ __all__ = ["Calibration", "machine_key", "cpu_description", "calibration_dir", "
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "APPROXRUN_CACHE"
-FORMAT = 6  # bump when the measured figures change meaning
+FORMAT = 7  # bump when the measured figures change meaning
 ISA_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "DNNL_MAX_CPU_ISA")
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512vbmi", "amx_tile", "amx_int8")
 GEMM_WIDTHS = (8, 32, 128)  # N of the timed GEMMs; other widths interpolate on log N
@@ -91,6 +91,10 @@ class Calibration:
     native_row_add: float = math.inf  # and per 8-lane add of a table row into a row of sums (M K N / 8)
     native_permute_group: float = math.inf  # its in-register strategy (inf: not built): per 64-lane lookup
     native_permute_code: float = math.inf  # and, lanes over rows, per code of a transposed on the way
+    native_map_entry: float = math.inf  # the compiled float32 low-rank plan (inf: not built): per map read
+    native_map_mac: float = math.inf  # and per multiply-add of its register blocks (N padded to its vectors)
+    native_map_lanes: int = 8  # float32 lanes of those vectors
+    call_overhead: dict = field(default_factory=dict)  # route family -> fixed seconds per call
     machine: dict = field(default_factory=dict)
 
     def gemm_mac(self, dtype: str, n: int) -> float:
@@ -109,23 +113,40 @@ class Calibration:
     def gather_time(self, groups: int, m: int, k: int, n: int) -> float:
         """Modelled time of :func:`approxrun.ops.gather.grouped_lut_gemm` (the strategy it is given)."""
         if self.gather_direct(m, n):
-            return groups * m * k * n * self.direct_lookup
+            return groups * m * k * n * self.direct_lookup + self.overhead("torch")
         return groups * (m * k * n * self.gather_lookup + max(m, n) * k * self.gather_row
-                         + 256 * k * min(m, n) * self.gather_table)
+                         + 256 * k * min(m, n) * self.gather_table) + self.overhead("torch")
 
     def native_time(self, groups: int, m: int, k: int, n: int, tables: bool) -> float:
         """Modelled time of the compiled kernel: per product, or (tables) per table entry and per
         8-lane row add (the row tiles pad N to a multiple of 8)."""
         if tables:
-            return groups * k * (256 * n * self.native_table_entry + m * -(-n // 8) * self.native_row_add)
-        return groups * m * k * n * self.native_lookup
+            return (groups * k * (256 * n * self.native_table_entry + m * -(-n // 8) * self.native_row_add)
+                    + self.overhead("native"))
+        return groups * m * k * n * self.native_lookup + self.overhead("native")
 
     def permute_time(self, groups: int, m: int, k: int, n: int, transposed: bool) -> float:
         """Modelled time of the compiled in-register strategy: per lookup of 64 lanes (lanes over the
         columns of b, or with ``transposed`` over the rows of a, whose codes are transposed first)."""
         if transposed:
-            return groups * k * (n * -(-m // 64) * self.native_permute_group + m * self.native_permute_code)
-        return groups * m * k * -(-n // 64) * self.native_permute_group
+            return (groups * k * (n * -(-m // 64) * self.native_permute_group + m * self.native_permute_code)
+                    + self.overhead("native"))
+        return groups * m * k * -(-n // 64) * self.native_permute_group + self.overhead("native")
+
+    def overhead(self, route: str) -> float:
+        """Fixed seconds of one call of a route family beyond its per-element costs (Python,
+        dispatch, thread wake-ups): ``torch`` and ``native`` gathers, the ``int8``, ``float32``,
+        ``float64`` and ``compiled`` float32 plans; 0 where not measured."""
+        return self.call_overhead.get(route, 0.0)
+
+    def map_gemm_time(self, groups: int, m: int, k: int, n: int, width: int) -> float:
+        """Modelled time of the compiled float32 low-rank plan with ``width`` map columns: the map
+        reads of both operands, the multiply-adds of N padded to one vector, or to pairs of vectors
+        beyond one vector's width, and the call's fixed cost."""
+        block = self.native_map_lanes * (1 if n <= self.native_map_lanes else 2)
+        padded = -(-n // block) * block
+        return (groups * width * ((m * k + k * n) * self.native_map_entry + m * k * padded * self.native_map_mac)
+                + self.overhead("compiled"))
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -249,11 +270,13 @@ def _measure_round() -> Calibration:
     small = torch.ones(32, 64, dtype=torch.int8)
     int8_call = _best_time(lambda: torch._int_mm(small, small.t().contiguous())) if int8_exact else math.inf
     native_lookup, native_table_entry, native_row_add, permute_group, permute_code = _native_figures(generator)
+    map_read, map_mac, map_lanes = _map_gemm_figures(generator)
     backward_lookup = _backward_figure(generator)
+    overheads = _call_overheads(generator, int8_exact, int8_call)
     log.info("LUT route calibration measured in %.2f s", time.perf_counter() - start)
     return Calibration(lookup, row, table, direct, gemm, map_entry, word_index, pair_index, int8_call, accumulate,
                        int8_exact, backward_lookup, native_lookup, native_table_entry, native_row_add, permute_group,
-                       permute_code, machine_key())
+                       permute_code, map_read, map_mac, map_lanes, overheads, machine_key())
 
 
 def _map_gather():
@@ -310,6 +333,60 @@ def _native_figures(generator: torch.Generator) -> tuple[float, float, float, fl
     transposed = _best_time(lambda: kernel.permute(a, b, planes, True))
     code = max(transposed - n * k * (m // 64) * group, 0.05 * transposed) / (m * k)
     return direct, entry, row_add, group, code
+
+
+def _call_overheads(generator: torch.Generator, int8_exact: bool, int8_call: float) -> dict:
+    """Each route family's time at a tiny GEMM (1 x 4 x 8 x 4): its fixed cost per call, which the
+    per-element figures miss and which dominates 0.1 ms calls (the int8 plan's GEMM call is
+    modelled apart, :attr:`Calibration.int8_call`)."""
+    from approxrun.ops import native
+    from approxrun.ops.gather import grouped_lut_gemm
+    from approxrun.ops.lowrank.executors import lowrank_gemm
+    from approxrun.ops.lowrank.plans import GemmPlan
+    from approxrun.ops.lowrank.tables import LowRankTable
+    kernel = native.load()
+    a = torch.randint(-128, 128, (1, 4, 8), generator=generator, dtype=torch.int32)
+    b = torch.randint(-128, 128, (1, 8, 4), generator=generator, dtype=torch.int32)
+    maps = torch.randint(-100, 101, (256, 2), generator=generator).numpy()
+    table = LowRankTable.of(maps, maps, 1)
+    lut = torch.randint(-2**15, 2**15, (256, 256), generator=generator, dtype=torch.int32)
+    lut64 = lut.double()
+
+    def plan(kind: str, compiled: bool = False):
+        return lambda: lowrank_gemm(a, b, table, GemmPlan(kind, 8, 0.0, compiled=compiled), kernel, torch.int64)
+
+    runs = {"torch": lambda: grouped_lut_gemm(a, b, lut64), "float32": plan("float32"),
+            "float64": plan("float64")}
+    if int8_exact and table.int8 is not None:
+        runs["int8"] = plan("int8")
+    if kernel is not None:
+        runs.update(native=lambda: kernel(a, b, lut, False, out_dtype=torch.int64), compiled=plan("float32", True))
+    overheads = {name: _best_time(run, repeats=20) for name, run in runs.items()}
+    if "int8" in overheads:
+        overheads["int8"] = max(0.0, overheads["int8"] - int8_call)
+    return overheads
+
+
+def _map_gemm_figures(generator: torch.Generator) -> tuple[float, float, int]:
+    """The compiled float32 low-rank plan (inf where the kernel is not built): seconds per map read
+    and per multiply-add of its register blocks, fitted to a shape bound by multiply-adds and one
+    bound by map reads; and its vectors' lanes."""
+    from approxrun.ops import native
+    kernel = native.load()
+    if kernel is None:
+        return math.inf, math.inf, 8
+    x, y = (torch.randint(-100, 101, (256, 1), generator=generator).float() for _ in range(2))
+    lanes = kernel.map_lanes
+    shapes = ((512, 256, 128), (16384, 64, 4))  # (M, K, N)
+    terms, times = [], []
+    for m, k, n in shapes:
+        a = torch.randint(-128, 128, (1, m, k), generator=generator, dtype=torch.int8)
+        b = torch.randint(-128, 128, (1, k, n), generator=generator, dtype=torch.int8)
+        block = lanes * (1 if n <= lanes else 2)
+        terms.append((m * k + k * n, m * k * -(-n // block) * block))
+        times.append(_best_time(lambda: kernel.map_gemm(a, b, x, y, k, 1)))
+    read, mac = _relative_nnls(np.array(terms, dtype=float), np.array(times))
+    return float(read), float(mac), lanes
 
 
 def _relative_nnls(terms: np.ndarray, times: np.ndarray) -> np.ndarray:

@@ -33,12 +33,14 @@ class GemmPlan:
     """How one LUT GEMM runs exactly: ``kind`` GEMMs over ``k_chunk`` K columns, summed in
     int64/float64 (float64: one GEMM, rounded); ``time`` is the modelled seconds. ``form``: the
     factorization a float plan multiplies (one of the table's :attr:`~LowRankTable.forms`; None:
-    the table itself); int8 plans run the table's int8 maps."""
+    the table itself); int8 plans run the table's int8 maps. ``compiled``: a float32 plan run by
+    the compiled kernel (:meth:`~approxrun.ops.native.NativeGemm.map_gemm`), not torch's GEMMs."""
 
     kind: str
     k_chunk: int
     time: float
     form: LowRankTable | None = None
+    compiled: bool = False
 
     @property
     def dtype(self) -> torch.dtype:
@@ -48,6 +50,8 @@ class GemmPlan:
         width = "" if self.form is None else f", {self.form.width} map columns"
         if self.kind == "float64":
             return "float64 GEMM, rounded" + width
+        if self.compiled:
+            return f"compiled float32 map GEMM over {self.k_chunk} K columns{width}"
         return f"{self.kind} GEMMs over {self.k_chunk} K columns{width}"
 
 
@@ -85,24 +89,26 @@ def float64_error_bound(table: LowRankTable, k: int) -> float:
 
 
 def _float_time(cal: Calibration, kind: str, groups: int, m: int, k: int, n: int, width: int, chunk: int) -> float:
-    """Map gathers (float64 entries cost twice), the GEMM and the chunk sums."""
+    """Map gathers (float64 entries cost twice), the GEMM, the chunk sums and the call's fixed cost."""
     entry = cal.map_entry * (2 if kind == "float64" else 1)
     return groups * ((m * k + k * n) * width * entry + m * k * n * width * cal.gemm_mac(kind, n)
-                     + -(-k // chunk) * m * n * cal.accumulate)
+                     + -(-k // chunk) * m * n * cal.accumulate) + cal.overhead(kind)
 
 
 def _int8_time(cal: Calibration, groups: int, m: int, k: int, n: int, width: int, chunk: int, paired: bool,
                code_gemm: bool) -> float:
-    """Packed-word gathers (byte pairs: one per two indices), the int8 GEMM(s) and the chunk sums."""
+    """Packed-word gathers (byte pairs: one per two indices), the int8 GEMM(s), the chunk sums and
+    the call's fixed cost."""
     rows = m * k * (cal.pair_index / 2 if paired else cal.word_index) + k * n * cal.word_index
     gemms = m * k * n * (width + code_gemm) * cal.gemm_mac("int8", n)
     calls = -(-k // chunk) * (1 + code_gemm)
-    return groups * (rows + gemms + calls * (m * n * cal.accumulate + cal.int8_call))
+    return groups * (rows + gemms + calls * (m * n * cal.accumulate + cal.int8_call)) + cal.overhead("int8")
 
 
 def _float_plan(form: LowRankTable, kind: str, groups: int, m: int, k: int, n: int, device: torch.device,
-                calibration: Calibration | None) -> GemmPlan | None:
-    """The exact ``kind`` plan of one factorization, or None where no chunking makes it exact."""
+                calibration: Calibration | None, compiled: bool = False) -> GemmPlan | None:
+    """The exact ``kind`` plan of one factorization (``compiled``: float32 by the compiled kernel),
+    or None where no chunking makes it exact."""
     if kind == "float64":
         if float64_error_bound(form, k) >= 0.5:
             return None
@@ -111,16 +117,19 @@ def _float_plan(form: LowRankTable, kind: str, groups: int, m: int, k: int, n: i
     chunk = min(k, (FLOAT32_EXACT - 1) // max(1, form.term_bound))
     if not float32_matmul_is_ieee(device) or chunk < 1 or k * form.term_bound >= FLOAT64_EXACT:
         return None  # not exact, or the chunk sums would not add up exactly in float64
+    if compiled:
+        return GemmPlan(kind, chunk, calibration.map_gemm_time(groups, m, k, n, form.width), form, compiled=True)
     time = 0.0 if calibration is None else _float_time(calibration, kind, groups, m, k, n, form.width, chunk)
     return GemmPlan(kind, chunk, time, form)
 
 
 def candidate_plans(table: LowRankTable, groups: int, m: int, k: int, n: int, device: torch.device,
                     calibration: Calibration | None, byte_codes: bool = False,
-                    kinds: tuple[str, ...] = PLAN_KINDS) -> list[GemmPlan]:
+                    kinds: tuple[str, ...] = PLAN_KINDS, compiled: bool = False) -> list[GemmPlan]:
     """Every exact plan of ``kinds`` for a [G, M, K] x [G, K, N] LUT GEMM with its modelled time
-    (0 without a calibration, on CUDA: see :meth:`~approxrun.ops.engine.LutEngine`). ``byte_codes``:
-    the rows side holds int8/uint8 codes, which the int8 plan gathers in pairs."""
+    (0 without a calibration, on CUDA: see :meth:`~approxrun.ops.engine.LutEngine`), the cheapest
+    form of each. ``byte_codes``: the rows side holds int8/uint8 codes, which the int8 plan gathers
+    in pairs; ``compiled``: the compiled float32 plan runs here (a CPU calibration is given)."""
     plans = []
     cal = calibration
     int8 = table.int8 if "int8" in kinds and device.type == "cpu" else None
@@ -129,9 +138,11 @@ def candidate_plans(table: LowRankTable, groups: int, m: int, k: int, n: int, de
         paired = byte_codes and k % 2 == 0 and int8.width == 4 and byte_pairs_readable()
         time = _int8_time(cal, groups, m, k, n, int8.width, chunk, paired, bool(int8.code_scale))
         plans.append(GemmPlan("int8", chunk, time))
-    for kind in ("float32", "float64"):
+    for kind, compiled_kind in (("float32", False), ("float32", True), ("float64", False)):
+        if compiled_kind and not compiled:
+            continue
         options = [plan for form in table.forms if kind in kinds
-                   and (plan := _float_plan(form, kind, groups, m, k, n, device, cal))]
+                   and (plan := _float_plan(form, kind, groups, m, k, n, device, cal, compiled_kind))]
         if options:
             plans.append(min(options, key=lambda p: (p.time, p.form.width, p.form.term_bound)))
     return plans

@@ -92,7 +92,7 @@ class LowRankTable:
             x = self.x.astype(object) / self.denominator if dtype == torch.float64 else self.x
             # float(int) and int / int round correctly: relative error <= 2**-53 per entry
             self._device_maps[key] = tuple(torch.as_tensor(np.asarray(t, dtype=np.float64), dtype=dtype,
-                                                           device=device) for t in (x, self.y))
+                                                           device=device).contiguous() for t in (x, self.y))
         return self._device_maps[key]
 
 
