@@ -80,27 +80,29 @@ void permute_rows(const Code* a, const uint8_t* b, const uint8_t* planes, int64_
   }
 }
 
-// Column tiles of 64 * Wide (Wide groups of 64), then of 128 and 64.
+// Column tiles of 64 * Wide (Wide groups of 64), then of 128 and 64, over the valid columns
+// rounded up to 64 (b's rows of `stride` bytes hold at least that many).
 template <int Wide, typename Code, typename Out>
 void permute_tiles(const Code* a, const uint8_t* b, const uint8_t* planes, int64_t k_size, int64_t stride,
                    int64_t columns, int64_t offset, int64_t row_begin, int64_t row_end, Out* out,
                    int64_t row_stride, int64_t column_stride) {
+  const int64_t extent = (columns + 63) / 64 * 64;
   int64_t c0 = 0;
-  for (; stride - c0 >= 64 * Wide; c0 += 64 * Wide) {
+  for (; extent - c0 >= 64 * Wide; c0 += 64 * Wide) {
     permute_rows<Wide>(a, b, planes, k_size, stride, c0, columns, offset, row_begin, row_end, out, row_stride,
                        column_stride);
   }
-  for (; stride - c0 >= 128; c0 += 128) {
+  for (; extent - c0 >= 128; c0 += 128) {
     permute_rows<2>(a, b, planes, k_size, stride, c0, columns, offset, row_begin, row_end, out, row_stride,
                     column_stride);
   }
-  if (c0 < stride) {
+  if (c0 < extent) {
     permute_rows<1>(a, b, planes, k_size, stride, c0, columns, offset, row_begin, row_end, out, row_stride,
                     column_stride);
   }
 }
 
-constexpr int64_t kBlock = 256;  // rows of a per block, lanes over rows
+constexpr int64_t kBlock = 256;  // rows of a per block at most, lanes over rows
 
 // Transposes the 8x8 bytes held in rows[0..7] (byte j of rows[i]: element (i, j)) in place: swaps of
 // bytes, byte pairs and byte quads between rows 1, 2 and 4 apart.
@@ -129,7 +131,7 @@ template <typename Code>
 void transpose_block(const Code* a, int64_t k_size, int64_t rows, uint8_t* flat, uint8_t* bytes) {
   for (int64_t i = 0; i < rows * k_size; ++i) flat[i] = static_cast<uint8_t>(byte_of(a[i]));
   const int64_t k_pad = (k_size + 7) / 8 * 8;
-  for (int64_t r0 = 0; r0 < kBlock; r0 += 8) {
+  for (int64_t r0 = 0; r0 < rows; r0 += 8) {
     for (int64_t k0 = 0; k0 < k_pad; k0 += 8) {
       uint64_t words[8];
       for (int i = 0; i < 8; ++i) std::memcpy(&words[i], flat + (r0 + i) * k_size + k0, 8);
@@ -184,11 +186,14 @@ torch::Tensor lut_gemm_permute(torch::Tensor a, torch::Tensor b, torch::Tensor p
       for (int64_t g = 0; g < groups; ++g) {
         const auto* a_g = a_ptr + g * m_size * k_size;
         const uint8_t* b_g = b_t.data_ptr<uint8_t>() + g * n_size * k_size;
-        const int64_t blocks = (m_size + kBlock - 1) / kBlock, k_pad = (k_size + 7) / 8 * 8;
+        // blocks of up to kBlock rows, a multiple of 64, and at least one per thread where M allows
+        const int64_t per_thread = (m_size + at::get_num_threads() - 1) / at::get_num_threads();
+        const int64_t block_rows = std::min(kBlock, std::max<int64_t>(64, (per_thread + 63) / 64 * 64));
+        const int64_t blocks = (m_size + block_rows - 1) / block_rows, k_pad = (k_size + 7) / 8 * 8;
         at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
           std::vector<uint8_t> flat(kBlock * k_size + 8), bytes(k_pad * kBlock);
           for (int64_t block = begin; block < end; ++block) {
-            const int64_t m0 = block * kBlock, rows = std::min(kBlock, m_size - m0);
+            const int64_t m0 = block * block_rows, rows = std::min(block_rows, m_size - m0);
             transpose_block(a_g + m0 * k_size, k_size, rows, flat.data(), bytes.data());
             permute_tiles<4>(b_g, bytes.data(), planes_t.data_ptr<uint8_t>(), k_size, kBlock, rows, offset, 0,
                              n_size, out_ptr + g * m_size * n_size + m0 * n_size, 1, n_size);

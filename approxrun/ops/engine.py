@@ -4,7 +4,9 @@ A :class:`LutEngine` owns the integer table, its device copies (CPU tensors, the
 image), the LUT-derived gradient tables, the exact low-rank factorizations and their packed maps,
 the per-shape plans and the route choice. Its settings are its own: ``strategy`` (``"auto"``: the
 fastest exact route by the machine's measured costs, ``"gather"``, ``"lowrank"``: low rank whenever
-an exact plan exists), the plan kinds it may use, a ``lookup_cost`` factor on the gather's
+an exact plan exists), the routes it may use (``routes``: the plan kinds, ``map_conv``, and
+``native``: the compiled kernels, for the gathers and, with ``float32``, the compiled float32
+plan), a ``lookup_cost`` factor on the gather's
 modelled time, and the :class:`~approxrun.ops.lowrank.Calibration` (by default measured once per
 machine and cached on disk, see :mod:`approxrun.ops.lowrank.calibration`).
 
