@@ -485,6 +485,11 @@ def test_calibration_is_measured_once_per_machine_key(tmp_path):
     assert all(v > 0 for v in (first.gather_lookup + first.gather_row + first.gather_table, first.direct_lookup,
                                first.map_entry, first.word_index, first.accumulate))
     assert all(math.isfinite(v) and v > 0 for v in first.gemm["float32"] + first.gemm["float64"])
+    assert {"torch", "float32", "float64"} <= set(first.call_overhead)  # fixed costs of every family here
+    assert all(math.isfinite(v) and v > 0 for v in first.call_overhead.values())
+    if native.load() is not None:
+        assert math.isfinite(first.native_map_mac) and first.native_map_lanes in (8, 16)
+        assert first.map_gemm_time(1, 64, 64, 9, 1) > first.map_gemm_time(1, 64, 64, 8, 1) > first.overhead("compiled")
     files = list(tmp_path.glob("calibration-*.json"))
     assert len(files) == 1
     assert calibration_module.load_or_measure(tmp_path) == first

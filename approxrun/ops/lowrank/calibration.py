@@ -234,6 +234,8 @@ def measure(rounds: int = 2) -> Calibration:
         if name == "gemm":
             best[name] = {dtype: [min(v[dtype][i] for v in values) for i in range(len(GEMM_WIDTHS))]
                           for dtype in value}
+        elif name == "call_overhead":
+            best[name] = {route: min(v[route] for v in values) for route in value}
         elif isinstance(value, float):
             best[name] = min(values)
         else:

@@ -115,8 +115,8 @@ def _float_plan(form: LowRankTable, kind: str, groups: int, m: int, k: int, n: i
         time = 1e-12 if calibration is None else _float_time(calibration, kind, groups, m, k, n, form.width, k)
         return GemmPlan(kind, k, time, form)
     chunk = min(k, (FLOAT32_EXACT - 1) // max(1, form.term_bound))
-    if not float32_matmul_is_ieee(device) or chunk < 1 or k * form.term_bound >= FLOAT64_EXACT:
-        return None  # not exact, or the chunk sums would not add up exactly in float64
+    if chunk < 1 or k * form.term_bound >= FLOAT64_EXACT or not (compiled or float32_matmul_is_ieee(device)):
+        return None  # not exact: sums beyond float32 or float64 integers, or torch's GEMMs rounding to TF32
     if compiled:
         return GemmPlan(kind, chunk, calibration.map_gemm_time(groups, m, k, n, form.width), form, compiled=True)
     time = 0.0 if calibration is None else _float_time(calibration, kind, groups, m, k, n, form.width, chunk)
@@ -139,7 +139,7 @@ def candidate_plans(table: LowRankTable, groups: int, m: int, k: int, n: int, de
         time = _int8_time(cal, groups, m, k, n, int8.width, chunk, paired, bool(int8.code_scale))
         plans.append(GemmPlan("int8", chunk, time))
     for kind, compiled_kind in (("float32", False), ("float32", True), ("float64", False)):
-        if compiled_kind and not compiled:
+        if compiled_kind and not (compiled and cal is not None):
             continue
         options = [plan for form in table.forms if kind in kinds
                    and (plan := _float_plan(form, kind, groups, m, k, n, device, cal, compiled_kind))]
