@@ -403,11 +403,14 @@ def test_auto_times_close_routes_then_keeps_the_fastest(lowrank_log):
     a, b = codes(rng, (300, 64)), codes(rng, (64, 40))
     even = machine(int8_mac=1e-9, float32_mac=1e-9, gather_lookup=1e-8)  # routes modelled close, over 2 ms
     engine = LutEngine(lut, calibration=even)
+    assert not engine.timing  # no shape seen yet
     calls = 0
     while calls == 0 or engine.timing_routes(1, 300, 64, 40):
         assert np.array_equal(lut_matmul(a, b, engine).numpy(), matmul_oracle(a, b, lut))
+        assert engine.timing == engine.timing_routes(1, 300, 64, 40)
         calls += 1
     assert calls >= 2 * TRIAL_ROUNDS * 2  # two routes at least, each warmed and timed per turn
+    assert not engine.timing
     assert np.array_equal(lut_matmul(a, b, engine).numpy(), matmul_oracle(a, b, lut))
     measured = [line for line in lowrank_log.text.splitlines() if "lut gemm: measured" in line]
     assert len(measured) == 1 and measured[0].count(" ms for ") == 1 and "GEMM" in measured[0]

@@ -282,6 +282,11 @@ class LutEngine:
                       _route_name(trial["best"]), groups, m, k, n)
         return trial["best"], None
 
+    @property
+    def timing(self) -> bool:
+        """Whether auto is still timing the candidate routes of any shape it has seen."""
+        return any(isinstance(entry, dict) and "best" not in entry for entry in self._plans.values())
+
     def timing_routes(self, groups: int, m: int, k: int, n: int, byte_codes: bool = False) -> bool:
         """Whether auto is still timing its candidate routes for this CPU GEMM shape (its first
         calls); False once a route is kept, or where nothing is timed."""
