@@ -114,24 +114,22 @@ struct MapBlock {
           const float* b_panel = panels + p * depth * kColumns;
           const int64_t columns = std::min(kColumns, n_size - p * kColumns);
           Out* out_rows = out + m0 * n_size + p * kColumns;
-          if (chunk * width >= depth) {  // one chunk: the float32 sums are the totals
-            MapFloats sums[Rows][Vectors] = {};
-            multiply(a_panel.data(), depth, b_panel, 0, depth, sums);
-            std::memcpy(part, sums, sizeof(part));
-            write_rows(part, rows, columns, denominator, out_rows, n_size);
-            continue;
-          }
+          const bool one_chunk = chunk * width >= depth;  // then the float32 sums are the totals
           for (int64_t d0 = 0; d0 < depth; d0 += chunk * width) {
             MapFloats sums[Rows][Vectors] = {};
             multiply(a_panel.data(), depth, b_panel, d0, std::min(depth, d0 + chunk * width), sums);
             std::memcpy(part, sums, sizeof(part));
-            for (int64_t r = 0; r < rows; ++r) {
+            for (int64_t r = 0; r < rows && !one_chunk; ++r) {
               for (int64_t c = 0; c < columns; ++c) {
                 totals[r][c] = (d0 ? totals[r][c] : 0.0) + static_cast<double>(part[r][c]);
               }
             }
           }
-          write_rows(totals, rows, columns, denominator, out_rows, n_size);
+          if (one_chunk) {
+            write_rows(part, rows, columns, denominator, out_rows, n_size);
+          } else {
+            write_rows(totals, rows, columns, denominator, out_rows, n_size);
+          }
         }
       }
     });
