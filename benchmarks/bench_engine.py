@@ -148,7 +148,7 @@ def bench_lut(name: str, lut: np.ndarray, reference, repeats: int, calibration) 
             fns["native"] = variants[min(fastest, key=fastest.get)]
             assert torch.equal(fns["native"](), expected)
             compiled = [plan for plan in candidate_plans(table, 1, m, k, n, torch.device("cpu"), calibration,
-                                                         compiled=True) if plan.compiled] if table else []
+                                                         compiled=True) if plan.compiled] if table is not None else []
             if compiled:  # the compiled float32 plan, called as the engine calls it
                 fns["compiled"] = lambda plan=compiled[0]: lowrank_gemm(a[None], b[None], table, plan, kernel,
                                                                         torch.int64)[0]
