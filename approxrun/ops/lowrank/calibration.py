@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["Calibration", "machine_key", "cpu_description", "calibration_dir", "measure", "load_or_measure",
+__all__ = ["Calibration", "map_gemm_columns", "machine_key", "cpu_description", "calibration_dir", "measure", "load_or_measure",
            "int8_gemm_is_exact"]
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,13 @@ def machine_key() -> dict:
 def calibration_dir() -> Path:
     env = os.environ.get(CACHE_ENV)
     return (Path(env).expanduser() if env else Path.home() / ".cache" / "approxrun") / "calibration"
+
+
+def map_gemm_columns(n: int, lanes: int) -> int:
+    """The columns the compiled float32 plan computes for N of them (``kernels/lut_cpu_maps.cpp``):
+    N padded to one vector of ``lanes``, or to pairs of vectors beyond one vector's width."""
+    block = lanes * (1 if n <= lanes else 2)
+    return -(-n // block) * block
 
 
 @dataclass(frozen=True)
@@ -141,10 +148,9 @@ class Calibration:
 
     def map_gemm_time(self, groups: int, m: int, k: int, n: int, width: int) -> float:
         """Modelled time of the compiled float32 low-rank plan with ``width`` map columns: the map
-        reads of both operands, the multiply-adds of N padded to one vector, or to pairs of vectors
-        beyond one vector's width, and the call's fixed cost."""
-        block = self.native_map_lanes * (1 if n <= self.native_map_lanes else 2)
-        padded = -(-n // block) * block
+        reads of both operands, the multiply-adds of its padded columns (:func:`map_gemm_columns`)
+        and the call's fixed cost."""
+        padded = map_gemm_columns(n, self.native_map_lanes)
         return (groups * width * ((m * k + k * n) * self.native_map_entry + m * k * padded * self.native_map_mac)
                 + self.overhead("compiled"))
 
@@ -154,6 +160,13 @@ class Calibration:
     @classmethod
     def from_dict(cls, data: dict) -> "Calibration":
         return cls(**data)
+
+
+def _operands(generator: torch.Generator, m: int, k: int, n: int,
+              dtype: torch.dtype = torch.int8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random codes a [1, M, K] and b [1, K, N] of a timed GEMM."""
+    return (torch.randint(-128, 128, (1, m, k), generator=generator, dtype=dtype),
+            torch.randint(-128, 128, (1, k, n), generator=generator, dtype=dtype))
 
 
 def _best_time(fn, repeats: int = 5) -> float:
@@ -191,13 +204,11 @@ def _gather_figures(generator: torch.Generator) -> tuple[float, float, float, fl
     lut = torch.randint(-2**15, 2**15, (256, 256), generator=generator).double()
     rows, times = [], []
     for m, k, n in GATHER_SHAPES:
-        a = torch.randint(-128, 128, (1, m, k), generator=generator, dtype=torch.int32)
-        b = torch.randint(-128, 128, (1, k, n), generator=generator, dtype=torch.int32)
+        a, b = _operands(generator, m, k, n, torch.int32)
         times.append(_best_time(lambda: grouped_lut_gemm(a, b, lut, direct=False)))
         rows.append((m * k * n, max(m, n) * k, 256 * k * min(m, n)))
     lookup, row, table = _relative_nnls(np.array(rows, dtype=float), np.array(times))
-    a = torch.randint(-128, 128, (1, 128, 64), generator=generator, dtype=torch.int32)
-    b = torch.randint(-128, 128, (1, 64, 96), generator=generator, dtype=torch.int32)
+    a, b = _operands(generator, 128, 64, 96, torch.int32)
     direct = _best_time(lambda: grouped_lut_gemm(a, b, lut, direct=True)) / (128 * 64 * 96)
     return float(lookup), float(row), float(table), direct
 
@@ -312,12 +323,8 @@ def _native_figures(generator: torch.Generator) -> tuple[float, float, float, fl
         return (math.inf,) * 5
     lut = torch.randint(-2**15, 2**15, (256, 256), generator=generator, dtype=torch.int32)
 
-    def codes(m: int, k: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return (torch.randint(-128, 128, (1, m, k), generator=generator, dtype=torch.int8),
-                torch.randint(-128, 128, (1, k, n), generator=generator, dtype=torch.int8))
-
     def timed(m: int, k: int, n: int, tables: bool) -> float:
-        a, b = codes(m, k, n)
+        a, b = _operands(generator, m, k, n)
         return _best_time(lambda: kernel(a, b, lut, False, tables=tables))
 
     direct = timed(512, 128, 64, False) / (512 * 128 * 64)
@@ -328,10 +335,10 @@ def _native_figures(generator: torch.Generator) -> tuple[float, float, float, fl
     if not kernel.permutes:
         return direct, entry, row_add, math.inf, math.inf
     planes = native.byte_planes(lut.numpy().astype(np.int64))
-    a, b = codes(512, 128, 128)
+    a, b = _operands(generator, 512, 128, 128)
     group = _best_time(lambda: kernel.permute(a, b, planes, False)) / (512 * 128 * 2)
     m, k, n = 8192, 64, 8
-    a, b = codes(m, k, n)
+    a, b = _operands(generator, m, k, n)
     transposed = _best_time(lambda: kernel.permute(a, b, planes, True))
     code = max(transposed - n * k * (m // 64) * group, 0.05 * transposed) / (m * k)
     return direct, entry, row_add, group, code
@@ -347,8 +354,7 @@ def _call_overheads(generator: torch.Generator, int8_exact: bool, int8_call: flo
     from approxrun.ops.lowrank.plans import GemmPlan
     from approxrun.ops.lowrank.tables import LowRankTable
     kernel = native.load()
-    a = torch.randint(-128, 128, (1, 4, 8), generator=generator, dtype=torch.int32)
-    b = torch.randint(-128, 128, (1, 8, 4), generator=generator, dtype=torch.int32)
+    a, b = _operands(generator, 4, 8, 4, torch.int32)
     maps = torch.randint(-100, 101, (256, 2), generator=generator).numpy()
     table = LowRankTable.of(maps, maps, 1)
     lut = torch.randint(-2**15, 2**15, (256, 256), generator=generator, dtype=torch.int32)
@@ -382,10 +388,8 @@ def _map_gemm_figures(generator: torch.Generator) -> tuple[float, float, int]:
     shapes = ((512, 256, 128), (16384, 64, 4))  # (M, K, N)
     terms, times = [], []
     for m, k, n in shapes:
-        a = torch.randint(-128, 128, (1, m, k), generator=generator, dtype=torch.int8)
-        b = torch.randint(-128, 128, (1, k, n), generator=generator, dtype=torch.int8)
-        block = lanes * (1 if n <= lanes else 2)
-        terms.append((m * k + k * n, m * k * -(-n // block) * block))
+        a, b = _operands(generator, m, k, n)
+        terms.append((m * k + k * n, m * k * map_gemm_columns(n, lanes)))
         times.append(_best_time(lambda: kernel.map_gemm(a, b, x, y, k, 1)))
     read, mac = _relative_nnls(np.array(terms, dtype=float), np.array(times))
     return float(read), float(mac), lanes
