@@ -195,8 +195,7 @@ class LutEngine:
         if table is None:
             return None, "gather (no exact low-rank form: rank above the limit or a non-integer LUT)"
         cal = None if device.type != "cpu" else self.calibration
-        plans = candidate_plans(table, groups, m, k, n, device, cal, byte_codes, self.routes,
-                                self._compiled_float_usable(device))
+        plans = self._candidate_plans(groups, m, k, n, device, byte_codes)
         if not plans:
             return None, f"gather (no exact low-rank plan for K={k}, rank {table.rank})"
         best = min(plans, key=lambda p: p.time)
@@ -230,9 +229,8 @@ class LutEngine:
         ranked = sorted(self._gather_routes(groups, m, k, n, device), key=lambda route: route[1])
         chosen = [ranked[0][0]]
         if self.lowrank is not None and self.strategy != "gather":
-            plans = candidate_plans(self.lowrank, groups, m, k, n, device, self.calibration, byte_codes, self.routes,
-                                    self._compiled_float_usable(device))
-            plans = sorted(((plan, plan.time) for plan in plans), key=lambda route: route[1])
+            plans = sorted(((plan, plan.time) for plan in self._candidate_plans(groups, m, k, n, device, byte_codes)),
+                           key=lambda route: route[1])
             chosen += [plan for plan, _ in plans[:1]]
             ranked = sorted(ranked + plans, key=lambda route: route[1])
         fastest = ranked[0][1]
@@ -244,6 +242,12 @@ class LutEngine:
         return (device.type == "cpu" and "native" in self.routes and self.kernel() is not None
                 and math.isfinite(min(cal.native_lookup, cal.native_table_entry + cal.native_row_add))
                 and self.integral and self.max_abs < 2**31)
+
+    def _candidate_plans(self, groups, m, k, n, device, byte_codes) -> list:
+        """The exact low-rank plans of a shape with their modelled times (see :func:`candidate_plans`)."""
+        cal = None if device.type != "cpu" else self.calibration
+        return candidate_plans(self.lowrank, groups, m, k, n, device, cal, byte_codes, self.routes,
+                               self._compiled_float_usable(device))
 
     def _compiled_float_usable(self, device) -> bool:
         """Whether the compiled kernel may run float32 low-rank plans here."""
@@ -285,13 +289,12 @@ class LutEngine:
     @property
     def timing(self) -> bool:
         """Whether auto is still timing the candidate routes of any shape it has seen."""
-        return any(isinstance(entry, dict) and "best" not in entry for entry in self._plans.values())
+        return any(_timing(entry) for entry in self._plans.values())
 
     def timing_routes(self, groups: int, m: int, k: int, n: int, byte_codes: bool = False) -> bool:
         """Whether auto is still timing its candidate routes for this CPU GEMM shape (its first
         calls); False once a route is kept, or where nothing is timed."""
-        trial = self._plans.get(_trial_key(groups, m, k, n, byte_codes))
-        return trial is not None and "best" not in trial
+        return _timing(self._plans.get(_trial_key(groups, m, k, n, byte_codes)))
 
     def _gemm_route_by_model(self, groups, m, k, n, device, byte_codes):
         plan = self._logged_plan("gemm", groups, m, k, n, device, byte_codes)
@@ -458,6 +461,11 @@ class LutEngine:
 def _trial_key(groups, m, k, n, byte_codes) -> tuple:
     """The key of a CPU GEMM shape's route trial in an engine's plans."""
     return ("trial", groups, m, k, n, byte_codes, torch.get_float32_matmul_precision())
+
+
+def _timing(entry) -> bool:
+    """Whether an entry of an engine's plans is a shape's route trial still running."""
+    return isinstance(entry, dict) and "best" not in entry
 
 
 def _route_name(route) -> str:
