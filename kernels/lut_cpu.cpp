@@ -223,8 +223,7 @@ void table_gemm(const Code* a, const BCode* b, const int32_t* lut, Out* out, int
 
 // ---------------------------------------------------------------- entry points
 
-// a [G, M, K] and b [G, K, N] integer codes (made contiguous) on the CPU, out [G, M, N]; the GEMMs'
-// LUT a contiguous int32 [256, 256].
+// a [G, M, K] and b [G, K, N] codes on the CPU, out [G, M, N]: every GEMM entry point.
 void check_shapes(const char* name, const torch::Tensor& a, const torch::Tensor& b, const torch::Tensor& out) {
   TORCH_CHECK(a.dim() == 3 && b.dim() == 3 && a.size(0) == b.size(0) && a.size(2) == b.size(1),
               name, ": a [G, M, K] and b [G, K, N] expected");
@@ -233,6 +232,7 @@ void check_shapes(const char* name, const torch::Tensor& a, const torch::Tensor&
               name, ": out [G, M, N] expected");
 }
 
+// The LUT GEMMs' operands: shapes, and a contiguous int32 [256, 256] LUT.
 void check_operands(const char* name, const torch::Tensor& a, const torch::Tensor& b, const torch::Tensor& lut,
                     const torch::Tensor& out) {
   TORCH_CHECK(lut.dtype() == torch::kInt32 && lut.numel() == 256 * 256 && lut.is_contiguous(),
@@ -398,8 +398,7 @@ void finish_rows(const Sum* sums, const Sum* code_sums, int64_t code_scale, cons
 torch::Tensor int8_lowrank_gemm(torch::Tensor a, torch::Tensor b, torch::Tensor x_words, torch::Tensor y_words,
                                 torch::Tensor offset, int64_t chunk, int64_t code_scale, int64_t denominator,
                                 int64_t block_rows, torch::Tensor scratch, torch::Tensor out) {
-  TORCH_CHECK(a.dim() == 3 && b.dim() == 3 && a.size(0) == b.size(0) && a.size(2) == b.size(1),
-              "int8_lowrank_gemm: a [G, M, K] and b [G, K, N] expected");
+  check_shapes("int8_lowrank_gemm", a, b, out);
   TORCH_CHECK(x_words.numel() == 256 && y_words.dtype() == x_words.dtype() && offset.dtype() == torch::kInt64 &&
               scratch.dtype() == torch::kInt8 && chunk >= 1 && denominator >= 1 && block_rows >= 1,
               "int8_lowrank_gemm: maps of 256 words, int64 offsets, int8 scratch expected");
@@ -407,8 +406,6 @@ torch::Tensor int8_lowrank_gemm(torch::Tensor a, torch::Tensor b, torch::Tensor 
   const int64_t width = x_words.element_size();
   TORCH_CHECK(width == 4 || width == 8, "int8_lowrank_gemm: maps of 4 or 8 int8 columns expected");
   TORCH_CHECK(scratch.numel() >= std::min(block_rows, m_size) * k_size * width, "int8_lowrank_gemm: scratch too small");
-  TORCH_CHECK(out.dim() == 3 && out.size(0) == groups && out.size(1) == m_size && out.size(2) == n_size,
-              "int8_lowrank_gemm: out [G, M, N] expected");
   a = a.contiguous();
   auto y = torch::empty({n_size, k_size * width}, torch::kInt8);  // y[n][(k, i)] = y_i(b[k][n])
   auto offsets = torch::empty({n_size}, torch::kInt64);
