@@ -32,9 +32,11 @@ def run(a, b, form: LowRankTable, chunk: int, out_dtype=torch.float64) -> torch.
 def test_map_gemm_matches_oracle_around_register_blocks(n):
     """N on both sides of one vector (8 or 16 lanes) and of two; M = 1, 13 and 37 leave partial row
     blocks; K = 300 in chunks of 1, 7 and all of K; two groups; the whole-table form of DRUM (width
-    1) and an asymmetric rank-2 error plus the exact product (width 3)."""
+    1), an asymmetric rank-2 error plus the exact product (width 3) and asymmetric integer maps of
+    widths 2, 4 and 5 (the kernel's versions for fixed widths and the one for any width)."""
     rng = np.random.default_rng(50 + n)
     tables = [get_multiplier("drum_4").engine.lowrank.forms[-1], LutEngine(low_rank_lut(2, seed=n)).lowrank]
+    tables += [LowRankTable.of(rng.integers(-128, 128, (256, w)), rng.integers(-90, 60, (256, w)), 1) for w in (2, 4, 5)]
     for form in tables:
         lut = (np.asarray(form.x, dtype=np.int64) @ np.asarray(form.y, dtype=np.int64).T) // form.denominator
         for m in (1, 13, 37):
@@ -47,17 +49,19 @@ def test_map_gemm_matches_oracle_around_register_blocks(n):
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int64, torch.float32])
 def test_map_gemm_reads_every_code_dtype_and_strides(dtype):
-    """Codes are read by their byte (negative ones and ones beyond a byte included); b transposed in
-    memory; int64 and float64 results."""
+    """Codes are read by their byte (negative ones and ones beyond a byte included), with b of one
+    column panel (a's maps read at its codes) and of several (a's rows mapped into a panel); b
+    transposed in memory; int64 and float64 results."""
     rng = np.random.default_rng(51)
     form = get_multiplier("drum_4").engine.lowrank.forms[-1]
     lut = get_multiplier("drum_4").lut
     lo, hi = (0, 256) if dtype == torch.uint8 else (-128, 128) if dtype == torch.int8 else (-600, 600)
-    a, b = codes(rng, (1, 23, 150), lo, hi).to(dtype), codes(rng, (1, 19, 150), lo, hi).to(dtype).transpose(1, 2)
-    expected = grouped_oracle(a.long().numpy(), b.long().numpy(), lut)
-    for out_dtype in (torch.int64, torch.float64):
-        out = run(a, b, form, 150, out_dtype)
-        assert out.dtype == out_dtype and np.array_equal(out.numpy(), expected)
+    for n in (5, 70):
+        a, b = codes(rng, (1, 23, 150), lo, hi).to(dtype), codes(rng, (1, n, 150), lo, hi).to(dtype).transpose(1, 2)
+        expected = grouped_oracle(a.long().numpy(), b.long().numpy(), lut)
+        for out_dtype in (torch.int64, torch.float64):
+            out = run(a, b, form, 150, out_dtype)
+            assert out.dtype == out_dtype and np.array_equal(out.numpy(), expected), (n, out_dtype)
 
 
 @needs_kernel
