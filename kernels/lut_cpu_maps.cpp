@@ -99,19 +99,25 @@ struct MapBlock {
     }
   }
 
-  // b_panels[p][(k, i)][c] = y[byte(b[k][p * kColumns + c])][i] (columns beyond N: zeros).
-  template <typename Code>
+  // b_panels[p][(k, i)][c] = y[byte(b[k][p * kColumns + c])][i] (columns beyond N: zeros); Width as
+  // for multiply.
+  template <int Width, typename Code>
   static void pack_b(const Code* b, int64_t k_size, int64_t n_size, int64_t stride_k, int64_t stride_n,
                      const float* y, int64_t width, float* panels) {
     const int64_t n_panels = (n_size + kColumns - 1) / kColumns, depth = k_size * width;
     at::parallel_for(0, n_panels * k_size, std::max<int64_t>(1, 4096 / kColumns), [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t p = t / k_size, k = t % k_size;
-        float* dst = panels + (p * depth + k * width) * kColumns;
-        for (int64_t c = 0; c < kColumns; ++c) {
-          const int64_t n = p * kColumns + c;
-          const float* maps = n < n_size ? y + byte_of(b[k * stride_k + n * stride_n]) * width : nullptr;
-          for (int64_t i = 0; i < width; ++i) dst[i * kColumns + c] = maps ? maps[i] : 0.0f;
+      const int64_t width_here = Width ? Width : width;  // a constant here: a captured width is read through memory
+      int64_t p = begin / k_size, k = begin % k_size;  // task t is (p, k): stepped, not divided per task
+      for (int64_t t = begin; t < end; ++t, k = k + 1 < k_size ? k + 1 : 0, p += k == 0) {
+        const int64_t columns = std::min(kColumns, n_size - p * kColumns);
+        const Code* codes = b + k * stride_k + p * kColumns * stride_n;
+        float* dst = panels + (p * depth + k * width_here) * kColumns;
+        for (int64_t c = 0; c < columns; ++c) {
+          const float* maps = y + byte_of(codes[c * stride_n]) * width_here;
+          for (int64_t i = 0; i < width_here; ++i) dst[i * kColumns + c] = maps[i];
+        }
+        for (int64_t i = 0; i < width_here; ++i) {
+          std::fill(dst + i * kColumns + columns, dst + (i + 1) * kColumns, 0.0f);
         }
       }
     });
@@ -222,15 +228,15 @@ void map_gemm_groups(const torch::Tensor& a, const torch::Tensor& b, const torch
   const float *x_maps = x.data_ptr<float>(), *y_maps = y.data_ptr<float>();
   float* b_panels = panels.data_ptr<float>();
   for (int64_t g = 0; g < groups; ++g) {
-    const auto b_g = b[g];
-    with_codes(b_g, "map_gemm", [&](auto* codes) {
-      Block::pack_b(codes, k_size, n_size, b_g.stride(0), b_g.stride(1), y_maps, width, b_panels);
-    });
-    const auto a_g = a[g];
+    const auto a_g = a[g], b_g = b[g];
     with_output(out, "map_gemm", [&](auto* out_ptr) {
       auto* out_g = out_ptr + g * m_size * n_size;
       with_width(width, [&](auto fixed) {
         constexpr int kWidth = decltype(fixed)::value;
+        with_codes(b_g, "map_gemm", [&](auto* codes) {
+          Block::template pack_b<kWidth>(codes, k_size, n_size, b_g.stride(0), b_g.stride(1), y_maps, width,
+                                         b_panels);
+        });
         with_codes(a_g, "map_gemm", [&](auto* codes) {
           using Code = std::remove_const_t<std::remove_pointer_t<decltype(codes)>>;
           if (n_panels > 1) {
