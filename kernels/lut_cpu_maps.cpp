@@ -31,6 +31,7 @@ typedef float MapFloats __attribute__((vector_size(4 * kMapLanes)));
 template <int Rows, int Vectors>
 struct MapBlock {
   static constexpr int64_t kColumns = Vectors * kMapLanes;
+  static constexpr int64_t kOffsetTile = 64;  // K columns of a block's offsets copied at a time
 
   // sums[r][v] += a_panel[k][r][i] * b_panel[(k, i)][v] over k in [k0, k1) and i < width (a mapped
   // panel, each code's maps side by side, so that mapping copies them in one piece: measured, AVX2,
@@ -54,33 +55,38 @@ struct MapBlock {
     }
   }
 
-  // The same with the maps read at their offsets (offsets[k][r] = byte(code) * width) straight into
-  // the broadcasts.
+  // The same with the maps read at their offsets, for k in a tile [k0, k1) of at most kOffsetTile
+  // (offsets[r][k - k0] = byte(code) * width: a row's offsets a constant displacement apart)
+  // straight into the broadcasts.
   template <int Width>
   static void multiply_offsets(const int32_t* offsets, const float* x, int64_t width, const float* b_panel,
                                int64_t k0, int64_t k1, MapFloats (&sums)[Rows][Vectors]) {
     if (Width) width = Width;
     const float* b_rows = b_panel + k0 * width * kColumns;
-    for (int64_t k = k0; k < k1; ++k) {
-      const int32_t* column = offsets + k * Rows;
+    for (const int32_t* column = offsets; column < offsets + (k1 - k0); ++column) {
       for (int64_t i = 0; i < width; ++i, b_rows += kColumns) {
         const MapFloats* b_row = reinterpret_cast<const MapFloats*>(b_rows);
         for (int r = 0; r < Rows; ++r) {
-          const float value = x[column[r] + i];
+          const float value = x[column[r * kOffsetTile] + i];
           for (int v = 0; v < Vectors; ++v) sums[r][v] += value * b_row[v];
         }
       }
     }
   }
 
-  // offsets[k][r] = byte(a[m0 + r][k]) * width for the block's rows (missing rows: 0, their sums
-  // dropped).
+  // offsets[r][k - k0] = byte(a[m0 + r][k]) * width for k in [k0, k1) and the block's rows (missing
+  // rows: 0, their sums dropped): rows of codes copied as rows (vector loads and stores).
   template <typename Code>
-  static void offsets_of(const Code* a, int64_t m0, int64_t rows, int64_t k_size, int64_t width, int32_t* offsets) {
-    if (rows < Rows) std::fill(offsets, offsets + Rows * k_size, 0);
-    for (int64_t r = 0; r < rows; ++r) {
-      const Code* row = a + (m0 + r) * k_size;
-      for (int64_t k = 0; k < k_size; ++k) offsets[k * Rows + r] = static_cast<int32_t>(byte_of(row[k]) * width);
+  static void offsets_of(const Code* a, int64_t m0, int64_t rows, int64_t k_size, int64_t k0, int64_t k1,
+                         int64_t width, int32_t* offsets) {
+    for (int64_t r = 0; r < Rows; ++r) {
+      int32_t* dst = offsets + r * kOffsetTile;
+      if (r >= rows) {
+        std::fill(dst, dst + (k1 - k0), 0);
+        continue;
+      }
+      const Code* row = a + (m0 + r) * k_size + k0;
+      for (int64_t k = 0; k < k1 - k0; ++k) dst[k] = static_cast<int32_t>(byte_of(row[k]) * width);
     }
   }
 
@@ -135,19 +141,20 @@ struct MapBlock {
     }
   }
 
-  // Prepares a block's rows of a for rows(): map_rows into a float panel (Mapped) or offsets_of into
-  // int32 offsets. The code type is erased here so that rows() is compiled once per width and
-  // output type, not once per code type as well (the kernel's build time stays about the same).
-  using Prepare = void (*)(const void* a, int64_t m0, int64_t rows, int64_t k_size, const float* x, int64_t width,
-                           void* panel);
+  // Prepares a block's rows of a for rows(): map_rows (all of K) into a float panel (Mapped) or
+  // offsets_of (K columns [k0, k1)) into int32 offsets. The code type is erased here so that rows()
+  // is compiled once per width and output type, not once per code type as well (the kernel's build
+  // time stays about the same).
+  using Prepare = void (*)(const void* a, int64_t m0, int64_t rows, int64_t k_size, int64_t k0, int64_t k1,
+                           const float* x, int64_t width, void* panel);
 
   template <int Width, bool Mapped, typename Code>
-  static void prepare(const void* a, int64_t m0, int64_t rows, int64_t k_size, const float* x, int64_t width,
-                      void* panel) {
+  static void prepare(const void* a, int64_t m0, int64_t rows, int64_t k_size, int64_t k0, int64_t k1,
+                      const float* x, int64_t width, void* panel) {
     if constexpr (Mapped) {
       map_rows<Width>(static_cast<const Code*>(a), m0, rows, k_size, x, width, static_cast<float*>(panel));
     } else {
-      offsets_of(static_cast<const Code*>(a), m0, rows, k_size, width, static_cast<int32_t*>(panel));
+      offsets_of(static_cast<const Code*>(a), m0, rows, k_size, k0, k1, width, static_cast<int32_t*>(panel));
     }
   }
 
@@ -163,12 +170,12 @@ struct MapBlock {
     const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, Rows * depth * n_panels * kColumns));
     at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
       std::vector<float> a_panel(Mapped ? depth * Rows : 0);
-      std::vector<int32_t> offsets(Mapped ? 0 : k_size * Rows);
+      std::vector<int32_t> offsets(Mapped ? 0 : kOffsetTile * Rows);
       alignas(64) float part[Rows][kColumns];
       double totals[Rows][kColumns];
       for (int64_t block = begin; block < end; ++block) {
         const int64_t m0 = block * Rows, rows = std::min<int64_t>(Rows, m_size - m0);
-        prepare(a, m0, rows, k_size, x, width, Mapped ? static_cast<void*>(a_panel.data()) : offsets.data());
+        if (Mapped) prepare(a, m0, rows, k_size, 0, k_size, x, width, a_panel.data());
         for (int64_t p = 0; p < n_panels; ++p) {
           const float* b_panel = panels + p * depth * kColumns;
           const int64_t columns = std::min(kColumns, n_size - p * kColumns);
@@ -180,7 +187,11 @@ struct MapBlock {
             if constexpr (Mapped) {
               multiply<Width>(a_panel.data(), width, b_panel, k0, k1, sums);
             } else {
-              multiply_offsets<Width>(offsets.data(), x, width, b_panel, k0, k1, sums);
+              for (int64_t t0 = k0; t0 < k1; t0 += kOffsetTile) {
+                const int64_t t1 = std::min(k1, t0 + kOffsetTile);
+                prepare(a, m0, rows, k_size, t0, t1, x, width, offsets.data());
+                multiply_offsets<Width>(offsets.data(), x, width, b_panel, t0, t1, sums);
+              }
             }
             std::memcpy(part, sums, sizeof(part));
             for (int64_t r = 0; r < rows && !one_chunk; ++r) {
