@@ -5,7 +5,7 @@ from __future__ import annotations
 
 TRIAL_ROUNDS = 5  # timed turns per route (the best counts)
 TRIAL_WARM_SECONDS, TRIAL_WARM_CALLS = 5e-3, 3  # untimed calls of a route per turn: until either is reached
-TRIAL_MIN_SECONDS = 5e-5  # shapes modelled faster than this keep the model's route: timing them is noise
+TRIAL_MIN_SECONDS = 2e-5  # shapes modelled faster than this keep the model's route: timing them is noise
 TRIAL_SPREAD = 2.0  # auto also times the routes modelled within this factor of the fastest one
 
 
