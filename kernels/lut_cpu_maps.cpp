@@ -17,8 +17,9 @@
 namespace {
 
 // Rows of the register blocks, sized to the register file with the b vectors and a broadcast: 32
-// registers with AVX-512, 16 with AVX2 (a spilled sum makes every FMA wait on memory; measured:
-// AVX2, 6 x 2 sums at (4096, 1152, 128) 10.2 ms, 5 x 2 7.1 ms).
+// registers with AVX-512, 16 with AVX2 (a spilled sum makes every FMA wait on memory: with an
+// earlier panel layout GCC spilled one of 6 x 2 AVX2 sums, 10.2 ms at (4096, 1152, 128) against
+// 7.1 ms for 5 x 2; with this layout 6 x 2 does not spill and runs like 5 x 2, within the noise).
 #if defined(__AVX512F__)
 constexpr int kMapLanes = 16, kWideRows = 8, kNarrowRows = 16;
 #else
