@@ -188,11 +188,16 @@ template <typename Sum, typename Code, typename BCode, typename Out>
 void table_gemm(const Code* a, const BCode* b, const int32_t* lut, Out* out, int64_t m_size, int64_t k_size,
                 int64_t n_size) {
   std::vector<Sum> sums;
-  std::vector<int32_t> table;
+  // 64-byte aligned (torch's CPU allocator): a table row of 8 or 16 words never splits a cache line
+  // (measured with a 16-byte aligned std::vector, (73728, 25, 6): 0.66 or 0.85 ms by where it landed).
+  torch::Tensor table_storage;
   for (int64_t n0 = 0; n0 < n_size; n0 += kTileColumns) {
     const int64_t columns = std::min(kTileColumns, n_size - n0), padded = (columns + 7) / 8 * 8;
     const int64_t tile_k = std::min(k_size, std::max<int64_t>(1, table_bytes() / (256 * 4 * padded)));
-    table.resize(tile_k * 256 * padded);
+    if (!table_storage.defined() || table_storage.numel() < tile_k * 256 * padded) {
+      table_storage = torch::empty({tile_k * 256 * padded}, torch::kInt32);
+    }
+    int32_t* table = table_storage.data_ptr<int32_t>();
     if (tile_k < k_size) sums.resize(m_size * padded);
     const int64_t row_grain = std::max<int64_t>(1, kRowWork / std::max<int64_t>(1, tile_k * padded / 8));
     for (int64_t k0 = 0; k0 < k_size; k0 += tile_k) {
@@ -205,14 +210,14 @@ void table_gemm(const Code* a, const BCode* b, const int32_t* lut, Out* out, int
           const int32_t* lut_row = lut + v * 256;
           for_sub_tiles(padded, [&](int64_t c0, auto vectors) {
             constexpr int64_t kWidth = 8 * decltype(vectors)::value;
-            int32_t* t_row = table.data() + depth * 256 * c0 + entry * kWidth;
+            int32_t* t_row = table + depth * 256 * c0 + entry * kWidth;
             for (int64_t j = 0; j < kWidth; ++j) t_row[j] = c0 + j < columns ? lut_row[byte_of(b_row[c0 + j])] : 0;
           });
         }
       });
       at::parallel_for(0, m_size, row_grain, [&](int64_t begin, int64_t end) {
         for (int64_t m = begin; m < end; ++m) {
-          add_table_row(a + m * k_size + k0, table.data(), depth, padded,
+          add_table_row(a + m * k_size + k0, table, depth, padded,
                         tile_k < k_size ? sums.data() + m * padded : nullptr,  // one tile of k: nothing carried
                         last ? out + m * n_size + n0 : nullptr, columns, k0 == 0);
         }
