@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <immintrin.h>
 #include <type_traits>
 #include <unistd.h>
 #include <vector>
@@ -84,7 +85,18 @@ void gemm_rows(const Code* a, const uint8_t* b, const int32_t* lut, Out* out, in
       for (int64_t k = 0; k < k_size; ++k) {
         const int32_t* lut_row = lut + byte_of(a_row[k]) * 256;
         const uint8_t* b_row = b + k * n_size + n0;
-        for (int64_t j = 0; j < width; ++j) sums[j] += lut_row[b_row[j]];
+        int64_t j = 0;
+#if defined(__AVX2__)
+        if constexpr (std::is_same_v<Sum, int32_t>) {  // eight lookups per gather instruction
+          for (; j + 8 <= width; j += 8) {
+            const __m256i index = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b_row + j)));
+            __m256i* lanes = reinterpret_cast<__m256i*>(sums + j);
+            _mm256_storeu_si256(lanes, _mm256_add_epi32(_mm256_loadu_si256(lanes),
+                                                        _mm256_i32gather_epi32(lut_row, index, 4)));
+          }
+        }
+#endif
+        for (; j < width; ++j) sums[j] += lut_row[b_row[j]];
       }
       Out* out_row = out + row * n_size + n0;
       for (int64_t j = 0; j < width; ++j) out_row[j] = static_cast<Out>(sums[j]);
