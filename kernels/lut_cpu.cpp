@@ -2,7 +2,8 @@
 // map gathers of the low-rank plans. Codes are uint8, int8, int16, int32, int64 or integers held in
 // float32/float64: the byte of a code (its value modulo 256) is the LUT index, read on the way, so no
 // index tensor is ever made.
-// - lut_gemm: one LUT read per product (small shapes);
+// - lut_gemm: one LUT read per product (small shapes; with AVX2 and int32 sums, eight reads per
+//   gather instruction);
 // - lut_gemm_table: per tile of k, tables T[k][v][:] = lut[v][b[k][:]] of every product a weight
 //   column can produce, then each row adds one table row per k in registers (vector adds, no
 //   gathers in the row loop; large shapes);
