@@ -251,14 +251,16 @@ void map_gemm_groups(const torch::Tensor& a, const torch::Tensor& b, const torch
         });
         with_codes(a_g, "map_gemm", [&](auto* codes) {
           using Code = std::remove_const_t<std::remove_pointer_t<decltype(codes)>>;
+          const auto run = [&](auto mapped) {  // several column panels: a's rows mapped once per block
+            constexpr bool kMapped = decltype(mapped)::value;
+            Block::template rows<kWidth, kMapped>(codes, &Block::template prepare<kWidth, kMapped, Code>, m_size,
+                                                  k_size, n_size, x_maps, width, b_panels, chunk,
+                                                  static_cast<double>(denominator), out_g);
+          };
           if (n_panels > 1) {
-            Block::template rows<kWidth, true>(codes, &Block::template prepare<kWidth, true, Code>, m_size, k_size,
-                                               n_size, x_maps, width, b_panels, chunk, static_cast<double>(denominator),
-                                               out_g);
+            run(std::true_type{});
           } else {
-            Block::template rows<kWidth, false>(codes, &Block::template prepare<kWidth, false, Code>, m_size, k_size,
-                                                n_size, x_maps, width, b_panels, chunk,
-                                                static_cast<double>(denominator), out_g);
+            run(std::false_type{});
           }
         });
       });
