@@ -489,7 +489,8 @@ def test_calibration_is_measured_once_per_machine_key(tmp_path):
                                first.map_entry, first.word_index, first.accumulate))
     assert all(math.isfinite(v) and v > 0 for v in first.gemm["float32"] + first.gemm["float64"])
     assert {"torch", "float32", "float64"} <= set(first.call_overhead)  # fixed costs of every family here
-    assert all(math.isfinite(v) and v > 0 for v in first.call_overhead.values())
+    # the int8 plan's cost beyond its GEMM call (modelled apart as int8_call) is clamped at 0 and can be 0
+    assert all(math.isfinite(v) and (v > 0 or (route == "int8" and v == 0)) for route, v in first.call_overhead.items())
     if native.load() is not None:
         assert math.isfinite(first.native_map_mac) and first.native_map_lanes in (8, 16)
         assert first.map_gemm_time(1, 64, 64, 9, 1) > first.map_gemm_time(1, 64, 64, 8, 1) > first.overhead("compiled")
