@@ -188,6 +188,9 @@ def cmd_calibrate(args) -> None:
     if math.isfinite(cal.native_map_mac):
         print(f"compiled float32 low rank ({cal.native_map_lanes} lanes): {cal.native_map_entry * 1e9:.3g} ns/map read, "
               f"{1e-9 / cal.native_map_mac:.3g} GMAC/s")
+    if math.isfinite(cal.native_pair_mac):
+        print(f"compiled int16 low rank (map pairs): {cal.native_pair_entry * 1e9:.3g} ns/pair read, "
+              f"{2e-9 / cal.native_pair_mac:.3g} GMAC/s")
     for dtype, rates in cal.gemm.items():
         print(f"{dtype} GEMM: " + ", ".join(f"N={n}: {1e-9 / r:.3g} GMAC/s" for n, r in zip((8, 32, 128), rates)))
     print(f"maps: {cal.map_entry * 1e9:.3g} ns/float entry, {cal.word_index * 1e9:.3g} ns/int8 word, "

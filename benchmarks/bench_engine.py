@@ -9,7 +9,8 @@ does). Per LUT and core shape it prints the reference's time, approxrun's time p
 ``routes``; ``native``: the compiled gather kernel, the fastest of its strategies (direct, tables,
 and on AVX-512 VBMI the in-register permutes in both orientations), its int64 result as
 ``lut_matmul`` returns it; ``compiled``: the float32 low-rank plan in the compiled kernel (maps read
-and multiplied in registers); ``-`` where that plan is not exact for the shape),
+and multiplied in registers); ``int16``: the same with int16 maps multiplied in pairs (AVX2 or
+AVX-512 BW builds); ``-`` where a plan is not exact for the shape),
 the route auto settled on, the speed-up of auto over the reference, and auto's time over the best
 forced route. Auto is called until its timed first calls (its route trials) are over before the
 timing starts, so every column measures the settled, repeated call. Every result is checked against
@@ -39,7 +40,7 @@ from approxrun.ops.lowrank import candidate_plans, lowrank_gemm
 from approxrun.ops.lowrank.calibration import ISA_ENV, cpu_description, load_or_measure
 
 SHAPES = ((8192, 150, 16), (128, 256, 120), (73728, 25, 6), (4096, 576, 64), (4096, 1152, 128))
-FORCED = ("gather", "native", "int8", "float32", "compiled", "float64")
+FORCED = ("gather", "native", "int8", "float32", "compiled", "int16", "float64")
 PLANS = ("int8", "float32", "float64")  # forced through the engine's routes
 
 REFERENCE_SOURCE = r"""
@@ -149,10 +150,10 @@ def bench_lut(name: str, lut: np.ndarray, reference, repeats: int, calibration) 
             assert torch.equal(fns["native"](), expected)
             compiled = [plan for plan in candidate_plans(table, 1, m, k, n, torch.device("cpu"), calibration,
                                                          compiled=True) if plan.compiled] if table is not None else []
-            if compiled:  # the compiled float32 plan, called as the engine calls it
-                fns["compiled"] = lambda plan=compiled[0]: lowrank_gemm(a[None], b[None], table, plan, kernel,
-                                                                        torch.int64)[0]
-                assert torch.equal(fns["compiled"](), expected)
+            for plan in compiled:  # the compiled plans, called as the engine calls them
+                column = "int16" if plan.kind == "int16" else "compiled"
+                fns[column] = lambda plan=plan: lowrank_gemm(a[None], b[None], table, plan, kernel, torch.int64)[0]
+                assert torch.equal(fns[column](), expected)
         for route, engine in engines.items():
             plan = engine.plan(1, m, k, n, torch.device("cpu"))[0]
             if route in PLANS and (plan is None or plan.kind != route):
@@ -162,7 +163,8 @@ def bench_lut(name: str, lut: np.ndarray, reference, repeats: int, calibration) 
                 assert torch.equal(lut_matmul(a, b, engine), expected), (name, route, (m, k, n))
             fns[route] = lambda engine=engine: lut_matmul(a, b, engine)
         best = alternating_best(fns, repeats)
-        chosen = engines["auto"].chosen_route(1, m, k, n, "cpu").split()[0]
+        route = engines["auto"].chosen_route(1, m, k, n, "cpu")
+        chosen = "int16" if route.startswith("compiled int16") else route.split()[0]
         forced = {r: t for r, t in best.items() if r in FORCED}
         speedups.append(best["reference"] / best["auto"])
         auto_ratios.append(best["auto"] / min(forced.values()))

@@ -25,12 +25,44 @@ constexpr int kMapLanes = 16, kWideRows = 8, kNarrowRows = 16;
 #else
 constexpr int kMapLanes = 8, kWideRows = 5, kNarrowRows = 12;
 #endif
-typedef float MapFloats __attribute__((vector_size(4 * kMapLanes)));
+
+// How a register block multiplies the maps. FloatMaps: float32 maps, one FMA per map column.
+// PairMaps: int16 maps, two map columns in one int32 word, multiplied and added in pairs (vpmaddwd;
+// vpdpwssd with AVX-512 VNNI): two map columns per instruction pair where an FMA does one, exact in
+// int32 (maps below 2**15, every partial sum below 2**31: the caller's proof).
+struct FloatMaps {
+  using Entry = float;
+  typedef float Vector __attribute__((vector_size(4 * kMapLanes)));
+  static Vector multiply_add(Vector sum, Entry a, Vector b) { return sum + a * b; }
+};
+
+#if (defined(__AVX512F__) && defined(__AVX512BW__)) || (!defined(__AVX512F__) && defined(__AVX2__))
+#define APPROXRUN_PAIR_MAPS 1
+constexpr bool kPairMaps = true;
+struct PairMaps {
+  using Entry = int32_t;
+  typedef int32_t Vector __attribute__((vector_size(4 * kMapLanes)));
+  static Vector multiply_add(Vector sum, Entry a, Vector b) {
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+    return reinterpret_cast<Vector>(_mm512_dpwssd_epi32(reinterpret_cast<__m512i>(sum), _mm512_set1_epi32(a),
+                                                         reinterpret_cast<__m512i>(b)));
+#elif defined(__AVX512F__)
+    return sum + reinterpret_cast<Vector>(_mm512_madd_epi16(_mm512_set1_epi32(a), reinterpret_cast<__m512i>(b)));
+#else
+    return sum + reinterpret_cast<Vector>(_mm256_madd_epi16(_mm256_set1_epi32(a), reinterpret_cast<__m256i>(b)));
+#endif
+  }
+};
+#else
+constexpr bool kPairMaps = false;
+#endif
 
 // A register block of Rows x Vectors sums: 2 vectors for wide b, 1 for b of one vector's width or
 // less (no FMA on padding only). The panel of b is Vectors * kMapLanes columns.
-template <int Rows, int Vectors>
+template <int Rows, int Vectors, typename Arith>
 struct MapBlock {
+  using Entry = typename Arith::Entry;
+  using Vector = typename Arith::Vector;
   static constexpr int64_t kColumns = Vectors * kMapLanes;
   static constexpr int64_t kOffsetTile = 64;  // K columns of a block's offsets copied at a time
 
@@ -40,17 +72,17 @@ struct MapBlock {
   // registers). Width: the maps' columns when fixed at compile time (see with_width: loops over them
   // unrolled, copies of a fixed size), 0 for `width` at run time.
   template <int Width>
-  static void multiply(const float* a_panel, int64_t width, const float* b_panel, int64_t k0, int64_t k1,
-                       MapFloats (&sums)[Rows][Vectors]) {
+  static void multiply(const Entry* a_panel, int64_t width, const Entry* b_panel, int64_t k0, int64_t k1,
+                       Vector (&sums)[Rows][Vectors]) {
     if (Width) width = Width;
-    const float* b_rows = b_panel + k0 * width * kColumns;
+    const Entry* b_rows = b_panel + k0 * width * kColumns;
     for (int64_t k = k0; k < k1; ++k) {
-      const float* maps = a_panel + k * Rows * width;
+      const Entry* maps = a_panel + k * Rows * width;
       for (int64_t i = 0; i < width; ++i, b_rows += kColumns) {
-        const MapFloats* b_row = reinterpret_cast<const MapFloats*>(b_rows);
+        const Vector* b_row = reinterpret_cast<const Vector*>(b_rows);
         for (int r = 0; r < Rows; ++r) {
-          const float value = maps[r * width + i];
-          for (int v = 0; v < Vectors; ++v) sums[r][v] += value * b_row[v];
+          const Entry value = maps[r * width + i];
+          for (int v = 0; v < Vectors; ++v) sums[r][v] = Arith::multiply_add(sums[r][v], value, b_row[v]);
         }
       }
     }
@@ -60,16 +92,16 @@ struct MapBlock {
   // (offsets[r][k - k0] = byte(code) * width: a row's offsets a constant displacement apart)
   // straight into the broadcasts.
   template <int Width>
-  static void multiply_offsets(const int32_t* offsets, const float* x, int64_t width, const float* b_panel,
-                               int64_t k0, int64_t k1, MapFloats (&sums)[Rows][Vectors]) {
+  static void multiply_offsets(const int32_t* offsets, const Entry* x, int64_t width, const Entry* b_panel,
+                               int64_t k0, int64_t k1, Vector (&sums)[Rows][Vectors]) {
     if (Width) width = Width;
-    const float* b_rows = b_panel + k0 * width * kColumns;
+    const Entry* b_rows = b_panel + k0 * width * kColumns;
     for (const int32_t* column = offsets; column < offsets + (k1 - k0); ++column) {
       for (int64_t i = 0; i < width; ++i, b_rows += kColumns) {
-        const MapFloats* b_row = reinterpret_cast<const MapFloats*>(b_rows);
+        const Vector* b_row = reinterpret_cast<const Vector*>(b_rows);
         for (int r = 0; r < Rows; ++r) {
-          const float value = x[column[r * kOffsetTile] + i];
-          for (int v = 0; v < Vectors; ++v) sums[r][v] += value * b_row[v];
+          const Entry value = x[column[r * kOffsetTile] + i];
+          for (int v = 0; v < Vectors; ++v) sums[r][v] = Arith::multiply_add(sums[r][v], value, b_row[v]);
         }
       }
     }
@@ -94,14 +126,14 @@ struct MapBlock {
   // a_panel[k][r][:] = x[byte(a[m0 + r][k])][:] for the block's rows (missing rows: zeros); Width as
   // for multiply.
   template <int Width, typename Code>
-  static void map_rows(const Code* a, int64_t m0, int64_t rows, int64_t k_size, const float* x, int64_t width,
-                       float* a_panel) {
+  static void map_rows(const Code* a, int64_t m0, int64_t rows, int64_t k_size, const Entry* x, int64_t width,
+                       Entry* a_panel) {
     if (Width) width = Width;
-    if (rows < Rows) std::fill(a_panel, a_panel + Rows * k_size * width, 0.0f);
+    if (rows < Rows) std::fill(a_panel, a_panel + Rows * k_size * width, Entry(0));
     for (int64_t r = 0; r < rows; ++r) {
       const Code* row = a + (m0 + r) * k_size;
       for (int64_t k = 0; k < k_size; ++k) {
-        std::memcpy(a_panel + (k * Rows + r) * width, x + byte_of(row[k]) * width, sizeof(float) * width);
+        std::memcpy(a_panel + (k * Rows + r) * width, x + byte_of(row[k]) * width, sizeof(Entry) * width);
       }
     }
   }
@@ -110,7 +142,7 @@ struct MapBlock {
   // for multiply.
   template <int Width, typename Code>
   static void pack_b(const Code* b, int64_t k_size, int64_t n_size, int64_t stride_k, int64_t stride_n,
-                     const float* y, int64_t width, float* panels) {
+                     const Entry* y, int64_t width, Entry* panels) {
     const int64_t n_panels = (n_size + kColumns - 1) / kColumns, depth = k_size * width;
     at::parallel_for(0, n_panels * k_size, std::max<int64_t>(1, 4096 / kColumns), [&](int64_t begin, int64_t end) {
       const int64_t width_here = Width ? Width : width;  // a constant here: a captured width is read through memory
@@ -118,13 +150,13 @@ struct MapBlock {
       for (int64_t t = begin; t < end; ++t, k = k + 1 < k_size ? k + 1 : 0, p += k == 0) {
         const int64_t columns = std::min(kColumns, n_size - p * kColumns);
         const Code* codes = b + k * stride_k + p * kColumns * stride_n;
-        float* dst = panels + (p * depth + k * width_here) * kColumns;
+        Entry* dst = panels + (p * depth + k * width_here) * kColumns;
         for (int64_t c = 0; c < columns; ++c) {
-          const float* maps = y + byte_of(codes[c * stride_n]) * width_here;
+          const Entry* maps = y + byte_of(codes[c * stride_n]) * width_here;
           for (int64_t i = 0; i < width_here; ++i) dst[i * kColumns + c] = maps[i];
         }
         for (int64_t i = 0; i < width_here; ++i) {
-          std::fill(dst + i * kColumns + columns, dst + (i + 1) * kColumns, 0.0f);
+          std::fill(dst + i * kColumns + columns, dst + (i + 1) * kColumns, Entry(0));
         }
       }
     });
@@ -147,13 +179,13 @@ struct MapBlock {
   // is compiled once per width and output type, not once per code type as well (the kernel's build
   // time stays about the same).
   using Prepare = void (*)(const void* a, int64_t m0, int64_t rows, int64_t k_size, int64_t k0, int64_t k1,
-                           const float* x, int64_t width, void* panel);
+                           const Entry* x, int64_t width, void* panel);
 
   template <int Width, bool Mapped, typename Code>
   static void prepare(const void* a, int64_t m0, int64_t rows, int64_t k_size, int64_t k0, int64_t k1,
-                      const float* x, int64_t width, void* panel) {
+                      const Entry* x, int64_t width, void* panel) {
     if constexpr (Mapped) {
-      map_rows<Width>(static_cast<const Code*>(a), m0, rows, k_size, x, width, static_cast<float*>(panel));
+      map_rows<Width>(static_cast<const Code*>(a), m0, rows, k_size, x, width, static_cast<Entry*>(panel));
     } else {
       offsets_of(static_cast<const Code*>(a), m0, rows, k_size, k0, k1, width, static_cast<int32_t*>(panel));
     }
@@ -164,27 +196,27 @@ struct MapBlock {
   // column panel reuses, with one the register block reads the maps at the block's offsets. Width
   // as for multiply. K runs in chunks whose float32 sums are exact; several chunks add up in float64.
   template <int Width, bool Mapped, typename Out>
-  static void rows(const void* a, Prepare prepare, int64_t m_size, int64_t k_size, int64_t n_size, const float* x,
-                   int64_t width, const float* panels, int64_t chunk, double denominator, Out* out) {
+  static void rows(const void* a, Prepare prepare, int64_t m_size, int64_t k_size, int64_t n_size, const Entry* x,
+                   int64_t width, const Entry* panels, int64_t chunk, double denominator, Out* out) {
     const int64_t depth = k_size * width, n_panels = (n_size + kColumns - 1) / kColumns;
     const int64_t blocks = (m_size + Rows - 1) / Rows;
     const int64_t grain = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, Rows * depth * n_panels * kColumns));
     at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
-      std::vector<float> a_panel(Mapped ? depth * Rows : 0);
+      std::vector<Entry> a_panel(Mapped ? depth * Rows : 0);
       std::vector<int32_t> offsets(Mapped ? 0 : kOffsetTile * Rows);
-      alignas(64) float part[Rows][kColumns];
+      alignas(64) Entry part[Rows][kColumns];
       double totals[Rows][kColumns];
       for (int64_t block = begin; block < end; ++block) {
         const int64_t m0 = block * Rows, rows = std::min<int64_t>(Rows, m_size - m0);
         if (Mapped) prepare(a, m0, rows, k_size, 0, k_size, x, width, a_panel.data());
         for (int64_t p = 0; p < n_panels; ++p) {
-          const float* b_panel = panels + p * depth * kColumns;
+          const Entry* b_panel = panels + p * depth * kColumns;
           const int64_t columns = std::min(kColumns, n_size - p * kColumns);
           Out* out_rows = out + m0 * n_size + p * kColumns;
           const bool one_chunk = chunk >= k_size;  // then the float32 sums are the totals
           for (int64_t k0 = 0; k0 < k_size; k0 += chunk) {
             const int64_t k1 = std::min(k_size, k0 + chunk);
-            MapFloats sums[Rows][Vectors] = {};
+            Vector sums[Rows][Vectors] = {};
             if constexpr (Mapped) {
               multiply<Width>(a_panel.data(), width, b_panel, k0, k1, sums);
             } else {
@@ -236,9 +268,10 @@ void map_gemm_groups(const torch::Tensor& a, const torch::Tensor& b, const torch
                      int64_t chunk, int64_t denominator, torch::Tensor& out) {
   const int64_t groups = a.size(0), m_size = a.size(1), k_size = a.size(2), n_size = b.size(2), width = x.size(1);
   const int64_t n_panels = (n_size + Block::kColumns - 1) / Block::kColumns;
-  torch::Tensor panels = torch::empty({n_panels * k_size * width * Block::kColumns}, torch::kFloat32);  // 64-byte aligned
-  const float *x_maps = x.data_ptr<float>(), *y_maps = y.data_ptr<float>();
-  float* b_panels = panels.data_ptr<float>();
+  using Entry = typename Block::Entry;
+  torch::Tensor panels = torch::empty({n_panels * k_size * width * Block::kColumns}, x.options());  // 64-byte aligned
+  const Entry *x_maps = x.data_ptr<Entry>(), *y_maps = y.data_ptr<Entry>();
+  Entry* b_panels = panels.data_ptr<Entry>();
   for (int64_t g = 0; g < groups; ++g) {
     const auto a_g = a[g], b_g = b[g];
     with_output(out, "map_gemm", [&](auto* out_ptr) {
@@ -268,23 +301,37 @@ void map_gemm_groups(const torch::Tensor& a, const torch::Tensor& b, const torch
   }
 }
 
+template <typename Arith>
+void map_gemm_blocks(const torch::Tensor& a, const torch::Tensor& b, const torch::Tensor& x, const torch::Tensor& y,
+                     int64_t chunk, int64_t denominator, torch::Tensor& out) {
+  if (b.size(2) <= kMapLanes) {
+    map_gemm_groups<MapBlock<kNarrowRows, 1, Arith>>(a, b, x, y, chunk, denominator, out);
+  } else {
+    map_gemm_groups<MapBlock<kWideRows, 2, Arith>>(a, b, x, y, chunk, denominator, out);
+  }
+}
+
 }  // namespace
 
-// The float32 low-rank plan (see the top of this part): codes a [G, M, K] and b [G, K, N] (any
-// strides for b), maps x, y float32 [256, W], K in chunks of `chunk` columns; written into out
-// [G, M, N] (float64 or int64) and returned.
+// The low-rank plan in one call (see the top of this part): codes a [G, M, K] and b [G, K, N] (any
+// strides for b), maps x, y [256, W] either float32 or int32 words of int16 map pairs (where
+// map_gemm_pairs()), K in chunks of `chunk` columns; written into out [G, M, N] (float64 or int64)
+// and returned.
 torch::Tensor map_gemm(torch::Tensor a, torch::Tensor b, torch::Tensor x, torch::Tensor y, int64_t chunk,
                        int64_t denominator, torch::Tensor out) {
   check_shapes("map_gemm", a, b, out);
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && y.dtype() == torch::kFloat32 && x.dim() == 2 && y.dim() == 2 &&
-              x.size(0) == 256 && y.size(0) == 256 && x.size(1) == y.size(1) && x.is_contiguous() &&
-              y.is_contiguous(), "map_gemm: float32 maps x, y [256, W] expected");
+  const bool pairs = x.dtype() == torch::kInt32;
+  TORCH_CHECK((x.dtype() == torch::kFloat32 || (pairs && kPairMaps)) && y.dtype() == x.dtype() && x.dim() == 2 &&
+              y.dim() == 2 && x.size(0) == 256 && y.size(0) == 256 && x.size(1) == y.size(1) && x.is_contiguous() &&
+              y.is_contiguous(), "map_gemm: float32 maps x, y [256, W] (or int32 pair words where built) expected");
   TORCH_CHECK(chunk >= 1 && denominator >= 1, "map_gemm: chunk >= 1 and denominator >= 1 expected");
   a = a.contiguous();
-  if (b.size(2) <= kMapLanes) {
-    map_gemm_groups<MapBlock<kNarrowRows, 1>>(a, b, x, y, chunk, denominator, out);
+  if (!pairs) {
+    map_gemm_blocks<FloatMaps>(a, b, x, y, chunk, denominator, out);
   } else {
-    map_gemm_groups<MapBlock<kWideRows, 2>>(a, b, x, y, chunk, denominator, out);
+#ifdef APPROXRUN_PAIR_MAPS
+    map_gemm_blocks<PairMaps>(a, b, x, y, chunk, denominator, out);
+#endif
   }
   return out;
 }
@@ -292,3 +339,6 @@ torch::Tensor map_gemm(torch::Tensor a, torch::Tensor b, torch::Tensor x, torch:
 // Lanes of one vector of map_gemm's register blocks (8: AVX2, 16: AVX-512): b of up to this many
 // columns gets blocks of one vector, wider b of two.
 int64_t map_gemm_lanes() { return kMapLanes; }
+
+// Whether map_gemm takes int16 map pairs (AVX2 or AVX-512 BW builds).
+bool map_gemm_pairs() { return kPairMaps; }

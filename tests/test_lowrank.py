@@ -76,15 +76,22 @@ def machine(int8_mac: float, float32_mac: float, gather_lookup: float = 1e-9) ->
 
 AVX2_ONLY = machine(int8_mac=5e-10, float32_mac=3e-11)  # int8 GEMMs ~15x slower than float32 (issue 13)
 AMX_LIKE = machine(int8_mac=1e-12, float32_mac=1e-11)  # int8 GEMMs nearly free
-PLAN_LOG = {"int8": "int8 GEMMs", "float32": "float32 GEMMs", "float64": "float64 GEMM"}
+PLAN_LOG = {"int8": "int8 GEMMs", "int16": "compiled int16 map GEMM", "float32": "float32 GEMMs",
+            "float64": "float64 GEMM"}
+PAIRS_BUILT = native.load() is not None and native.load().map_pairs  # the compiled int16 plan (AVX2 / AVX-512 BW)
+WITH_PAIRS = Calibration(**{**AMX_LIKE.as_dict(), "native_pair_entry": 1e-10, "native_pair_mac": 1e-11})
 
 
 def forced(lut, kind: str, signed=(True, True)) -> LutEngine:
-    """An engine that runs every GEMM on one low-rank plan kind (or a conv route)."""
+    """An engine that runs every GEMM on one low-rank plan kind (or a conv route; int16: the
+    compiled kernel's, which needs the native route)."""
     if kind == "int8" and not INT8_EXACT:
         pytest.skip("torch's int8 GEMM is not exact here")
+    if kind == "int16" and not PAIRS_BUILT:
+        pytest.skip("the compiled int16 plan is not built here (needs AVX2 or AVX-512 BW)")
     lut = lut.lut if hasattr(lut, "lut") else lut
-    return LutEngine(lut, *signed, strategy="lowrank", routes=(kind,), calibration=AMX_LIKE)
+    routes = (kind, "native") if kind == "int16" else (kind,)
+    return LutEngine(lut, *signed, strategy="lowrank", routes=routes, calibration=WITH_PAIRS)
 
 
 @pytest.fixture
@@ -103,7 +110,7 @@ def test_random_low_rank_lut_is_factored_exactly(rank):
     assert np.array_equal(x.dot(y.T), lut.astype(object) * table.denominator)
 
 
-@pytest.mark.parametrize("kind", ["int8", "float32", "float64"])
+@pytest.mark.parametrize("kind", ["int8", "int16", "float32", "float64"])
 @pytest.mark.parametrize("rank", range(1, 9))
 def test_every_plan_matches_oracle_for_asymmetric_ranks(rank, kind, lowrank_log):
     rng = np.random.default_rng(100 + rank)
@@ -117,12 +124,13 @@ def test_every_plan_matches_oracle_for_asymmetric_ranks(rank, kind, lowrank_log)
         assert out.dtype == torch.int64
         assert np.array_equal(out.numpy(), matmul_oracle(a, b, lut))
     exists = {"int8": engine.lowrank.int8 is not None, "float32": engine.lowrank.term_bound < 2**24,
+              "int16": any(f.map_bound < 2**15 and f.term_bound < 2**31 for f in engine.lowrank.forms),
               "float64": True}  # rational factors of ranks >= 3 are too large for int8 or float32 maps
     assert ran == exists[kind] and (PLAN_LOG[kind] in lowrank_log.text) == exists[kind]
     assert rank > 2 or exists[kind]
 
 
-@pytest.mark.parametrize("kind", ["int8", "float32", "float64"])
+@pytest.mark.parametrize("kind", ["int8", "int16", "float32", "float64"])
 @pytest.mark.parametrize("rank, signed", [(1, (True, True)), (2, (False, False)), (2, (True, False))])
 def test_large_k_matches_oracle(kind, rank, signed, lowrank_log):
     """K = 4100: sums reach far beyond 2**24, so one float32 GEMM could not be exact."""
@@ -255,7 +263,7 @@ def test_conv_matches_oracle(rank, stride, padding, dilation, groups, pad_value,
     assert np.array_equal(out.numpy(), expected)
 
 
-@pytest.mark.parametrize("kind", ["int8", "float32", "float64"])
+@pytest.mark.parametrize("kind", ["int8", "int16", "float32", "float64"])
 def test_conv_unfolded_plans_match_oracle(kind, lowrank_log):
     """Every GEMM plan inside a convolution (unfolded rows: the maps-first routes are off)."""
     rng = np.random.default_rng(13)

@@ -1,6 +1,7 @@
-"""The compiled float32 low-rank plan (maps read by code and multiplied in registers) against the
-float64 gather oracle: odd shapes around its register blocks, K chunks, several groups, every code
-dtype, a strided b, denominators; and its route through the engine."""
+"""The compiled low-rank plans (maps read by code and multiplied in registers: float32 maps, or
+int16 maps in pairs where built) against the float64 gather oracle: odd shapes around their
+register blocks, K chunks, several groups, every code dtype, a strided b, denominators, int16 maps
+at their limit; and their routes through the engine."""
 
 import logging
 
@@ -16,24 +17,29 @@ from test_lowrank import AMX_LIKE, codes, low_rank_lut, matmul_oracle
 
 KERNEL = native.load()
 needs_kernel = pytest.mark.skipif(KERNEL is None, reason="needs a C++ toolchain")
+MAPS = ["float32", "int16"]  # the maps each test runs the kernel with (int16: where built)
 
 
 def grouped_oracle(a, b, lut):
     return np.stack([matmul_oracle(a[g], b[g], lut) for g in range(a.shape[0])])
 
 
-def run(a, b, form: LowRankTable, chunk: int, out_dtype=torch.float64) -> torch.Tensor:
-    x, y = form.maps("cpu", torch.float32)
+def run(a, b, form: LowRankTable, chunk: int, out_dtype=torch.float64, maps: str = "float32") -> torch.Tensor:
+    if maps == "int16" and not KERNEL.map_pairs:
+        pytest.skip("the int16 plan is not built here (needs AVX2 or AVX-512 BW)")
+    x, y = form.pair_words("cpu") if maps == "int16" else form.maps("cpu", torch.float32)
     return KERNEL.map_gemm(a, b, x, y, chunk, form.denominator, out_dtype)
 
 
 @needs_kernel
+@pytest.mark.parametrize("maps", MAPS)
 @pytest.mark.parametrize("n", [1, 6, 8, 9, 16, 17, 33, 70])
-def test_map_gemm_matches_oracle_around_register_blocks(n):
+def test_map_gemm_matches_oracle_around_register_blocks(n, maps):
     """N on both sides of one vector (8 or 16 lanes) and of two; M = 1, 13 and 37 leave partial row
     blocks; K = 300 in chunks of 1, 7 and all of K; two groups; the whole-table form of DRUM (width
     1), an asymmetric rank-2 error plus the exact product (width 3) and asymmetric integer maps of
-    widths 2, 4 and 5 (the kernel's versions for fixed widths and the one for any width)."""
+    widths 2, 4 and 5 (the kernel's versions for fixed widths and the one for any width; int16
+    pairs: odd widths padded)."""
     rng = np.random.default_rng(50 + n)
     tables = [get_multiplier("drum_4").engine.lowrank.forms[-1], LutEngine(low_rank_lut(2, seed=n)).lowrank]
     tables += [LowRankTable.of(rng.integers(-128, 128, (256, w)), rng.integers(-90, 60, (256, w)), 1) for w in (2, 4, 5)]
@@ -43,12 +49,13 @@ def test_map_gemm_matches_oracle_around_register_blocks(n):
             a, b = codes(rng, (2, m, 300)), codes(rng, (2, 300, n))
             expected = grouped_oracle(a.numpy(), b.numpy(), lut)
             for chunk in (1, 7, 300):
-                assert np.array_equal(run(a, b, form, chunk).numpy(), expected), (form.width, m, n, chunk)
+                assert np.array_equal(run(a, b, form, chunk, maps=maps).numpy(), expected), (form.width, m, n, chunk)
 
 
 @needs_kernel
+@pytest.mark.parametrize("maps", MAPS)
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int16, torch.int64, torch.float32])
-def test_map_gemm_reads_every_code_dtype_and_strides(dtype):
+def test_map_gemm_reads_every_code_dtype_and_strides(dtype, maps):
     """Codes are read by their byte (negative ones and ones beyond a byte included), with b of one
     column panel (a's maps read at its codes) and of several (a's rows mapped into a panel); b
     transposed in memory; int64 and float64 results."""
@@ -60,12 +67,13 @@ def test_map_gemm_reads_every_code_dtype_and_strides(dtype):
         a, b = codes(rng, (1, 23, 150), lo, hi).to(dtype), codes(rng, (1, n, 150), lo, hi).to(dtype).transpose(1, 2)
         expected = grouped_oracle(a.long().numpy(), b.long().numpy(), lut)
         for out_dtype in (torch.int64, torch.float64):
-            out = run(a, b, form, 150, out_dtype)
+            out = run(a, b, form, 150, out_dtype, maps)
             assert out.dtype == out_dtype and np.array_equal(out.numpy(), expected), (n, out_dtype)
 
 
 @needs_kernel
-def test_map_gemm_divides_by_the_denominator_exactly():
+@pytest.mark.parametrize("maps", MAPS)
+def test_map_gemm_divides_by_the_denominator_exactly(maps):
     """denominator * table == x @ y.T with x a multiple of the denominator: results are the exact
     integer quotients, in int64 and float64."""
     rng = np.random.default_rng(52)
@@ -74,7 +82,24 @@ def test_map_gemm_divides_by_the_denominator_exactly():
     a, b = codes(rng, (3, 9, 41)), codes(rng, (3, 41, 20))
     expected = grouped_oracle(a.numpy(), b.numpy(), u @ v.T)
     for out_dtype in (torch.int64, torch.float64):
-        assert np.array_equal(run(a, b, form, 41, out_dtype).numpy(), expected)
+        assert np.array_equal(run(a, b, form, 41, out_dtype, maps).numpy(), expected)
+
+
+@needs_kernel
+@pytest.mark.parametrize("width", [1, 2])
+def test_int16_maps_at_their_limit_are_exact(width):
+    """Maps of magnitude up to 2**15 - 1 (width 2: a pair's products reach 2 * 32767**2, just below
+    2**31; width 1: padded with zeros): one K column per chunk, the chunks summed exactly."""
+    rng = np.random.default_rng(54 + width)
+    limit = 2**15 - 1
+    x, y = (rng.choice([-limit, limit, -limit + 1, 0, 1, 12345], (256, width)) for _ in range(2))
+    form = LowRankTable.of(x, y, 1)
+    assert form.map_bound == limit
+    a, b = codes(rng, (1, 19, 60)), codes(rng, (1, 60, 21))
+    chunk = (2**31 - 1) // form.term_bound
+    assert chunk >= 1 and chunk * form.term_bound < 2**31
+    expected = grouped_oracle(a.numpy(), b.numpy(), x @ y.T)
+    assert np.array_equal(run(a, b, form, chunk, torch.int64, "int16").numpy(), expected)
 
 
 @needs_kernel
@@ -82,6 +107,8 @@ def test_map_gemm_rejects_bad_maps():
     a, b = torch.zeros(1, 2, 3, dtype=torch.int32), torch.zeros(1, 3, 4, dtype=torch.int32)
     with pytest.raises(RuntimeError, match="float32 maps"):
         KERNEL.map_gemm(a, b, torch.zeros(256, 2, dtype=torch.float64), torch.zeros(256, 2), 3, 1)
+    with pytest.raises(RuntimeError, match="float32 maps"):  # int32 words of pairs with float maps
+        KERNEL.map_gemm(a, b, torch.zeros(256, 1, dtype=torch.int32), torch.zeros(256, 1), 3, 1)
     with pytest.raises(RuntimeError, match="chunk"):
         KERNEL.map_gemm(a, b, torch.zeros(256, 1), torch.zeros(256, 1), 0, 1)
 
@@ -116,3 +143,37 @@ def test_compiled_plan_needs_a_calibration_and_the_argument():
     plans = candidate_plans(table, 1, 64, 4096, 64, cpu, COMPILED_FAST, compiled=True)
     compiled, float32 = (next(p for p in plans if p.kind == "float32" and p.compiled == flag) for flag in (True, False))
     assert compiled.k_chunk == float32.k_chunk and compiled.k_chunk * compiled.form.term_bound < 2**24
+
+
+PAIRS_FAST = Calibration(**{**COMPILED_FAST.as_dict(), "native_pair_entry": 1e-14, "native_pair_mac": 1e-15})
+
+
+@needs_kernel
+def test_engine_takes_the_int16_plan_when_its_figures_say_so(caplog):
+    """Figures where int16 pairs are cheapest (an AVX2 machine's wide layers): kulkarni's width-2
+    maps run as one word per code, exactly; without the int16 route, or without its figures (not
+    built), the float32 plan runs instead."""
+    if not KERNEL.map_pairs:
+        pytest.skip("the int16 plan is not built here (needs AVX2 or AVX-512 BW)")
+    multiplier = get_multiplier("kulkarni", signed=False)
+    engine = LutEngine(multiplier.lut, False, False, calibration=PAIRS_FAST, trials=0)
+    rng = np.random.default_rng(55)
+    a, b = codes(rng, (37, 300), 0, 256), codes(rng, (300, 29), 0, 256)
+    with caplog.at_level(logging.DEBUG, logger="approxrun.ops.lowrank"):
+        out = lut_matmul(a, b, engine)
+    assert "compiled int16 map GEMM over 300 K columns, 2 map columns" in caplog.text
+    assert np.array_equal(out.numpy(), matmul_oracle(a.numpy(), b.numpy(), multiplier.lut))
+    for routes, calibration in ((("native", "int8", "float32", "float64"), PAIRS_FAST),
+                                (("native", "int8", "int16", "float32", "float64"), COMPILED_FAST)):
+        other = LutEngine(multiplier.lut, False, False, routes=routes, calibration=calibration, trials=0)
+        assert other.chosen_route(1, 37, 300, 29, "cpu").startswith("compiled float32")
+
+
+def test_int16_plan_needs_maps_below_2_15():
+    """A form whose maps reach 2**15 has no int16 plan; the int16 plan's chunk keeps int32 sums."""
+    cpu = torch.device("cpu")
+    small = LowRankTable.of(np.full((256, 2), 300), np.full((256, 2), -200), 1)
+    large = LowRankTable.of(np.full((256, 1), 2**15), np.full((256, 1), 3), 1)
+    plan = next(p for p in candidate_plans(small, 1, 64, 100000, 64, cpu, PAIRS_FAST, compiled=True) if p.kind == "int16")
+    assert plan.compiled and plan.k_chunk * small.term_bound < 2**31 < (plan.k_chunk + 1) * small.term_bound
+    assert not any(p.kind == "int16" for p in candidate_plans(large, 1, 64, 64, 64, cpu, PAIRS_FAST, compiled=True))

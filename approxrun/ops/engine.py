@@ -5,8 +5,8 @@ image), the LUT-derived gradient tables, the exact low-rank factorizations and t
 the per-shape plans and the route choice. Its settings are its own: ``strategy`` (``"auto"``: the
 fastest exact route by the machine's measured costs, ``"gather"``, ``"lowrank"``: low rank whenever
 an exact plan exists), the routes it may use (``routes``: the plan kinds, ``map_conv``, and
-``native``: the compiled kernels, for the gathers and, with ``float32``, the compiled float32
-plan), a ``lookup_cost`` factor on the gather's
+``native``: the compiled kernels, for the gathers and, with ``float32`` or ``int16``, the compiled
+low-rank plans), a ``lookup_cost`` factor on the gather's
 modelled time, and the :class:`~approxrun.ops.lowrank.Calibration` (by default measured once per
 machine and cached on disk, see :mod:`approxrun.ops.lowrank.calibration`).
 
@@ -248,12 +248,12 @@ class LutEngine:
         """The exact low-rank plans of a shape with their modelled times (see :func:`candidate_plans`)."""
         cal = None if device.type != "cpu" else self.calibration
         return candidate_plans(self.lowrank, groups, m, k, n, device, cal, byte_codes, self.routes,
-                               self._compiled_float_usable(device))
+                               self._compiled_usable(device))
 
-    def _compiled_float_usable(self, device) -> bool:
-        """Whether the compiled kernel may run float32 low-rank plans here."""
-        return (device.type == "cpu" and "native" in self.routes and "float32" in self.routes
-                and self.kernel() is not None and math.isfinite(self.calibration.native_map_mac))
+    def _compiled_usable(self, device) -> bool:
+        """Whether the compiled kernel may run low-rank plans here (of the kinds in ``routes``)."""
+        return (device.type == "cpu" and "native" in self.routes and self.kernel() is not None
+                and math.isfinite(min(self.calibration.native_map_mac, self.calibration.native_pair_mac)))
 
     def _permute_usable(self, k: int) -> bool:
         return (self.kernel().permutes and math.isfinite(self.calibration.native_permute_group)

@@ -76,6 +76,7 @@ class NativeGemm:
         self._module = module
         self.permutes = bool(module.permute_available())  # the in-register strategy was built (AVX-512 VBMI)
         self.map_lanes = int(module.map_gemm_lanes())  # float32 lanes of map_gemm's vectors (8 or 16)
+        self.map_pairs = bool(module.map_gemm_pairs())  # whether map_gemm takes int16 map pairs
 
     def __call__(self, a: torch.Tensor, b: torch.Tensor, lut_image: torch.Tensor, wide_sums: bool,
                  tables: bool = False, out_dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -111,9 +112,10 @@ class NativeGemm:
 
     def map_gemm(self, a: torch.Tensor, b: torch.Tensor, x: torch.Tensor, y: torch.Tensor, chunk: int,
                  denominator: int, out_dtype: torch.dtype = torch.float64) -> torch.Tensor:
-        """The float32 low-rank plan in one call: [G, M, N] = sum over k and i of x[byte(a), i] *
-        y[byte(b), i] / denominator, with integer float32 maps [256, W] (the caller proves every
-        partial sum over ``chunk`` K columns an integer below 2**24), mapped and multiplied in registers."""
+        """The compiled low-rank plan in one call: [G, M, N] = sum over k and i of x[byte(a), i] *
+        y[byte(b), i] / denominator, mapped and multiplied in registers. Maps [256, W]: integer
+        float32 (the caller proves every partial sum over ``chunk`` K columns an integer below
+        2**24), or where ``map_pairs`` int32 words of int16 map pairs (below 2**31)."""
         return self._module.map_gemm(_readable(a), _readable(b), x, y, chunk, denominator, _result(a, b, out_dtype))
 
 
@@ -132,7 +134,7 @@ def _readable(codes: torch.Tensor) -> torch.Tensor:
 
 
 FUNCTIONS = ["lut_gemm", "lut_gemm_table", "lut_gemm_permute", "permute_available", "gather_rows",
-             "int8_lowrank_gemm", "map_gemm", "map_gemm_lanes"]
+             "int8_lowrank_gemm", "map_gemm", "map_gemm_lanes", "map_gemm_pairs"]
 SOURCES = ("lut_cpu.cpp", "lut_cpu_permute.cpp", "lut_cpu_maps.cpp")  # one translation unit, in this order
 ISA_CEILINGS = {"default": "-march=x86-64", "avx2": "-march=x86-64-v3"}  # ATEN_CPU_CAPABILITY -> -march
 

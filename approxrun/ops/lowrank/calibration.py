@@ -33,7 +33,7 @@ __all__ = ["Calibration", "map_gemm_columns", "machine_key", "cpu_description", 
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "APPROXRUN_CACHE"
-FORMAT = 8  # bump when the measured figures change meaning
+FORMAT = 9  # bump when the measured figures change meaning
 ISA_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "DNNL_MAX_CPU_ISA")
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512vbmi", "amx_tile", "amx_int8")
 GEMM_WIDTHS = (8, 32, 128)  # N of the timed GEMMs; other widths interpolate on log N
@@ -101,6 +101,8 @@ class Calibration:
     native_map_entry: float = math.inf  # the compiled float32 low-rank plan (inf: not built): per map read
     native_map_mac: float = math.inf  # and per multiply-add of its register blocks (N padded to its vectors)
     native_map_lanes: int = 8  # float32 lanes of those vectors
+    native_pair_entry: float = math.inf  # the compiled int16 plan (inf: not built): per read of a pair word
+    native_pair_mac: float = math.inf  # and per multiply-add of pair words (two map columns each)
     call_overhead: dict = field(default_factory=dict)  # route family -> fixed seconds per call
     machine: dict = field(default_factory=dict)
 
@@ -146,13 +148,15 @@ class Calibration:
         ``float64`` and ``compiled`` float32 plans; 0 where not measured."""
         return self.call_overhead.get(route, 0.0)
 
-    def map_gemm_time(self, groups: int, m: int, k: int, n: int, width: int) -> float:
-        """Modelled time of the compiled float32 low-rank plan with ``width`` map columns: the map
-        reads of both operands, the multiply-adds of its padded columns (:func:`map_gemm_columns`)
-        and the call's fixed cost."""
+    def map_gemm_time(self, groups: int, m: int, k: int, n: int, width: int, pairs: bool = False) -> float:
+        """Modelled time of the compiled low-rank plan with ``width`` map columns (``pairs``: the
+        int16 plan, two columns per word): the map reads of both operands, the multiply-adds of its
+        padded columns (:func:`map_gemm_columns`) and the call's fixed cost."""
         padded = map_gemm_columns(n, self.native_map_lanes)
-        return (groups * width * ((m * k + k * n) * self.native_map_entry + m * k * padded * self.native_map_mac)
-                + self.overhead("compiled"))
+        entry, mac = (self.native_pair_entry, self.native_pair_mac) if pairs else (self.native_map_entry,
+                                                                                   self.native_map_mac)
+        words = -(-width // 2) if pairs else width
+        return groups * words * ((m * k + k * n) * entry + m * k * padded * mac) + self.overhead("compiled")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -283,13 +287,14 @@ def _measure_round() -> Calibration:
     small = torch.ones(32, 64, dtype=torch.int8)
     int8_call = _best_time(lambda: torch._int_mm(small, small.t().contiguous())) if int8_exact else math.inf
     native_lookup, native_table_entry, native_row_add, permute_group, permute_code = _native_figures(generator)
-    map_read, map_mac, map_lanes = _map_gemm_figures(generator)
+    map_read, map_mac = _map_gemm_figures(generator, pairs=False)
+    pair_read, pair_mac = _map_gemm_figures(generator, pairs=True)
     backward_lookup = _backward_figure(generator)
     overheads = _call_overheads(generator, int8_exact, int8_call)
     log.info("LUT route calibration measured in %.2f s", time.perf_counter() - start)
     return Calibration(lookup, row, table, direct, gemm, map_entry, word_index, pair_index, int8_call, accumulate,
                        int8_exact, backward_lookup, native_lookup, native_table_entry, native_row_add, permute_group,
-                       permute_code, map_read, map_mac, map_lanes, overheads, machine_key())
+                       permute_code, map_read, map_mac, _map_lanes(), pair_read, pair_mac, overheads, machine_key())
 
 
 def _map_gather():
@@ -375,15 +380,23 @@ def _call_overheads(generator: torch.Generator, int8_exact: bool, int8_call: flo
     return overheads
 
 
-def _map_gemm_figures(generator: torch.Generator) -> tuple[float, float, int]:
-    """The compiled float32 low-rank plan (inf where the kernel is not built): seconds per map read
-    and per multiply-add of its register blocks, fitted to a shape bound by multiply-adds and one
-    bound by map reads; and its vectors' lanes."""
+def _map_lanes() -> int:
+    """The float32 lanes of the compiled low-rank plans' vectors (8 where the kernel is not built)."""
     from approxrun.ops import native
     kernel = native.load()
-    if kernel is None:
-        return math.inf, math.inf, 8
-    x, y = (torch.randint(-100, 101, (256, 1), generator=generator).float() for _ in range(2))
+    return 8 if kernel is None else kernel.map_lanes
+
+
+def _map_gemm_figures(generator: torch.Generator, pairs: bool) -> tuple[float, float]:
+    """A compiled low-rank plan, float32 or (``pairs``) int16 (inf where it is not built): seconds
+    per map read (pair word) and per multiply-add of its register blocks, fitted to a shape bound
+    by multiply-adds and one bound by map reads."""
+    from approxrun.ops import native
+    kernel = native.load()
+    if kernel is None or (pairs and not kernel.map_pairs):
+        return math.inf, math.inf
+    x, y = (torch.randint(-100, 101, (256, 1), generator=generator) for _ in range(2))
+    x, y = (t.int() if pairs else t.float() for t in (x, y))  # a word: the pair (t, 0)
     lanes = kernel.map_lanes
     shapes = ((512, 256, 128), (16384, 64, 4))  # (M, K, N)
     terms, times = [], []
@@ -392,7 +405,7 @@ def _map_gemm_figures(generator: torch.Generator) -> tuple[float, float, int]:
         terms.append((m * k + k * n, m * k * map_gemm_columns(n, lanes)))
         times.append(_best_time(lambda: kernel.map_gemm(a, b, x, y, k, 1)))
     read, mac = _relative_nnls(np.array(terms, dtype=float), np.array(times))
-    return float(read), float(mac), lanes
+    return float(read), float(mac)
 
 
 def _relative_nnls(terms: np.ndarray, times: np.ndarray) -> np.ndarray:

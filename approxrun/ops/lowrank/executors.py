@@ -2,7 +2,7 @@
 
 - float plans: maps gathered by byte index, then float32 GEMMs over K chunks whose
   partial sums are integers below 2**24, summed in float64, or one float64 GEMM, rounded; a
-  compiled float32 plan is one call of the compiled kernel;
+  compiled float32 or int16 plan is one call of the compiled kernel;
 - int8 plan (CPU): one gather of packed int8 words per index (per two indices for int8/uint8 codes:
   a byte pair indexes a 65536-word table), int8 GEMMs with int32 sums below 2**31;
 - convolutions gather maps per input element, not per unfolded one: map-then-conv (one float32
@@ -12,7 +12,7 @@
 
 The executors take ``kernel``, the compiled CPU kernels (:class:`approxrun.ops.native.NativeGemm`)
 or None: with them every map gather is one pass over the codes and the int8 plan one call; without
-them, torch ops (:func:`torch_gather_rows`). A compiled float32 plan needs them.
+them, torch ops (:func:`torch_gather_rows`). A compiled plan needs them.
 """
 
 from __future__ import annotations
@@ -55,9 +55,10 @@ def lowrank_gemm(a: torch.Tensor, b: torch.Tensor, table: LowRankTable, plan: Ge
     if plan.kind == "int8":
         return _int8_gemm(a, b, table.int8, plan.k_chunk, kernel, out_dtype)
     form = table if plan.form is None else plan.form
-    x, y = form.maps(a.device, plan.dtype)
     if plan.compiled:  # maps read and multiplied in one compiled call
+        x, y = form.pair_words(a.device) if plan.kind == "int16" else form.maps(a.device, plan.dtype)
         return kernel.map_gemm(a, b, x, y, plan.k_chunk, form.denominator, out_dtype)
+    x, y = form.maps(a.device, plan.dtype)
     gather_rows = _gatherer(kernel)
     groups, m, k = a.shape
     n = b.shape[2]

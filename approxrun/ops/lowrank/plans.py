@@ -1,9 +1,10 @@
 """Exact plans for one LUT GEMM shape and their modelled time on this machine.
 
 A plan is exact by construction, proven per call from the factorization's bounds: int8 GEMMs
-whose int32 sums stay below 2**31 over ``k_chunk`` K columns; float32 GEMMs over ``k_chunk``
-columns whose partial sums are integers below 2**24 (summed in float64, exact below 2**53); or one
-float64 GEMM whose worst-case rounding error stays below 0.5. The time of each plan and of the
+whose int32 sums stay below 2**31 over ``k_chunk`` K columns; the compiled int16 plan (maps below
+2**15 multiplied in pairs, int32 sums below 2**31 over ``k_chunk`` columns); float32 GEMMs over
+``k_chunk`` columns whose partial sums are integers below 2**24 (chunks summed in float64, exact
+below 2**53); or one float64 GEMM whose worst-case rounding error stays below 0.5. The time of each plan and of the
 gather comes from the machine's :class:`~approxrun.ops.lowrank.calibration.Calibration`.
 """
 
@@ -23,9 +24,10 @@ __all__ = ["PLAN_KINDS", "GemmPlan", "candidate_plans", "map_conv_time", "float3
            "byte_pairs_readable", "INT32_EXACT"]
 
 FLOAT64_EXACT = 2**53
-INT32_EXACT = 2**31  # int8 GEMMs sum in int32
+INT32_EXACT = 2**31  # int8 GEMMs and the int16 plan sum in int32
+INT16_LIMIT = 2**15  # the int16 plan's maps: magnitudes below it
 UNIT_ROUNDOFF = 2.0**-53
-PLAN_KINDS = ("int8", "float32", "float64")
+PLAN_KINDS = ("int8", "int16", "float32", "float64")
 
 
 @dataclass(frozen=True)
@@ -33,8 +35,9 @@ class GemmPlan:
     """How one LUT GEMM runs exactly: ``kind`` GEMMs over ``k_chunk`` K columns, summed in
     int64/float64 (float64: one GEMM, rounded); ``time`` is the modelled seconds. ``form``: the
     factorization a float plan multiplies (one of the table's :attr:`~LowRankTable.forms`; None:
-    the table itself); int8 plans run the table's int8 maps. ``compiled``: a float32 plan run by
-    the compiled kernel (:meth:`~approxrun.ops.native.NativeGemm.map_gemm`), not torch's GEMMs."""
+    the table itself); int8 plans run the table's int8 maps. ``compiled``: a plan run by the
+    compiled kernel (:meth:`~approxrun.ops.native.NativeGemm.map_gemm`), not torch's GEMMs: float32,
+    or int16 (compiled only)."""
 
     kind: str
     k_chunk: int
@@ -51,7 +54,7 @@ class GemmPlan:
         if self.kind == "float64":
             return "float64 GEMM, rounded" + width
         if self.compiled:
-            return f"compiled float32 map GEMM over {self.k_chunk} K columns{width}"
+            return f"compiled {self.kind} map GEMM over {self.k_chunk} K columns{width}"
         return f"{self.kind} GEMMs over {self.k_chunk} K columns{width}"
 
 
@@ -105,6 +108,15 @@ def _int8_time(cal: Calibration, groups: int, m: int, k: int, n: int, width: int
     return groups * (rows + gemms + calls * (m * n * cal.accumulate + cal.int8_call)) + cal.overhead("int8")
 
 
+def _pair_plan(form: LowRankTable, groups: int, m: int, k: int, n: int, calibration: Calibration) -> GemmPlan | None:
+    """The exact compiled int16 plan of one factorization, or None where its maps exceed int16."""
+    chunk = min(k, (INT32_EXACT - 1) // max(1, form.term_bound))
+    if chunk < 1 or form.map_bound >= INT16_LIMIT or k * form.term_bound >= FLOAT64_EXACT:
+        return None
+    time = calibration.map_gemm_time(groups, m, k, n, form.width, pairs=True)
+    return GemmPlan("int16", chunk, time, form, compiled=True)
+
+
 def _float_plan(form: LowRankTable, kind: str, groups: int, m: int, k: int, n: int, device: torch.device,
                 calibration: Calibration | None, compiled: bool = False) -> GemmPlan | None:
     """The exact ``kind`` plan of one factorization (``compiled``: float32 by the compiled kernel),
@@ -129,7 +141,8 @@ def candidate_plans(table: LowRankTable, groups: int, m: int, k: int, n: int, de
     """Every exact plan of ``kinds`` for a [G, M, K] x [G, K, N] LUT GEMM with its modelled time
     (0 without a calibration, on CUDA: see :meth:`~approxrun.ops.engine.LutEngine`), the cheapest
     form of each. ``byte_codes``: the rows side holds int8/uint8 codes, which the int8 plan gathers
-    in pairs; ``compiled``: the compiled float32 plan runs here (a CPU calibration is given)."""
+    in pairs; ``compiled``: the compiled plans run here (a CPU calibration is given: each compiled
+    plan where it has figures for it)."""
     plans = []
     cal = calibration
     int8 = table.int8 if "int8" in kinds and device.type == "cpu" else None
@@ -138,11 +151,14 @@ def candidate_plans(table: LowRankTable, groups: int, m: int, k: int, n: int, de
         paired = byte_codes and k % 2 == 0 and int8.width == 4 and byte_pairs_readable()
         time = _int8_time(cal, groups, m, k, n, int8.width, chunk, paired, bool(int8.code_scale))
         plans.append(GemmPlan("int8", chunk, time))
-    for kind, compiled_kind in (("float32", False), ("float32", True), ("float64", False)):
-        if compiled_kind and not (compiled and cal is not None):
+    for kind, compiled_kind in (("float32", False), ("float32", True), ("int16", True), ("float64", False)):
+        if kind not in kinds or (compiled_kind and not (compiled and cal is not None)):
             continue
-        options = [plan for form in table.forms if kind in kinds
-                   and (plan := _float_plan(form, kind, groups, m, k, n, device, cal, compiled_kind))]
+        if compiled_kind and not math.isfinite(cal.native_pair_mac if kind == "int16" else cal.native_map_mac):
+            continue  # not built here
+        options = [plan for form in table.forms
+                   if (plan := _pair_plan(form, groups, m, k, n, cal) if kind == "int16"
+                       else _float_plan(form, kind, groups, m, k, n, device, cal, compiled_kind))]
         if options:
             plans.append(min(options, key=lambda p: (p.time, p.form.width, p.form.term_bound)))
     return plans

@@ -95,6 +95,26 @@ class LowRankTable:
                                                            device=device).contiguous() for t in (x, self.y))
         return self._device_maps[key]
 
+    @property
+    def map_bound(self) -> int:
+        """The largest magnitude of a map entry (the int16 plan needs it below 2**15)."""
+        return int(max(np.abs(self.x).max(initial=0), np.abs(self.y).max(initial=0)))
+
+    def pair_words(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) on ``device`` as int16 maps two columns per int32 word, [256, ceil(width / 2)] (an
+        odd width padded with a zero column; column 2j in the low half, as the little-endian x86 CPUs
+        that run the compiled int16 plan read it): what that plan multiplies (:attr:`map_bound`
+        below 2**15 only)."""
+        key = (str(device), "pairs")
+        if key not in self._device_maps:
+            words = []
+            for t in (self.x, self.y):
+                maps = np.zeros((t.shape[0], t.shape[1] + t.shape[1] % 2), dtype="<i2")
+                maps[:, :t.shape[1]] = np.asarray(t, dtype=np.int64)
+                words.append(torch.from_numpy(maps.view("<i4").astype(np.int32)).to(device))
+            self._device_maps[key] = tuple(words)
+        return self._device_maps[key]
+
 
 @dataclass(eq=False)
 class ConvMaps:
