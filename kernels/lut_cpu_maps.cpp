@@ -16,42 +16,70 @@
 // SSE pairs).
 namespace {
 
-// Rows of the register blocks, sized to the register file with the b vectors and a broadcast: 32
-// registers with AVX-512, 16 with AVX2 (a spilled sum makes every FMA wait on memory: with an
-// earlier panel layout GCC spilled one of 6 x 2 AVX2 sums, 10.2 ms at (4096, 1152, 128) against
-// 7.1 ms for 5 x 2; with this layout 6 x 2 does not spill and runs like 5 x 2, within the noise).
 #if defined(__AVX512F__)
-constexpr int kMapLanes = 16, kWideRows = 8, kNarrowRows = 16;
+constexpr int kMapLanes = 16;
 #else
-constexpr int kMapLanes = 8, kWideRows = 5, kNarrowRows = 12;
+constexpr int kMapLanes = 8;
 #endif
 
 // How a register block multiplies the maps. FloatMaps: float32 maps, one FMA per map column.
 // PairMaps: int16 maps, two map columns in one int32 word, multiplied and added in pairs (vpmaddwd;
 // vpdpwssd with AVX-512 VNNI): two map columns per instruction pair where an FMA does one, exact in
 // int32 (maps below 2**15, every partial sum below 2**31: the caller's proof).
+// Each has the rows of its register blocks (wide: 2 vectors of b, narrow: 1), sized to the register
+// file with the b vectors, a broadcast and temporaries: a spilled sum makes every multiply-add
+// wait on memory.
 struct FloatMaps {
   using Entry = float;
+  // 32 registers with AVX-512, 16 with AVX2 (with an earlier panel layout GCC spilled one of 6 x 2
+  // AVX2 sums, 10.2 ms at (4096, 1152, 128) against 7.1 ms for 5 x 2; with this layout 6 x 2 does
+  // not spill and runs like 5 x 2, within the noise).
+#if defined(__AVX512F__)
+  static constexpr int kWideRows = 8, kNarrowRows = 16;
+#else
+  static constexpr int kWideRows = 5, kNarrowRows = 12;
+#endif
   typedef float Vector __attribute__((vector_size(4 * kMapLanes)));
+  static Vector load(const Entry* entries) { return *reinterpret_cast<const Vector*>(entries); }
   static Vector multiply_add(Vector sum, Entry a, Vector b) { return sum + a * b; }
+  static Vector add(Vector a, Vector b) { return a + b; }
 };
 
 #if (defined(__AVX512F__) && defined(__AVX512BW__)) || (!defined(__AVX512F__) && defined(__AVX2__))
 #define APPROXRUN_PAIR_MAPS 1
 constexpr bool kPairMaps = true;
+// Vector has the intrinsics' element type (long long), so that they take it as it is; its lanes hold
+// int32 sums. b is loaded as __m256i/__m512i, which may alias its int32 entries.
 struct PairMaps {
   using Entry = int32_t;
-  typedef int32_t Vector __attribute__((vector_size(4 * kMapLanes)));
-  static Vector multiply_add(Vector sum, Entry a, Vector b) {
-#if defined(__AVX512F__) && defined(__AVX512VNNI__)
-    return reinterpret_cast<Vector>(_mm512_dpwssd_epi32(reinterpret_cast<__m512i>(sum), _mm512_set1_epi32(a),
-                                                         reinterpret_cast<__m512i>(b)));
-#elif defined(__AVX512F__)
-    return sum + reinterpret_cast<Vector>(_mm512_madd_epi16(_mm512_set1_epi32(a), reinterpret_cast<__m512i>(b)));
+#if defined(__AVX512F__)
+  static constexpr int kWideRows = FloatMaps::kWideRows, kNarrowRows = FloatMaps::kNarrowRows;
 #else
-    return sum + reinterpret_cast<Vector>(_mm256_madd_epi16(_mm256_set1_epi32(a), reinterpret_cast<__m256i>(b)));
+  // Fewer rows than FloatMaps: each vpmaddwd's product holds a register until its vpaddd, and GCC
+  // issues the products early; with 5 x 2 and 12 x 1 blocks it kept sums in memory, a load and a
+  // store around every add (measured, width 2, (4096, 1152, 128): 8.8 ms; 4 x 2: see the notes).
+  static constexpr int kWideRows = 4, kNarrowRows = 7;
+#endif
+  typedef long long Vector __attribute__((vector_size(4 * kMapLanes)));
+#if defined(__AVX512F__)
+  static Vector load(const Entry* entries) { return reinterpret_cast<Vector>(_mm512_load_si512(entries)); }
+  static Vector add(Vector a, Vector b) { return reinterpret_cast<Vector>(_mm512_add_epi32(a, b)); }
+  static Vector multiply_add(Vector sum, Entry a, Vector b) {
+#if defined(__AVX512VNNI__)
+    return reinterpret_cast<Vector>(_mm512_dpwssd_epi32(sum, _mm512_set1_epi32(a), b));
+#else
+    return reinterpret_cast<Vector>(_mm512_add_epi32(sum, _mm512_madd_epi16(_mm512_set1_epi32(a), b)));
 #endif
   }
+#else
+  static Vector load(const Entry* entries) {
+    return reinterpret_cast<Vector>(_mm256_load_si256(reinterpret_cast<const __m256i*>(entries)));
+  }
+  static Vector add(Vector a, Vector b) { return reinterpret_cast<Vector>(_mm256_add_epi32(a, b)); }
+  static Vector multiply_add(Vector sum, Entry a, Vector b) {
+    return add(sum, reinterpret_cast<Vector>(_mm256_madd_epi16(_mm256_set1_epi32(a), b)));
+  }
+#endif
 };
 #else
 constexpr bool kPairMaps = false;
@@ -79,7 +107,8 @@ struct MapBlock {
     for (int64_t k = k0; k < k1; ++k) {
       const Entry* maps = a_panel + k * Rows * width;
       for (int64_t i = 0; i < width; ++i, b_rows += kColumns) {
-        const Vector* b_row = reinterpret_cast<const Vector*>(b_rows);
+        Vector b_row[Vectors];
+        for (int v = 0; v < Vectors; ++v) b_row[v] = Arith::load(b_rows + v * kMapLanes);
         for (int r = 0; r < Rows; ++r) {
           const Entry value = maps[r * width + i];
           for (int v = 0; v < Vectors; ++v) sums[r][v] = Arith::multiply_add(sums[r][v], value, b_row[v]);
@@ -90,20 +119,27 @@ struct MapBlock {
 
   // The same with the maps read at their offsets, for k in a tile [k0, k1) of at most kOffsetTile
   // (offsets[r][k - k0] = byte(code) * width: a row's offsets a constant displacement apart)
-  // straight into the broadcasts.
+  // straight into the broadcasts. The tile's own sums, added to `sums` at the end, stay in
+  // registers: `sums` live across the caller's calls of prepare, and GCC kept PairMaps' int32
+  // sums in memory around every add (vpaddd takes a memory operand; an FMA's sum cannot).
   template <int Width>
   static void multiply_offsets(const int32_t* offsets, const Entry* x, int64_t width, const Entry* b_panel,
                                int64_t k0, int64_t k1, Vector (&sums)[Rows][Vectors]) {
     if (Width) width = Width;
+    Vector tile[Rows][Vectors] = {};
     const Entry* b_rows = b_panel + k0 * width * kColumns;
     for (const int32_t* column = offsets; column < offsets + (k1 - k0); ++column) {
       for (int64_t i = 0; i < width; ++i, b_rows += kColumns) {
-        const Vector* b_row = reinterpret_cast<const Vector*>(b_rows);
+        Vector b_row[Vectors];
+        for (int v = 0; v < Vectors; ++v) b_row[v] = Arith::load(b_rows + v * kMapLanes);
         for (int r = 0; r < Rows; ++r) {
           const Entry value = x[column[r * kOffsetTile] + i];
-          for (int v = 0; v < Vectors; ++v) sums[r][v] = Arith::multiply_add(sums[r][v], value, b_row[v]);
+          for (int v = 0; v < Vectors; ++v) tile[r][v] = Arith::multiply_add(tile[r][v], value, b_row[v]);
         }
       }
+    }
+    for (int r = 0; r < Rows; ++r) {
+      for (int v = 0; v < Vectors; ++v) sums[r][v] = Arith::add(sums[r][v], tile[r][v]);
     }
   }
 
@@ -305,9 +341,9 @@ template <typename Arith>
 void map_gemm_blocks(const torch::Tensor& a, const torch::Tensor& b, const torch::Tensor& x, const torch::Tensor& y,
                      int64_t chunk, int64_t denominator, torch::Tensor& out) {
   if (b.size(2) <= kMapLanes) {
-    map_gemm_groups<MapBlock<kNarrowRows, 1, Arith>>(a, b, x, y, chunk, denominator, out);
+    map_gemm_groups<MapBlock<Arith::kNarrowRows, 1, Arith>>(a, b, x, y, chunk, denominator, out);
   } else {
-    map_gemm_groups<MapBlock<kWideRows, 2, Arith>>(a, b, x, y, chunk, denominator, out);
+    map_gemm_groups<MapBlock<Arith::kWideRows, 2, Arith>>(a, b, x, y, chunk, denominator, out);
   }
 }
 

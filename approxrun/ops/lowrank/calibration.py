@@ -396,7 +396,7 @@ def _map_gemm_figures(generator: torch.Generator, pairs: bool) -> tuple[float, f
     if kernel is None or (pairs and not kernel.map_pairs):
         return math.inf, math.inf
     x, y = (torch.randint(-100, 101, (256, 1), generator=generator) for _ in range(2))
-    x, y = (t.int() if pairs else t.float() for t in (x, y))  # a word: the pair (t, 0)
+    x, y = (t.int() & 0xFFFF if pairs else t.float() for t in (x, y))  # a word: the pair (t, 0)
     lanes = kernel.map_lanes
     shapes = ((512, 256, 128), (16384, 64, 4))  # (M, K, N)
     terms, times = [], []
