@@ -3,9 +3,10 @@
 approx runs twice: with a random full-range LUT (no structure to exploit: the gather routes; target
 <= 2.5x the quant epoch) and with a rank-2 multiplier (DRUM-4: exact low-rank plans; target <= 1.5x).
 Each mode trains untimed epochs first, until the engine has timed its candidate routes on each
-shape's first calls (a training run amortises that over its epochs; at most WARM_EPOCHS), then one
-timed epoch.
-Run: python benchmarks/bench_training.py [--fashion-samples N] [--threads T] [--low-rank NAME]
+shape's first calls (a training run amortises that over its epochs; at most WARM_EPOCHS), then
+``--epochs`` timed epochs, of which the fastest counts (a digits epoch takes 0.2 s: one epoch's
+ratio varied by 10% between runs on a 2-core machine).
+Run: python benchmarks/bench_training.py [--fashion-samples N] [--threads T] [--low-rank NAME] [--epochs N]
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ def main() -> None:
     parser.add_argument("--fashion-samples", type=int, default=20000, help="training images of Fashion-MNIST per epoch")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--low-rank", default="drum_4", help="the low-rank multiplier of the second approx run")
+    parser.add_argument("--epochs", type=int, default=3, help="timed epochs per mode (the fastest counts)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
@@ -81,7 +83,7 @@ def main() -> None:
                 epoch_seconds(model, loader)
                 if not (mode.startswith("approx") and engine.timing):
                     break
-            times[mode] = epoch_seconds(model, loader)
+            times[mode] = min(epoch_seconds(model, loader) for _ in range(args.epochs))
         print(f"{name:<14} {len(train):>7} {times['float']:>8.2f} {times['quant']:>8.2f} {times['approx']:>9.2f} "
               f"{times['approx'] / times['quant']:>12.2f} {times['approx-lr']:>11.2f} "
               f"{times['approx-lr'] / times['quant']:>15.2f}")
