@@ -1,14 +1,16 @@
-// The float32 low-rank plan in one call (appended to lut_cpu.cpp): for a factorization
-// denominator * lut[v][w] = sum_i x[v][i] y[w][i] with integer float32 maps x, y [256, W],
+// The compiled low-rank plans in one call (appended to lut_cpu.cpp): for a factorization
+// denominator * lut[v][w] = sum_i x[v][i] y[w][i] with integer maps x, y [256, W],
 //   out[g][m][n] = sum_k sum_i x[byte(a[g][m][k])][i] y[byte(b[g][k][n])][i] / denominator,
 // the maps read by code on the way (no mapped copy of a in memory) and multiplied in registers.
-// Exactness: over `chunk` K columns every partial sum is an integer below 2**24 (the caller's proof),
-// so float32 FMAs are exact; chunks are summed in float64 (exact below 2**53); the quotient by the
-// denominator is an exact integer, which the correctly rounded division gives.
+// The maps are float32, or int16 in pairs (two map columns per int32 word, see PairMaps).
+// Exactness: over `chunk` K columns every partial sum is an integer below 2**24 (float32) or 2**31
+// (int16 pairs, int32 sums) (the caller's proof), so the multiply-adds are exact; chunks are summed
+// in float64 (exact below 2**53); the quotient by the denominator is an exact integer, which the
+// correctly rounded division gives.
 //
 // b's maps are packed once per group into panels of one register block's columns, depth-major
 // ([K * W][columns]). Each task takes a register block's rows of a: with several column panels it
-// maps them into a small float panel once and runs the register block over every column panel;
+// maps them into a small panel of maps once and runs the register block over every column panel;
 // with one column panel (N up to a block's columns) it copies their map offsets depth-major and the
 // register block reads the maps at them itself (a mapped panel would be stored and read back for
 // one use: measured, AVX2, width 2, (8192, 150, 16) 1.13 -> 0.58 ms, (73728, 25, 6) 1.58 -> 0.73).
@@ -56,8 +58,9 @@ struct PairMaps {
   static constexpr int kWideRows = FloatMaps::kWideRows, kNarrowRows = FloatMaps::kNarrowRows;
 #else
   // Fewer rows than FloatMaps: each vpmaddwd's product holds a register until its vpaddd, and GCC
-  // issues the products early; with 5 x 2 and 12 x 1 blocks it kept sums in memory, a load and a
-  // store around every add (measured, width 2, (4096, 1152, 128): 8.8 ms; 4 x 2: see the notes).
+  // issues the products early; in a copy of multiply_offsets' loop it kept some of 5 x 2 or 12 x 1
+  // sums in memory, none of 4 x 2 or 7 x 1 (the kernel's timings with either differed within the
+  // noise: AVX2, widths 2-5 at the five core shapes).
   static constexpr int kWideRows = 4, kNarrowRows = 7;
 #endif
   typedef long long Vector __attribute__((vector_size(4 * kMapLanes)));
@@ -210,7 +213,7 @@ struct MapBlock {
     }
   }
 
-  // Prepares a block's rows of a for rows(): map_rows (all of K) into a float panel (Mapped) or
+  // Prepares a block's rows of a for rows(): map_rows (all of K) into a panel of maps (Mapped) or
   // offsets_of (K columns [k0, k1)) into int32 offsets. The code type is erased here so that rows()
   // is compiled once per width and output type, not once per code type as well (the kernel's build
   // time stays about the same).
@@ -228,9 +231,9 @@ struct MapBlock {
   }
 
   // out rows of codes a [M, K] against the packed panels of b, in parallel over blocks of rows: with
-  // several column panels (Mapped) each block's rows are mapped once into a float panel that every
+  // several column panels (Mapped) each block's rows are mapped once into a panel of maps that every
   // column panel reuses, with one the register block reads the maps at the block's offsets. Width
-  // as for multiply. K runs in chunks whose float32 sums are exact; several chunks add up in float64.
+  // as for multiply. K runs in chunks whose sums are exact; several chunks add up in float64.
   template <int Width, bool Mapped, typename Out>
   static void rows(const void* a, Prepare prepare, int64_t m_size, int64_t k_size, int64_t n_size, const Entry* x,
                    int64_t width, const Entry* panels, int64_t chunk, double denominator, Out* out) {
@@ -249,7 +252,7 @@ struct MapBlock {
           const Entry* b_panel = panels + p * depth * kColumns;
           const int64_t columns = std::min(kColumns, n_size - p * kColumns);
           Out* out_rows = out + m0 * n_size + p * kColumns;
-          const bool one_chunk = chunk >= k_size;  // then the float32 sums are the totals
+          const bool one_chunk = chunk >= k_size;  // then the block's sums are the totals
           for (int64_t k0 = 0; k0 < k_size; k0 += chunk) {
             const int64_t k1 = std::min(k_size, k0 + chunk);
             Vector sums[Rows][Vectors] = {};
