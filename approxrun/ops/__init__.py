@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
 from approxrun.lut import code_to_index
-from approxrun.ops.engine import DEFAULT_ENGINES, ROUTE_KINDS, STRATEGIES, EngineRegistry, LutEngine
+from approxrun.ops.engine import ROUTE_KINDS, STRATEGIES, LutEngine
 from approxrun.ops.im2col import conv_output_size, grouped_columns, grouped_rows
+from approxrun.ops.registry import DEFAULT_ENGINES, EngineRegistry
 
 __all__ = ["lut_matmul", "lut_conv2d", "GRAD_MODES", "STRATEGIES", "ROUTE_KINDS", "LutEngine", "EngineRegistry",
            "DEFAULT_ENGINES", "engine_for"]

@@ -11,17 +11,14 @@ modelled time, and the :class:`~approxrun.ops.lowrank.Calibration` (by default m
 machine and cached on disk, see :mod:`approxrun.ops.lowrank.calibration`).
 
 A :class:`~approxrun.multipliers.Multiplier` has one (``multiplier.engine``). Raw arrays and tensors
-get theirs from an :class:`EngineRegistry` keyed by content: the ops take ``engines=`` and default
-to :data:`DEFAULT_ENGINES`, a bounded registry documented as the one shared object of this kind.
+get theirs from an :class:`~approxrun.ops.registry.EngineRegistry` keyed by content.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import time
-import weakref
 from collections import OrderedDict
 from functools import cached_property
 
@@ -38,7 +35,7 @@ from approxrun.ops.lowrank import (PLAN_KINDS, Calibration, LowRankTable, candid
                                    lowrank_gemm, map_conv2d, map_conv_time)
 from approxrun.ops.trials import TRIAL_MIN_SECONDS, TRIAL_SPREAD, RouteTrial
 
-__all__ = ["STRATEGIES", "ROUTE_KINDS", "LutEngine", "EngineRegistry", "DEFAULT_ENGINES"]
+__all__ = ["STRATEGIES", "ROUTE_KINDS", "LutEngine", "table_values"]
 
 log = logging.getLogger("approxrun.ops.lowrank")  # the route log: hydra.verbose=approxrun.ops.lowrank
 STRATEGIES = ("auto", "gather", "lowrank")
@@ -51,7 +48,9 @@ TORCH_GATHER, NATIVE_GATHER, NATIVE_TABLES = "torch gather", "native gather", "n
 NATIVE_PERMUTE, NATIVE_PERMUTE_ROWS = "native permute", "native permute (lanes over rows)"
 
 
-def _table_values(lut) -> np.ndarray:
+def table_values(lut) -> np.ndarray:
+    """A 256x256 table (array or tensor) as a read-only numpy array: int64 where every entry is an
+    integer below 2**53 in magnitude, else float64; a ValueError naming a wrong shape or dtype."""
     values = lut.detach().cpu().numpy() if isinstance(lut, torch.Tensor) else np.asarray(lut)
     if values.shape != (LUT_SIZE, LUT_SIZE):
         raise ValueError(f"lut must be 256x256, got shape {values.shape}")
@@ -71,7 +70,7 @@ class LutEngine:
                  routes: tuple[str, ...] = ROUTE_KINDS, lookup_cost: float | None = None,
                  calibration: Calibration | None = None, unfold_elements: int | None = None, trials: int = 5,
                  native: bool = True):
-        self.values = _table_values(lut)
+        self.values = table_values(lut)
         self.native = native  # whether the compiled CPU kernels may run (where they build)
         self.trials = trials  # routes timed on a shape's first calls under auto (below 2: the model alone;
         # 5: the model put the fastest of five routes at (73728, 25, 6) fifth, within 25% of the others)
@@ -471,53 +470,3 @@ def _timing(entry) -> bool:
 
 def _route_name(route) -> str:
     return route if isinstance(route, str) else str(route)
-
-
-class EngineRegistry:
-    """Engines of raw tables, found by content: repeated calls with the same array or tensor reuse
-    one engine (its analysis, maps and plans). A tensor held by the caller is recognised by identity
-    and version without reading it again; anything else costs one hash of its 256x256 values
-    (about a millisecond). Holds at most ``capacity`` engines, least recently used dropped first."""
-
-    def __init__(self, capacity: int = 32, **engine_settings):
-        self.capacity = capacity
-        self.engine_settings = engine_settings
-        self._by_content: OrderedDict = OrderedDict()
-        self._by_tensor: dict[int, tuple] = {}
-
-    def __len__(self) -> int:
-        return len(self._by_content)
-
-    def engine_for(self, lut, signed_a: bool = True, signed_b: bool = True) -> LutEngine:
-        """The engine of ``lut``: a LutEngine itself, a Multiplier's own, or one kept by content."""
-        if isinstance(lut, LutEngine):
-            return lut
-        engine = getattr(lut, "engine", None)
-        if isinstance(engine, LutEngine):
-            return engine
-        if isinstance(lut, torch.Tensor):
-            hit = self._by_tensor.get(id(lut))
-            if hit is not None and hit[0]() is lut and hit[1] == (lut._version, signed_a, signed_b):
-                return hit[2]
-        engine = self._by_values(_table_values(lut), signed_a, signed_b)
-        if isinstance(lut, torch.Tensor):
-            key = id(lut)
-            self._by_tensor[key] = (weakref.ref(lut, lambda _, key=key: self._by_tensor.pop(key, None)),
-                                    (lut._version, signed_a, signed_b), engine)
-        return engine
-
-    def _by_values(self, values: np.ndarray, signed_a: bool, signed_b: bool) -> LutEngine:
-        digest = hashlib.blake2b(values.tobytes(), digest_size=16).digest()
-        key = (values.dtype.str, digest, signed_a, signed_b)
-        if key in self._by_content:
-            self._by_content.move_to_end(key)
-            return self._by_content[key]
-        engine = LutEngine(values, signed_a, signed_b, **self.engine_settings)
-        self._by_content[key] = engine
-        if len(self._by_content) > self.capacity:
-            self._by_content.popitem(last=False)
-        return engine
-
-
-DEFAULT_ENGINES = EngineRegistry()
-"""The registry the ops use for raw tables when the caller passes none (``engines=``)."""
