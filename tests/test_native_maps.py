@@ -177,3 +177,5 @@ def test_int16_plan_needs_maps_below_2_15():
     plan = next(p for p in candidate_plans(small, 1, 64, 100000, 64, cpu, PAIRS_FAST, compiled=True) if p.kind == "int16")
     assert plan.compiled and plan.k_chunk * small.term_bound < 2**31 < (plan.k_chunk + 1) * small.term_bound
     assert not any(p.kind == "int16" for p in candidate_plans(large, 1, 64, 64, 64, cpu, PAIRS_FAST, compiled=True))
+    with pytest.raises(ValueError, match=r"below 2\*\*15 in magnitude, got 32768"):
+        large.pair_words("cpu")

@@ -18,14 +18,13 @@ import torch
 
 from approxrun.ops.gather import FLOAT32_EXACT
 from approxrun.ops.lowrank.calibration import Calibration
-from approxrun.ops.lowrank.tables import LowRankTable
+from approxrun.ops.lowrank.tables import INT16_LIMIT, LowRankTable
 
 __all__ = ["PLAN_KINDS", "GemmPlan", "candidate_plans", "map_conv_time", "float32_matmul_is_ieee",
            "byte_pairs_readable", "INT32_EXACT"]
 
 FLOAT64_EXACT = 2**53
 INT32_EXACT = 2**31  # int8 GEMMs and the int16 plan sum in int32
-INT16_LIMIT = 2**15  # the int16 plan's maps: magnitudes below it
 UNIT_ROUNDOFF = 2.0**-53
 PLAN_KINDS = ("int8", "int16", "float32", "float64")
 

@@ -18,7 +18,9 @@ from approxrun.lut import LUT_SIZE
 from approxrun.ops.gather import FLOAT32_EXACT
 from approxrun.ops.lowrank.factor import Factors, compact, exact_matmul, rank_factorization
 
-__all__ = ["LowRankTable", "ConvMaps", "Int8Maps"]
+__all__ = ["LowRankTable", "ConvMaps", "Int8Maps", "INT16_LIMIT"]
+
+INT16_LIMIT = 2**15  # int16 map pairs: map magnitudes below it
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +107,8 @@ class LowRankTable:
         odd width padded with a zero column; column 2j in the low half, as the little-endian x86 CPUs
         that run the compiled int16 plan read it): what that plan multiplies (:attr:`map_bound`
         below 2**15 only)."""
+        if self.map_bound >= INT16_LIMIT:  # int16 would wrap
+            raise ValueError(f"int16 map pairs need maps below 2**15 in magnitude, got {self.map_bound}")
         key = (str(device), "pairs")
         if key not in self._device_maps:
             words = []
