@@ -250,9 +250,9 @@ class LutEngine:
                                self._compiled_usable(device))
 
     def _compiled_usable(self, device) -> bool:
-        """Whether the compiled kernel may run low-rank plans here (of the kinds in ``routes``)."""
-        return (device.type == "cpu" and "native" in self.routes and self.kernel() is not None
-                and math.isfinite(min(self.calibration.native_map_mac, self.calibration.native_pair_mac)))
+        """Whether the compiled kernel may run low-rank plans here (of the kinds in ``routes``, where
+        the calibration has figures for them: :func:`candidate_plans` checks that per kind)."""
+        return device.type == "cpu" and "native" in self.routes and self.kernel() is not None
 
     def _permute_usable(self, k: int) -> bool:
         return (self.kernel().permutes and math.isfinite(self.calibration.native_permute_group)

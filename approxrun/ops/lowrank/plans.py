@@ -4,8 +4,9 @@ A plan is exact by construction, proven per call from the factorization's bounds
 whose int32 sums stay below 2**31 over ``k_chunk`` K columns; the compiled int16 plan (maps below
 2**15 multiplied in pairs, int32 sums below 2**31 over ``k_chunk`` columns); float32 GEMMs over
 ``k_chunk`` columns whose partial sums are integers below 2**24 (chunks summed in float64, exact
-below 2**53); or one float64 GEMM whose worst-case rounding error stays below 0.5. The time of each plan and of the
-gather comes from the machine's :class:`~approxrun.ops.lowrank.calibration.Calibration`.
+below 2**53); or one float64 GEMM whose worst-case rounding error stays below 0.5. The time of
+each plan and of the gather comes from the machine's
+:class:`~approxrun.ops.lowrank.calibration.Calibration`.
 """
 
 from __future__ import annotations

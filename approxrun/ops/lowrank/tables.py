@@ -97,7 +97,7 @@ class LowRankTable:
                                                            device=device).contiguous() for t in (x, self.y))
         return self._device_maps[key]
 
-    @property
+    @functools.cached_property
     def map_bound(self) -> int:
         """The largest magnitude of a map entry (the int16 plan needs it below 2**15)."""
         return int(max(np.abs(self.x).max(initial=0), np.abs(self.y).max(initial=0)))
@@ -107,10 +107,10 @@ class LowRankTable:
         odd width padded with a zero column; column 2j in the low half, as the little-endian x86 CPUs
         that run the compiled int16 plan read it): what that plan multiplies (:attr:`map_bound`
         below 2**15 only)."""
-        if self.map_bound >= INT16_LIMIT:  # int16 would wrap
-            raise ValueError(f"int16 map pairs need maps below 2**15 in magnitude, got {self.map_bound}")
         key = (str(device), "pairs")
         if key not in self._device_maps:
+            if self.map_bound >= INT16_LIMIT:  # int16 would wrap
+                raise ValueError(f"int16 map pairs need maps below 2**15 in magnitude, got {self.map_bound}")
             words = []
             for t in (self.x, self.y):
                 maps = np.zeros((t.shape[0], t.shape[1] + t.shape[1] % 2), dtype="<i2")
