@@ -139,12 +139,12 @@ def bench_lut(name: str, lut: np.ndarray, reference, repeats: int, calibration) 
         expected = reference.lut_gemm(a, b, lut32).long()
         fns = {"reference": lambda: reference.lut_gemm(a, b, lut32)}
         if kernel is not None:  # the compiled gather, its faster strategy, with lut_matmul's int64 result
-            variants = {tables: (lambda tables=tables: kernel(a[None], b[None], lut32, wide_sums, tables,
-                                                              out_dtype=torch.int64)[0]) for tables in (False, True)}
+            variants = {tables: (lambda tables=tables: kernel(a, b, lut32, wide_sums, tables, out_dtype=torch.int64))
+                        for tables in (False, True)}
             planes = engines["auto"].byte_planes
             if kernel.permutes and planes is not None:
                 variants.update({("permute", rows): (lambda rows=rows: kernel.permute(
-                    a[None], b[None], planes, rows, out_dtype=torch.int64)[0]) for rows in (False, True)})
+                    a, b, planes, rows, out_dtype=torch.int64)) for rows in (False, True)})
             fastest = alternating_best(variants, 2)
             fns["native"] = variants[min(fastest, key=fastest.get)]
             assert torch.equal(fns["native"](), expected)
@@ -152,7 +152,7 @@ def bench_lut(name: str, lut: np.ndarray, reference, repeats: int, calibration) 
                                                          compiled=True) if plan.compiled] if table is not None else []
             for plan in compiled:  # the compiled plans, called as the engine calls them
                 column = "int16" if plan.kind == "int16" else "compiled"
-                fns[column] = lambda plan=plan: lowrank_gemm(a[None], b[None], table, plan, kernel, torch.int64)[0]
+                fns[column] = lambda plan=plan: lowrank_gemm(a, b, table, plan, kernel, torch.int64)
                 assert torch.equal(fns[column](), expected)
         for route, engine in engines.items():
             plan = engine.plan(1, m, k, n, torch.device("cpu"))[0]

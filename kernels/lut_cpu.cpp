@@ -241,27 +241,36 @@ void table_gemm(const Code* a, const BCode* b, const int32_t* lut, Out* out, int
 
 // ---------------------------------------------------------------- entry points
 
-// a [G, M, K] and b [G, K, N] codes on the CPU, out [G, M, N]: every GEMM entry point.
-void check_shapes(const char* name, const torch::Tensor& a, const torch::Tensor& b, const torch::Tensor& out) {
-  TORCH_CHECK(a.dim() == 3 && b.dim() == 3 && a.size(0) == b.size(0) && a.size(2) == b.size(1),
-              name, ": a [G, M, K] and b [G, K, N] expected");
+// Every GEMM entry point's operands: codes a [G, M, K] and b [G, K, N] on the CPU, out [G, M, N], or
+// one group without its dimension (a [M, K], b [K, N], out [M, N]: viewed here with it, so that a
+// caller's 2-D product costs no views in Python).
+void as_groups(const char* name, torch::Tensor& a, torch::Tensor& b, torch::Tensor& out) {
+  TORCH_CHECK(a.dim() == b.dim() && a.dim() == out.dim() && (a.dim() == 2 || a.dim() == 3),
+              name, ": a [G, M, K], b [G, K, N] and out [G, M, N] (or all three without G) expected");
+  if (a.dim() == 2) {
+    a = a.unsqueeze(0);
+    b = b.unsqueeze(0);
+    out = out.unsqueeze(0);
+  }
+  TORCH_CHECK(a.size(0) == b.size(0) && a.size(2) == b.size(1), name, ": a [G, M, K] and b [G, K, N] expected");
   TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu(), name, ": CPU tensors expected");
-  TORCH_CHECK(out.dim() == 3 && out.size(0) == a.size(0) && out.size(1) == a.size(1) && out.size(2) == b.size(2),
+  TORCH_CHECK(out.size(0) == a.size(0) && out.size(1) == a.size(1) && out.size(2) == b.size(2),
               name, ": out [G, M, N] expected");
 }
 
-// The LUT GEMMs' operands: shapes, and a contiguous int32 [256, 256] LUT.
-void check_operands(const char* name, const torch::Tensor& a, const torch::Tensor& b, const torch::Tensor& lut,
-                    const torch::Tensor& out) {
+// The LUT GEMMs' operands (see as_groups), and a contiguous int32 [256, 256] LUT.
+void check_operands(const char* name, torch::Tensor& a, torch::Tensor& b, const torch::Tensor& lut,
+                    torch::Tensor& out) {
   TORCH_CHECK(lut.dtype() == torch::kInt32 && lut.numel() == 256 * 256 && lut.is_contiguous(),
               name, ": a contiguous int32 [256, 256] LUT expected");
-  check_shapes(name, a, b, out);
+  as_groups(name, a, b, out);
 }
 
 }  // namespace
 
 // Both GEMM entry points write out [G, M, N] (float64 or int64, contiguous) and return it.
 torch::Tensor lut_gemm_table(torch::Tensor a, torch::Tensor b, torch::Tensor lut, bool wide_sums, torch::Tensor out) {
+  const torch::Tensor result = out;
   check_operands("lut_gemm_table", a, b, lut, out);
   a = a.contiguous();
   b = code_bytes(b).contiguous();
@@ -280,10 +289,11 @@ torch::Tensor lut_gemm_table(torch::Tensor a, torch::Tensor b, torch::Tensor lut
       }
     });
   });
-  return out;
+  return result;
 }
 
 torch::Tensor lut_gemm(torch::Tensor a, torch::Tensor b, torch::Tensor lut, bool wide_sums, torch::Tensor out) {
+  const torch::Tensor result = out;
   check_operands("lut_gemm", a, b, lut, out);
   a = a.contiguous();
   b = code_bytes(b).contiguous();
@@ -309,7 +319,7 @@ torch::Tensor lut_gemm(torch::Tensor a, torch::Tensor b, torch::Tensor lut, bool
       });
     });
   });
-  return out;
+  return result;
 }
 
 // out (contiguous, codes.numel() rows) = table [256, ...] (contiguous, rows of 4-byte words) rows
@@ -416,7 +426,8 @@ void finish_rows(const Sum* sums, const Sum* code_sums, int64_t code_scale, cons
 torch::Tensor int8_lowrank_gemm(torch::Tensor a, torch::Tensor b, torch::Tensor x_words, torch::Tensor y_words,
                                 torch::Tensor offset, int64_t chunk, int64_t code_scale, int64_t denominator,
                                 int64_t block_rows, torch::Tensor scratch, torch::Tensor out) {
-  check_shapes("int8_lowrank_gemm", a, b, out);
+  const torch::Tensor result = out;
+  as_groups("int8_lowrank_gemm", a, b, out);
   TORCH_CHECK(x_words.numel() == 256 && y_words.dtype() == x_words.dtype() && offset.dtype() == torch::kInt64 &&
               scratch.dtype() == torch::kInt8 && chunk >= 1 && denominator >= 1 && block_rows >= 1,
               "int8_lowrank_gemm: maps of 256 words, int64 offsets, int8 scratch expected");
@@ -473,5 +484,5 @@ torch::Tensor int8_lowrank_gemm(torch::Tensor a, torch::Tensor b, torch::Tensor 
       }
     }
   }
-  return out;
+  return result;
 }

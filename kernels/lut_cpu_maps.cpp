@@ -358,7 +358,8 @@ void map_gemm_blocks(const torch::Tensor& a, const torch::Tensor& b, const torch
 // and returned.
 torch::Tensor map_gemm(torch::Tensor a, torch::Tensor b, torch::Tensor x, torch::Tensor y, int64_t chunk,
                        int64_t denominator, torch::Tensor out) {
-  check_shapes("map_gemm", a, b, out);
+  const torch::Tensor result = out;
+  as_groups("map_gemm", a, b, out);
   const bool pairs = x.dtype() == torch::kInt32;
   TORCH_CHECK((x.dtype() == torch::kFloat32 || (pairs && kPairMaps)) && y.dtype() == x.dtype() && x.dim() == 2 &&
               y.dim() == 2 && x.size(0) == 256 && y.size(0) == 256 && x.size(1) == y.size(1) && x.is_contiguous() &&
@@ -372,7 +373,7 @@ torch::Tensor map_gemm(torch::Tensor a, torch::Tensor b, torch::Tensor x, torch:
     map_gemm_blocks<PairMaps>(a, b, x, y, chunk, denominator, out);
 #endif
   }
-  return out;
+  return result;
 }
 
 // Lanes of one vector of map_gemm's register blocks (8: AVX2, 16: AVX-512): b of up to this many

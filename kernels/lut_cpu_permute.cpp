@@ -157,7 +157,8 @@ torch::Tensor lut_gemm_permute(torch::Tensor a, torch::Tensor b, torch::Tensor p
               reinterpret_cast<uintptr_t>(planes_t.data_ptr()) % 64 == 0,
               "lut_gemm_permute: contiguous, 64-byte aligned uint8 planes [256, 512] expected (a misaligned "
               "plane splits every load across two cache lines)");
-  check_shapes("lut_gemm_permute", a, b, out);
+  const torch::Tensor result = out;
+  as_groups("lut_gemm_permute", a, b, out);
   TORCH_CHECK(a.size(2) * 65536 < (int64_t(1) << 31), "lut_gemm_permute: K below 2**15 expected");
   const int64_t groups = a.size(0), m_size = a.size(1), k_size = a.size(2), n_size = b.size(2);
   const int64_t offset = k_size * low;
@@ -202,7 +203,7 @@ torch::Tensor lut_gemm_permute(torch::Tensor a, torch::Tensor b, torch::Tensor p
       }
     });
   });
-  return out;
+  return result;
 }
 #else
 bool permute_available() { return false; }

@@ -11,7 +11,7 @@ import torch
 
 from approxrun.multipliers import get_multiplier
 from approxrun.ops import LutEngine, lut_matmul, native
-from approxrun.ops.lowrank import Calibration, LowRankTable, candidate_plans
+from approxrun.ops.lowrank import Calibration, LowRankTable, candidate_plans, int8_gemm_is_exact
 
 from test_lowrank import AMX_LIKE, codes, low_rank_lut, matmul_oracle
 
@@ -111,6 +111,36 @@ def test_map_gemm_rejects_bad_maps():
         KERNEL.map_gemm(a, b, torch.zeros(256, 1, dtype=torch.int32), torch.zeros(256, 1), 3, 1)
     with pytest.raises(RuntimeError, match="chunk"):
         KERNEL.map_gemm(a, b, torch.zeros(256, 1), torch.zeros(256, 1), 0, 1)
+
+
+@needs_kernel
+def test_every_compiled_gemm_takes_one_group_in_2d():
+    """a [M, K] and b [K, N] without the group dimension (what lut_matmul passes, saving views per
+    call) give out [M, N], equal to the oracle: the gathers (direct and tables), the in-register
+    permutes where built, the int8 plan and the float32 and int16 map plans; mixed ranks are refused."""
+    rng = np.random.default_rng(53)
+    engine = LutEngine(low_rank_lut(2, seed=53))
+    lut, table = engine.values, engine.lowrank
+    a, b = codes(rng, (37, 300)), codes(rng, (300, 70)).T.contiguous().T  # b strided (transposed weights)
+    calls = {"direct": lambda out: KERNEL(a, b, engine.int32_table(), False, False, out),
+             "tables": lambda out: KERNEL(a, b, engine.int32_table(), False, True, out),
+             "float32 maps": lambda out: run(a, b, table, 300, out, "float32")}
+    if KERNEL.map_pairs:
+        calls["int16 maps"] = lambda out: run(a, b, table, 300, out, "int16")
+    if KERNEL.permutes and engine.byte_planes is not None:
+        for rows in (False, True):
+            calls[f"permute rows={rows}"] = lambda out, rows=rows: KERNEL.permute(a, b, engine.byte_planes, rows, out)
+    if table.int8 is not None and int8_gemm_is_exact():  # torch's int8 GEMM saturates without VNNI
+        scratch = torch.empty(37 * 300 * table.int8.width, dtype=torch.int8)
+        calls["int8"] = lambda out: KERNEL.int8_lowrank_gemm(a, b, table.int8, 300, 16, scratch, out)
+    expected = matmul_oracle(a.numpy(), b.numpy(), lut)
+    for name, call in calls.items():
+        for out_dtype in (torch.int64, torch.float64):
+            out = call(out_dtype)
+            assert out.shape == (37, 70) and out.dtype == out_dtype, name
+            assert np.array_equal(out.numpy(), expected), (name, out_dtype)
+    with pytest.raises(RuntimeError, match="without G"):
+        KERNEL(a[None], b, engine.int32_table(), False)
 
 
 COMPILED_FAST = Calibration(**{**AMX_LIKE.as_dict(), "int8_exact": False, "native_map_entry": 1e-13,

@@ -60,11 +60,15 @@ class _GroupedLutGemm(torch.autograd.Function):
 
 
 def _grouped_gemm(a: torch.Tensor, b: torch.Tensor, engine: LutEngine, grad: str) -> torch.Tensor:
+    """The LUT GEMM of a [G, M, K] and b [G, K, N]; integer codes may also come as one group's 2-D
+    a [M, K] and b [K, N] (a 2-D result: no views around the engine's call)."""
     _check_grad(grad)
     if not (a.is_floating_point() or b.is_floating_point()):
         if engine.integral:  # every route's sums are exact integers
             return engine.gemm(a, b, torch.int64)
         return engine.gemm(a, b).round_().to(torch.int64)
+    if a.dim() == 2:
+        return _GroupedLutGemm.apply(a[None], b[None], engine, grad == "lut")[0]
     return _GroupedLutGemm.apply(a, b, engine, grad == "lut")
 
 
@@ -78,8 +82,7 @@ def lut_matmul(a: torch.Tensor, b: torch.Tensor, lut, grad: str = "ste", *, sign
     """
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
         raise ValueError(f"lut_matmul needs a [M, K] and b [K, N], got {tuple(a.shape)} and {tuple(b.shape)}")
-    engine = engine_for(lut, signed_a, signed_b, engines)
-    return _grouped_gemm(a.unsqueeze(0), b.unsqueeze(0), engine, grad)[0]
+    return _grouped_gemm(a, b, engine_for(lut, signed_a, signed_b, engines), grad)
 
 
 def lut_conv2d(x: torch.Tensor, w: torch.Tensor, lut, stride=1, padding=0, dilation=1, groups: int = 1,

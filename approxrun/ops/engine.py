@@ -32,7 +32,7 @@ from approxrun.ops.gradients import gradient_tables, grouped_lut_gemm_backward
 from approxrun.ops.im2col import conv_output_size, grouped_columns, grouped_rows, scratch
 from approxrun.ops.lowrank import (PLAN_KINDS, Calibration, LowRankTable, candidate_plans, factor_lut,
                                    factor_rational_table, int8_conv2d, load_or_measure, lowrank_backward,
-                                   lowrank_gemm, map_conv2d, map_conv_time)
+                                   lowrank_call, map_conv2d, map_conv_time, one_group)
 from approxrun.ops.trials import TRIAL_MIN_SECONDS, TRIAL_SPREAD, RouteTrial
 
 __all__ = ["STRATEGIES", "ROUTE_KINDS", "LutEngine", "table_values"]
@@ -258,15 +258,18 @@ class LutEngine:
         return (self.kernel().permutes and math.isfinite(self.calibration.native_permute_group)
                 and self.byte_planes is not None and k < native.PERMUTE_MAX_K)
 
-    def _gemm_route(self, groups, m, k, n, device, byte_codes):
-        """(the route of one GEMM call, the function its time goes to while timed). Under ``auto``
-        on a CPU the first calls of a shape time the candidate routes (:meth:`_ranked_routes`) in
-        turns (a :class:`RouteTrial`), and the fastest measured one is kept: every route is exact, so
-        only the speed depends on it. Otherwise the model's choice."""
+    def _gemm_call(self, groups, m, k, n, device, byte_codes):
+        """(the call ``(a, b, out_dtype) -> out`` of one GEMM, the function its time goes to while
+        timed). Under ``auto`` on a CPU the first calls of a shape time the candidate routes
+        (:meth:`_ranked_routes`) in turns (a :class:`RouteTrial`), and the fastest measured one is
+        kept, its call built once: every route is exact, so only the speed depends on it. Otherwise
+        the model's choice."""
         if device.type != "cpu" or self.strategy == "lowrank" or self.trials < 2:
-            return self._gemm_route_by_model(groups, m, k, n, device, byte_codes), None
+            return self._route_call(self._gemm_route_by_model(groups, m, k, n, device, byte_codes), device), None
         key = _trial_key(groups, m, k, n, byte_codes)
         trial = self._plans.get(key)
+        if trial is not None and "call" in trial:  # a repeated shape: its kept route's call
+            return trial["call"], None
         if trial is None:  # decided once per shape: later calls only look the route up
             if self._modelled_time(groups, m, k, n, device, byte_codes) < TRIAL_MIN_SECONDS:
                 trial = {"best": self._gemm_route_by_model(groups, m, k, n, device, byte_codes)}
@@ -278,13 +281,27 @@ class LutEngine:
         if "best" not in trial:
             timing = trial["trial"]
             if not timing.done:
-                return timing.route, timing.record
+                return self._route_call(timing.route, device), timing.record
             best = timing.best_times()
             trial["best"] = timing.routes[min(range(len(best)), key=best.__getitem__)]
             log.debug("lut gemm: measured %s ms for %s: %s, shape G=%d M=%d K=%d N=%d",
                       ", ".join(f"{t * 1e3:.3g}" for t in best), ", ".join(map(_route_name, timing.routes)),
                       _route_name(trial["best"]), groups, m, k, n)
-        return trial["best"], None
+        trial["call"] = self._route_call(trial["best"], device)
+        return trial["call"], None
+
+    def _route_call(self, route, device):
+        """The call ``(a, b, out_dtype) -> out`` of ``route`` (a low-rank plan, or a gather route's
+        name) on ``device``. A compiled route takes one group's 2-D codes as they are."""
+        if not isinstance(route, str):
+            return lowrank_call(self.lowrank, route, self._cpu_kernel(device), device)
+        if route in (NATIVE_PERMUTE, NATIVE_PERMUTE_ROWS):
+            kernel, planes, rows = self.kernel(), self.byte_planes, route == NATIVE_PERMUTE_ROWS
+            return lambda a, b, out_dtype: kernel.permute(a, b, planes, rows, out_dtype)
+        if route in (NATIVE_GATHER, NATIVE_TABLES):
+            kernel, image, tables = self.kernel(), self.int32_table(), route == NATIVE_TABLES
+            return lambda a, b, out_dtype: kernel(a, b, image, a.shape[-1] * self.max_abs >= 2**31, tables, out_dtype)
+        return lambda a, b, out_dtype: one_group(self._gather_gemm, a, b).to(out_dtype)
 
     @property
     def timing(self) -> bool:
@@ -328,24 +345,21 @@ class LutEngine:
     def gemm(self, a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """out[g, m, n] = sum_k lut[byte(a[g, m, k])][byte(b[g, k, n])] of code tensors, as
         ``out_dtype``: float64, or int64 for an integer table (its sums are exact integers; the
-        compiled routes write them directly)."""
-        groups, m, k = a.shape
-        n = b.shape[2]
-        if not groups * m * k * n:
-            return self._gather_gemm(a, b).to(out_dtype)
-        route, record = self._gemm_route(groups, m, k, n, a.device, a.dtype in (torch.int8, torch.uint8))
-        start = time.perf_counter()
-        if route in (NATIVE_PERMUTE, NATIVE_PERMUTE_ROWS):
-            out = self.kernel().permute(a, b, self.byte_planes, route == NATIVE_PERMUTE_ROWS, out_dtype)
-        elif route in (NATIVE_GATHER, NATIVE_TABLES):
-            out = self.kernel()(a, b, self.int32_table(), wide_sums=k * self.max_abs >= 2**31,
-                                tables=route == NATIVE_TABLES, out_dtype=out_dtype)
-        elif route == TORCH_GATHER:
-            out = self._gather_gemm(a, b).to(out_dtype)
+        compiled routes write them directly). a [M, K] and b [K, N] give out [M, N]: one group, which
+        the compiled kernels take without views (a small GEMM's per-call cost)."""
+        if a.dim() == 2:
+            groups, (m, k) = 1, a.shape
         else:
-            out = lowrank_gemm(a, b, self.lowrank, route, self._cpu_kernel(a.device), out_dtype)
-        if record is not None:  # a call of auto's route trials
-            record(time.perf_counter() - start)
+            groups, m, k = a.shape
+        n = b.shape[-1]
+        if not groups * m * k * n:
+            return one_group(self._gather_gemm, a, b).to(out_dtype)
+        call, record = self._gemm_call(groups, m, k, n, a.device, a.dtype in (torch.int8, torch.uint8))
+        if record is None:
+            return call(a, b, out_dtype)
+        start = time.perf_counter()  # a call of auto's route trials
+        out = call(a, b, out_dtype)
+        record(time.perf_counter() - start)
         return out
 
     def _gather_gemm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

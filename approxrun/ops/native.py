@@ -70,7 +70,8 @@ PERMUTE_MAX_K = 2**15  # the in-register strategy's int32 lanes hold K * 2**16
 
 
 class NativeGemm:
-    """The compiled module and the int32 LUT images it reads (one per engine, see LutEngine)."""
+    """The compiled module and the int32 LUT images it reads (one per engine, see LutEngine). Its
+    GEMMs take codes a [G, M, K] and b [G, K, N], or a [M, K] and b [K, N] (one group, a 2-D result)."""
 
     def __init__(self, module):
         self._module = module
@@ -123,8 +124,8 @@ READ_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, t
 
 
 def _result(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The [G, M, N] tensor a GEMM of a [G, M, K] and b [G, K, N] writes."""
-    return torch.empty(a.shape[0], a.shape[1], b.shape[2], dtype=dtype)
+    """The [G, M, N] tensor a GEMM of a [G, M, K] and b [G, K, N] writes ([M, N] for a [M, K] and b [K, N])."""
+    return torch.empty(*a.shape[:-1], b.shape[-1], dtype=dtype)
 
 
 def _readable(codes: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,8 @@ take turns, and the fastest measured one is kept (see :class:`~approxrun.ops.eng
 from __future__ import annotations
 
 TRIAL_ROUNDS = 5  # timed turns per route (the best counts)
-TRIAL_WARM_SECONDS, TRIAL_WARM_CALLS = 5e-3, 3  # untimed calls of a route per turn: until either is reached
+TRIAL_WARM_SECONDS, TRIAL_WARM_CALLS = 2e-2, 16  # untimed calls of a route per turn: until either is reached
+TRIAL_SAMPLE_SECONDS = 5e-4  # a turn's timed calls: until their time reaches this (one call at least)
 TRIAL_MIN_SECONDS = 2e-5  # shapes modelled faster than this keep the model's route: timing them is noise
 TRIAL_SPREAD = 2.0  # auto also times the routes modelled within this factor of the fastest one
 
@@ -13,15 +14,19 @@ class RouteTrial:
     """Auto's timing of a shape's candidate routes: the routes take turns (so that load bursts hit
     them alike), :data:`TRIAL_ROUNDS` turns each. A turn runs its route untimed for
     :data:`TRIAL_WARM_SECONDS` or :data:`TRIAL_WARM_CALLS` calls, whichever comes first (at least
-    one call), then times one call: after another route this CPU runs the next few calls slowly
-    (measured: 2.93, 2.27, 1.56 ms, then 1.3-1.4 ms for a 1.3 ms int8 plan after other work), and a
-    single untimed call did not absorb that. The call cap keeps the trials of cheap shapes short
-    (a training epoch may call a shape only tens of times)."""
+    one call), then times calls until they add up to :data:`TRIAL_SAMPLE_SECONDS`; the turn's
+    sample is their mean. After another route this CPU runs the next calls of a route slowly
+    (measured: a 1.3 ms int8 plan ran 2.93, 2.27, 1.56, 1.45 ms after other work; with 3 warm-up
+    calls, turns of the int8 plan at (4096, 576, 64) still measured 1.42-1.75 ms against its
+    repeated 1.38, and a 1.51 ms route was kept); the call cap keeps the trials of cheap shapes short
+    (a training epoch may call a shape only tens of times). A mean over a timed window, not one
+    call, keeps a 0.07 ms route's sample out of the call-to-call jitter."""
 
     def __init__(self, routes: list):
         self.routes = routes
         self.turn = 0
         self.warmed, self.warm_calls = 0.0, 0  # untimed calls in this turn: seconds, count
+        self.timed, self.timed_calls = 0.0, 0  # timed calls in this turn: seconds, count
         self.samples = [[] for _ in routes]
 
     @property
@@ -37,9 +42,12 @@ class RouteTrial:
         if not self.warm_calls or (self.warm_calls < TRIAL_WARM_CALLS and self.warmed < TRIAL_WARM_SECONDS):
             self.warmed, self.warm_calls = self.warmed + seconds, self.warm_calls + 1
             return
-        self.samples[self.turn % len(self.routes)].append(seconds)
-        self.turn, self.warmed, self.warm_calls = self.turn + 1, 0.0, 0
+        self.timed, self.timed_calls = self.timed + seconds, self.timed_calls + 1
+        if self.timed < TRIAL_SAMPLE_SECONDS:
+            return
+        self.samples[self.turn % len(self.routes)].append(self.timed / self.timed_calls)
+        self.turn, self.warmed, self.warm_calls, self.timed, self.timed_calls = self.turn + 1, 0.0, 0, 0.0, 0
 
     def best_times(self) -> list[float]:
-        """Each route's fastest timed call."""
+        """Each route's fastest sample (the mean call time of its best turn)."""
         return [min(times) for times in self.samples]

@@ -23,14 +23,14 @@ The owner of all of it for one table, and of the route choice, is
 """
 
 from approxrun.ops.lowrank.calibration import Calibration, int8_gemm_is_exact, load_or_measure, machine_key, measure
-from approxrun.ops.lowrank.executors import (int8_conv2d, lowrank_backward, lowrank_gemm, map_conv2d,
-                                             torch_gather_rows)
+from approxrun.ops.lowrank.executors import (int8_conv2d, lowrank_backward, lowrank_call, lowrank_gemm,
+                                             map_conv2d, one_group, torch_gather_rows)
 from approxrun.ops.lowrank.factor import (MAX_FACTOR_RANK, Factors, factor_lut, factor_rational_table,
                                           modular_rank)
 from approxrun.ops.lowrank.plans import PLAN_KINDS, GemmPlan, candidate_plans, map_conv_time
 from approxrun.ops.lowrank.tables import ConvMaps, Int8Maps, LowRankTable
 
 __all__ = ["Calibration", "int8_gemm_is_exact", "load_or_measure", "machine_key", "measure", "int8_conv2d",
-           "lowrank_backward", "lowrank_gemm", "map_conv2d", "torch_gather_rows", "MAX_FACTOR_RANK", "Factors",
+           "lowrank_backward", "lowrank_call", "lowrank_gemm", "one_group", "map_conv2d", "torch_gather_rows", "MAX_FACTOR_RANK", "Factors",
            "factor_lut", "factor_rational_table", "modular_rank", "PLAN_KINDS", "GemmPlan", "candidate_plans",
            "map_conv_time", "ConvMaps", "Int8Maps", "LowRankTable"]

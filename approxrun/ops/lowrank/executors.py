@@ -26,7 +26,7 @@ from approxrun.ops.im2col import conv_output_size, grouped_columns, grouped_rows
 from approxrun.ops.lowrank.plans import GemmPlan, byte_pairs_readable
 from approxrun.ops.lowrank.tables import Int8Maps, LowRankTable
 
-__all__ = ["lowrank_gemm", "int8_conv2d", "map_conv2d", "lowrank_backward", "torch_gather_rows"]
+__all__ = ["lowrank_gemm", "lowrank_call", "one_group", "int8_conv2d", "map_conv2d", "lowrank_backward", "torch_gather_rows"]
 
 MAP_ELEMENTS = 1 << 22  # gathered map entries per GEMM block (16 MB of float32)
 MAP_BYTES = 1 << 23  # gathered int8 maps per block of the int8 plan (scratch memory, reused)
@@ -48,16 +48,36 @@ def _gatherer(kernel):
     return torch_gather_rows if kernel is None else kernel.gather_rows
 
 
-def lowrank_gemm(a: torch.Tensor, b: torch.Tensor, table: LowRankTable, plan: GemmPlan,
-                 kernel=None, out_dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """out[g, m, n] = sum_k table[byte(a[g, m, k]), byte(b[g, k, n])] of code tensors, exact, as
-    ``out_dtype`` (float64 or int64; see the module)."""
+def one_group(gemm, a: torch.Tensor, b: torch.Tensor, *args) -> torch.Tensor:
+    """``gemm(a, b, *args)`` of grouped operands a [G, M, K], b [G, K, N], given those or one group's
+    2-D a [M, K], b [K, N] (then a 2-D result)."""
+    return gemm(a, b, *args) if a.dim() == 3 else gemm(a[None], b[None], *args)[0]
+
+
+def lowrank_call(table: LowRankTable, plan: GemmPlan, kernel, device: torch.device):
+    """The call ``(a, b, out_dtype) -> out`` that runs ``plan`` on ``device`` (see :func:`lowrank_gemm`),
+    its maps looked up once: a caller that repeats a shape keeps it. A compiled plan takes 2-D codes
+    as they are (one compiled call per GEMM); the others view them as one group."""
     if plan.kind == "int8":
-        return _int8_gemm(a, b, table.int8, plan.k_chunk, kernel, out_dtype)
+        return lambda a, b, out_dtype: one_group(_int8_gemm, a, b, table.int8, plan.k_chunk, kernel, out_dtype)
     form = table if plan.form is None else plan.form
     if plan.compiled:  # maps read and multiplied in one compiled call
-        x, y = form.pair_words(a.device) if plan.kind == "int16" else form.maps(a.device, plan.dtype)
-        return kernel.map_gemm(a, b, x, y, plan.k_chunk, form.denominator, out_dtype)
+        x, y = form.pair_words(device) if plan.kind == "int16" else form.maps(device, plan.dtype)
+        return lambda a, b, out_dtype: kernel.map_gemm(a, b, x, y, plan.k_chunk, form.denominator, out_dtype)
+    return lambda a, b, out_dtype: one_group(_float_gemm, a, b, form, plan, kernel, out_dtype)
+
+
+def lowrank_gemm(a: torch.Tensor, b: torch.Tensor, table: LowRankTable, plan: GemmPlan,
+                 kernel=None, out_dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """out[g, m, n] = sum_k table[byte(a[g, m, k]), byte(b[g, k, n])] of code tensors a [G, M, K] and
+    b [G, K, N] (or one group's 2-D a, b: a 2-D result), exact, as ``out_dtype`` (float64 or int64;
+    see the module)."""
+    return lowrank_call(table, plan, kernel, a.device)(a, b, out_dtype)
+
+
+def _float_gemm(a: torch.Tensor, b: torch.Tensor, form: LowRankTable, plan: GemmPlan, kernel,
+                out_dtype: torch.dtype) -> torch.Tensor:
+    """A float plan by torch GEMMs of gathered maps, in row blocks (bounded scratch memory)."""
     x, y = form.maps(a.device, plan.dtype)
     gather_rows = _gatherer(kernel)
     groups, m, k = a.shape
