@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
 from approxrun.lut import code_to_index
+from approxrun.ops.convolution import engine_conv2d
 from approxrun.ops.engine import ROUTE_KINDS, STRATEGIES, LutEngine
 from approxrun.ops.im2col import conv_output_size, grouped_columns, grouped_rows
 from approxrun.ops.registry import DEFAULT_ENGINES, EngineRegistry
@@ -114,7 +115,7 @@ def lut_conv2d(x: torch.Tensor, w: torch.Tensor, lut, stride=1, padding=0, dilat
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
         pad = (padding[1], padding[1], padding[0], padding[0])
         return _differentiable_conv2d(F.pad(x, pad, value=float(pad_value)), w, engine, stride, dilation, groups, grad)
-    out = engine.conv2d(x, w, stride, dilation, groups, pad_value, padding)
+    out = engine_conv2d(engine, x, w, stride, dilation, groups, pad_value, padding)
     return out.round_().to(torch.int64) if integer else out
 
 

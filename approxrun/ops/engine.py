@@ -8,7 +8,8 @@ an exact plan exists), the routes it may use (``routes``: the plan kinds, ``map_
 ``native``: the compiled kernels, for the gathers and, with ``float32`` or ``int16``, the compiled
 low-rank plans), a ``lookup_cost`` factor on the gather's
 modelled time, and the :class:`~approxrun.ops.lowrank.Calibration` (by default measured once per
-machine and cached on disk, see :mod:`approxrun.ops.lowrank.calibration`).
+machine and cached on disk, see :mod:`approxrun.ops.lowrank.calibration`). The convolution routes
+built on its GEMMs and route model are in :mod:`approxrun.ops.convolution`.
 
 A :class:`~approxrun.multipliers.Multiplier` has one (``multiplier.engine``). Raw arrays and tensors
 get theirs from an :class:`~approxrun.ops.registry.EngineRegistry` keyed by content.
@@ -29,10 +30,9 @@ from approxrun.lut import LUT_SIZE, code_to_index
 from approxrun.ops import native
 from approxrun.ops.gather import depthwise_lut_gemm, grouped_lut_gemm
 from approxrun.ops.gradients import gradient_tables, grouped_lut_gemm_backward
-from approxrun.ops.im2col import conv_output_size, grouped_columns, grouped_rows, scratch
 from approxrun.ops.lowrank import (PLAN_KINDS, Calibration, LowRankTable, candidate_plans, factor_lut,
-                                   factor_rational_table, int8_conv2d, load_or_measure, lowrank_backward,
-                                   lowrank_call, map_conv2d, map_conv_time, one_group)
+                                   factor_rational_table, load_or_measure, lowrank_backward, lowrank_call,
+                                   one_group)
 from approxrun.ops.trials import TRIAL_MIN_SECONDS, TRIAL_SPREAD, RouteTrial
 
 __all__ = ["STRATEGIES", "ROUTE_KINDS", "LutEngine", "table_values"]
@@ -174,7 +174,8 @@ class LutEngine:
         """The compiled CPU kernels, when the engine may use them and they build here."""
         return native.load() if self.native else None
 
-    def _cpu_kernel(self, device) -> native.NativeGemm | None:
+    def cpu_kernel(self, device) -> native.NativeGemm | None:
+        """The compiled CPU kernels for operands on ``device`` (None off the CPU: torch ops there)."""
         return self.kernel() if device.type == "cpu" else None
 
     # ------------------------------------------------------------------ routes
@@ -200,7 +201,7 @@ class LutEngine:
             return None, f"gather (no exact low-rank plan for K={k}, rank {table.rank})"
         best = min(plans, key=lambda p: p.time)
         if self.strategy == "auto" and cal is not None:
-            route, gather = self._gather_route(groups, m, k, n, device)
+            route, gather = self.gather_route(groups, m, k, n, device)
             if best.time >= gather:
                 return None, f"{route} ({best.kind} low rank {best.time * 1e3:.3g} ms > gather {gather * 1e3:.3g} ms)"
         return best, f"low rank {table.rank}, {best}"
@@ -217,21 +218,24 @@ class LutEngine:
                            (NATIVE_PERMUTE_ROWS, cal.permute_time(groups, m, k, n, True))]
         return [(route, time_ * self.lookup_cost) for route, time_ in routes]
 
-    def _gather_route(self, groups, m, k, n, device) -> tuple[str, float]:
+    def gather_route(self, groups, m, k, n, device) -> tuple[str, float]:
         """The gather route modelled fastest, and its time."""
         return min(self._gather_routes(groups, m, k, n, device), key=lambda route: route[1])
 
     def _ranked_routes(self, groups, m, k, n, device, byte_codes) -> list:
-        """The routes auto times on a shape's first calls: the gather and the low-rank plan modelled
-        fastest (measured figures can be off on a loaded machine, so neither family is ruled out by
-        the model alone), then the other routes modelled within :data:`TRIAL_SPREAD` of the fastest,
-        by modelled time, ``trials`` routes at most."""
+        """The routes auto times on a shape's first calls: the gather, the low-rank plan and the
+        compiled plan modelled fastest (measured figures can be off on a loaded machine, and the
+        model of torch's GEMMs and that of the compiled kernel err apart: at (128, 256, 120) the int8
+        plan was modelled at half the int16 plan's time and ran 1.2x slower, so no family is ruled
+        out by the model alone), then the other routes modelled within :data:`TRIAL_SPREAD` of the
+        fastest, by modelled time, ``trials`` routes at most."""
         ranked = sorted(self._gather_routes(groups, m, k, n, device), key=lambda route: route[1])
         chosen = [ranked[0][0]]
         if self.lowrank is not None and self.strategy != "gather":
             plans = sorted(((plan, plan.time) for plan in self._candidate_plans(groups, m, k, n, device, byte_codes)),
                            key=lambda route: route[1])
             chosen += [plan for plan, _ in plans[:1]]
+            chosen += [plan for plan, _ in plans if plan.compiled and plan not in chosen][:1]
             ranked = sorted(ranked + plans, key=lambda route: route[1])
         fastest = ranked[0][1]
         chosen += [route for route, time_ in ranked if route not in chosen and time_ <= TRIAL_SPREAD * fastest]
@@ -294,7 +298,7 @@ class LutEngine:
         """The call ``(a, b, out_dtype) -> out`` of ``route`` (a low-rank plan, or a gather route's
         name) on ``device``. A compiled route takes one group's 2-D codes as they are."""
         if not isinstance(route, str):
-            return lowrank_call(self.lowrank, route, self._cpu_kernel(device), device)
+            return lowrank_call(self.lowrank, route, self.cpu_kernel(device), device)
         if route in (NATIVE_PERMUTE, NATIVE_PERMUTE_ROWS):
             kernel, planes, rows = self.kernel(), self.byte_planes, route == NATIVE_PERMUTE_ROWS
             return lambda a, b, out_dtype: kernel.permute(a, b, planes, rows, out_dtype)
@@ -314,17 +318,17 @@ class LutEngine:
         return _timing(self._plans.get(_trial_key(groups, m, k, n, byte_codes)))
 
     def _gemm_route_by_model(self, groups, m, k, n, device, byte_codes):
-        plan = self._logged_plan("gemm", groups, m, k, n, device, byte_codes)
+        plan = self.logged_plan("gemm", groups, m, k, n, device, byte_codes)
         if plan is not None:
             return plan
         if device.type != "cpu" or self.strategy == "lowrank":
             return TORCH_GATHER
-        return self._gather_route(groups, m, k, n, device)[0]
+        return self.gather_route(groups, m, k, n, device)[0]
 
     def _modelled_time(self, groups, m, k, n, device, byte_codes) -> float:
         """The model's time of the route it would pick (seconds)."""
         plan = self.plan(groups, m, k, n, device, byte_codes)[0]
-        gather = self._gather_route(groups, m, k, n, device)[1]
+        gather = self.gather_route(groups, m, k, n, device)[1]
         return gather if plan is None else min(gather, plan.time)
 
     def chosen_route(self, groups: int, m: int, k: int, n: int, device, byte_codes: bool = False) -> str:
@@ -335,7 +339,8 @@ class LutEngine:
             return _route_name(trial["best"])
         return _route_name(self._gemm_route_by_model(groups, m, k, n, torch.device(device), byte_codes))
 
-    def _logged_plan(self, what: str, groups, m, k, n, device, byte_codes=False):
+    def logged_plan(self, what: str, groups, m, k, n, device, byte_codes=False):
+        """:meth:`plan`'s plan (None: the gather), its reason written to the route log."""
         plan, reason = self.plan(groups, m, k, n, device, byte_codes)
         log.debug("lut %s: %s, shape G=%d M=%d K=%d N=%d", what, reason, groups, m, k, n)
         return plan
@@ -396,80 +401,12 @@ class LutEngine:
             return cuda.lut_gemm_backward(grad_out, a_idx, b_idx, da, db)
         return grouped_lut_gemm_backward(grad_out, a_idx, b_idx, da, db)
 
-    def conv2d(self, xp: torch.Tensor, w: torch.Tensor, stride, dilation, groups: int,
-               pad_value: int = 0, padding=(0, 0)) -> torch.Tensor:
-        """LUT convolution of codes x [B, C, H, W] (padded by ``padding`` with ``pad_value``; CPU
-        callers pass it padded already) and codes w, no autograd: float64 [B, O, Ho, Wo]."""
-        if xp.is_cuda and self._cuda_conv_gathers(xp, w, stride, padding, dilation, groups):
-            from approxrun.ops import cuda  # the im2col kernel writes the GEMM operand straight from x
-            return cuda.conv2d(xp, w, self.cuda_image(xp.device), stride, padding, dilation, groups, pad_value)
-        if any(padding):
-            xp = torch.nn.functional.pad(xp, (padding[1], padding[1], padding[0], padding[0]),
-                                         value=float(pad_value) if xp.is_floating_point() else pad_value)
-        out = self._lowrank_conv2d(xp, w, stride, dilation, groups)
-        return out if out is not None else self._unfolded_conv2d(xp, w, stride, dilation, groups)
-
-    def _cuda_conv_gathers(self, x, w, stride, padding, dilation, groups) -> bool:
-        """Whether a CUDA convolution takes the gather kernels (then im2col on the GPU, no unfold)."""
-        out_channels, group_channels, kh, kw = w.shape
-        m = x.shape[0] * conv_output_size(x.shape[2], kh, stride[0], padding[0], dilation[0]) * conv_output_size(
-            x.shape[3], kw, stride[1], padding[1], dilation[1])
-        return self.plan(groups, m, group_channels * kh * kw, out_channels // groups, x.device)[0] is None
-
-    def _lowrank_conv2d(self, x, w, stride, dilation, groups):
-        """Map-then-conv or the int8 plan's im2col of packed maps (maps gathered per input element),
-        when the route choice takes low rank; else None."""
-        batch, _, height, width = x.shape
-        out_channels, group_channels, kh, kw = w.shape
-        m = batch * conv_output_size(height, kh, stride[0], 0, dilation[0]) * conv_output_size(
-            width, kw, stride[1], 0, dilation[1])
-        k, n = group_channels * kh * kw, out_channels // groups
-        if self.strategy == "gather" or not groups * m * k * n or self.lowrank is None:
-            return None
-        table = self.lowrank
-        maps = table.conv_maps if "map_conv" in self.routes and x.device.type == "cpu" else None
-        if maps is not None:
-            plan = self.plan(groups, m, k, n, x.device)[0]
-            map_time = map_conv_time(self.calibration, x.numel(), groups, m, k, n, maps.width)
-            gather = self._gather_route(groups, m, k, n, x.device)[1]
-            if self.strategy == "lowrank" or map_time < min(gather, plan.time if plan is not None else gather):
-                out = map_conv2d(x, w, table, stride, dilation, groups, self._cpu_kernel(x.device))
-                if out is not None:
-                    log.debug("lut conv2d: low rank %d, map-then-conv, shape G=%d M=%d K=%d N=%d", table.rank,
-                              groups, m, k, n)
-                    return out
-        plan = self._logged_plan("conv2d", groups, m, k, n, x.device)
-        if plan is None or plan.kind != "int8" or table.int8.code_scale:
-            return None
-        log.debug("lut conv2d: low rank %d, int8 im2col of packed maps", table.rank)
-        return int8_conv2d(x, w, table, plan.k_chunk, stride, dilation, groups, self._cpu_kernel(x.device))
-
     def unfold_block(self, device: torch.device) -> int:
         """Unfolded code elements per batch block: the engine's setting, else bounded CPU scratch
         memory and far larger blocks on a GPU (one launch covers many samples)."""
         if self.unfold_elements is not None:
             return self.unfold_elements
         return UNFOLD_ELEMENTS["cuda" if device.type == "cuda" else "cpu"]
-
-    def _unfolded_conv2d(self, xp, w, stride, dilation, groups):
-        """The convolution as LUT GEMMs of window rows, unfolded as int32 codes into scratch memory in
-        batch blocks sized for the device."""
-        batch, channels, height, width = xp.shape
-        out_channels, _, kh, kw = w.shape
-        ho = conv_output_size(height, kh, stride[0], 0, dilation[0])
-        wo = conv_output_size(width, kw, stride[1], 0, dilation[1])
-        columns = grouped_columns(w, groups)  # [G, K, O/G]
-        out = torch.empty(batch, out_channels, ho, wo, dtype=torch.float64, device=xp.device)
-        by_group = out.view(batch, groups, out_channels // groups, ho * wo)
-        block = max(1, self.unfold_block(xp.device) // (channels * kh * kw * ho * wo))
-        for b0 in range(0, batch, block):
-            nb = min(batch, b0 + block) - b0
-            rows = grouped_rows(xp[b0:b0 + nb], (kh, kw), stride, dilation, groups,
-                                out=scratch("lut conv rows", (nb * channels * kh * kw * ho * wo,), torch.int32,
-                                            xp.device))
-            product = self.gemm(rows, columns)  # [G, nb*L, O/G]
-            by_group[b0:b0 + nb].copy_(product.view(groups, nb, ho * wo, -1).permute(1, 0, 3, 2))
-        return out
 
 
 def _trial_key(groups, m, k, n, byte_codes) -> tuple:
