@@ -63,7 +63,7 @@ def _lowrank_conv2d(engine, x, w, stride, dilation, groups):
         map_time = map_conv_time(engine.calibration, x.numel(), groups, m, k, n, maps.width)
         gather = engine.gather_route(groups, m, k, n, x.device)[1]
         if engine.strategy == "lowrank" or map_time < min(gather, plan.time if plan is not None else gather):
-            out = map_conv2d(x, w, table, stride, dilation, groups, engine.cpu_kernel(x.device))
+            out = map_conv2d(x, w, table, stride, dilation, groups, engine.cpu_kernel(x.device), engine.workspace)
             if out is not None:
                 log.debug("lut conv2d: low rank %d, map-then-conv, shape G=%d M=%d K=%d N=%d", table.rank,
                           groups, m, k, n)
@@ -72,7 +72,8 @@ def _lowrank_conv2d(engine, x, w, stride, dilation, groups):
     if plan is None or plan.kind != "int8" or table.int8.code_scale:
         return None
     log.debug("lut conv2d: low rank %d, int8 im2col of packed maps", table.rank)
-    return int8_conv2d(x, w, table, plan.k_chunk, stride, dilation, groups, engine.cpu_kernel(x.device))
+    return int8_conv2d(x, w, table, plan.k_chunk, stride, dilation, groups, engine.cpu_kernel(x.device),
+                       engine.workspace)
 
 
 def _unfolded_conv2d(engine, xp, w, stride, dilation, groups):
@@ -89,8 +90,8 @@ def _unfolded_conv2d(engine, xp, w, stride, dilation, groups):
     for b0 in range(0, batch, block):
         nb = min(batch, b0 + block) - b0
         rows = grouped_rows(xp[b0:b0 + nb], (kh, kw), stride, dilation, groups,
-                            out=scratch("lut conv rows", (nb * channels * kh * kw * ho * wo,), torch.int32,
-                                        xp.device))
+                            out=scratch(engine.workspace, "lut conv rows", (nb * channels * kh * kw * ho * wo,),
+                                        torch.int32, xp.device))
         product = engine.gemm(rows, columns)  # [G, nb*L, O/G]
         by_group[b0:b0 + nb].copy_(product.view(groups, nb, ho * wo, -1).permute(1, 0, 3, 2))
     return out

@@ -30,6 +30,7 @@ from approxrun.lut import LUT_SIZE, code_to_index
 from approxrun.ops import native
 from approxrun.ops.gather import depthwise_lut_gemm, grouped_lut_gemm
 from approxrun.ops.gradients import gradient_tables, grouped_lut_gemm_backward
+from approxrun.ops.im2col import Workspace
 from approxrun.ops.lowrank import (PLAN_KINDS, Calibration, LowRankTable, candidate_plans, factor_lut,
                                    factor_rational_table, load_or_measure, lowrank_backward, lowrank_call,
                                    one_group)
@@ -77,6 +78,7 @@ class LutEngine:
         self.unfold_elements = unfold_elements  # None: per device, see unfold_block
         self.signed_a, self.signed_b = bool(signed_a), bool(signed_b)
         self._device_tables: dict = {}
+        self.workspace = Workspace()  # the scratch memory of its GEMMs and convolutions
         self._plans: OrderedDict = OrderedDict()
         self._calibration = calibration
         self.configure(strategy, routes, lookup_cost)
@@ -298,7 +300,7 @@ class LutEngine:
         """The call ``(a, b, out_dtype) -> out`` of ``route`` (a low-rank plan, or a gather route's
         name) on ``device``. A compiled route takes one group's 2-D codes as they are."""
         if not isinstance(route, str):
-            return lowrank_call(self.lowrank, route, self.cpu_kernel(device), device)
+            return lowrank_call(self.lowrank, route, self.cpu_kernel(device), device, self.workspace)
         if route in (NATIVE_PERMUTE, NATIVE_PERMUTE_ROWS):
             kernel, planes, rows = self.kernel(), self.byte_planes, route == NATIVE_PERMUTE_ROWS
             return lambda a, b, out_dtype: kernel.permute(a, b, planes, rows, out_dtype)

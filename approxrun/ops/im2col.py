@@ -3,8 +3,8 @@
 A LUT convolution is a grouped GEMM of window rows [G, B*Ho*Wo, C/G*kh*kw] (the K order is
 (channel, kernel row, kernel column), as ``conv2d`` weights flatten) with weight columns
 [G, C/G*kh*kw, O/G]. The windows are a strided view of the (already padded) input; one copy turns
-them into rows. Scratch tensors are kept per thread and reused: on some machines touching fresh
-memory costs as much as the gathers that fill it.
+them into rows. Scratch tensors are reused from a :class:`Workspace` (an engine's own, per thread):
+on some machines touching fresh memory costs as much as the gathers that fill it.
 """
 
 from __future__ import annotations
@@ -14,9 +14,7 @@ import threading
 
 import torch
 
-__all__ = ["conv_output_size", "windows", "grouped_rows", "grouped_columns", "scratch"]
-
-_workspace = threading.local()
+__all__ = ["conv_output_size", "windows", "grouped_rows", "grouped_columns", "Workspace", "scratch"]
 
 
 def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
@@ -52,12 +50,29 @@ def grouped_columns(w: torch.Tensor, groups: int) -> torch.Tensor:
     return w.reshape(groups, w.shape[0] // groups, -1).transpose(1, 2)
 
 
-def scratch(name: str, shape, dtype: torch.dtype, device) -> torch.Tensor:
-    """A reusable scratch tensor (per thread and name, grown on demand): its contents last until
-    the next request under the same name."""
-    numel = math.prod(shape)
-    buffers = _workspace.__dict__.setdefault("buffers", {})
-    key = (name, dtype, str(device))
-    if key not in buffers or buffers[key].numel() < numel:
-        buffers[key] = torch.empty(numel, dtype=dtype, device=device)
-    return buffers[key][:numel].view(shape)
+class Workspace:
+    """Reusable scratch tensors by name, grown on demand, one set per thread: a tensor's contents
+    last until that thread's next request under the same name. An engine owns one (its gathered
+    maps, unfolded rows and indices), so the memory lives and goes with the engine; a copy or a
+    pickle of it starts empty."""
+
+    def __init__(self):
+        self._threads = threading.local()
+
+    def __reduce__(self):
+        return Workspace, ()
+
+    def tensor(self, name: str, shape, dtype: torch.dtype, device) -> torch.Tensor:
+        numel = math.prod(shape)
+        buffers = self._threads.__dict__.setdefault("buffers", {})
+        key = (name, dtype, str(device))
+        if key not in buffers or buffers[key].numel() < numel:
+            buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+        return buffers[key][:numel].view(shape)
+
+
+def scratch(workspace: Workspace | None, name: str, shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """``workspace``'s tensor under ``name`` (see :class:`Workspace`), or a fresh one without a workspace."""
+    if workspace is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return workspace.tensor(name, shape, dtype, device)

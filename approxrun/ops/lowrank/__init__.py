@@ -31,6 +31,6 @@ from approxrun.ops.lowrank.plans import PLAN_KINDS, GemmPlan, candidate_plans, m
 from approxrun.ops.lowrank.tables import ConvMaps, Int8Maps, LowRankTable
 
 __all__ = ["Calibration", "int8_gemm_is_exact", "load_or_measure", "machine_key", "measure", "int8_conv2d",
-           "lowrank_backward", "lowrank_call", "lowrank_gemm", "one_group", "map_conv2d", "torch_gather_rows", "MAX_FACTOR_RANK", "Factors",
-           "factor_lut", "factor_rational_table", "modular_rank", "PLAN_KINDS", "GemmPlan", "candidate_plans",
-           "map_conv_time", "ConvMaps", "Int8Maps", "LowRankTable"]
+           "lowrank_backward", "lowrank_call", "lowrank_gemm", "one_group", "map_conv2d", "torch_gather_rows",
+           "MAX_FACTOR_RANK", "Factors", "factor_lut", "factor_rational_table", "modular_rank", "PLAN_KINDS",
+           "GemmPlan", "candidate_plans", "map_conv_time", "ConvMaps", "Int8Maps", "LowRankTable"]

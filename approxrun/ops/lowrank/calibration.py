@@ -355,6 +355,7 @@ def _call_overheads(generator: torch.Generator, int8_exact: bool, int8_call: flo
     modelled apart, :attr:`Calibration.int8_call`)."""
     from approxrun.ops import native
     from approxrun.ops.gather import grouped_lut_gemm
+    from approxrun.ops.im2col import Workspace
     from approxrun.ops.lowrank.executors import lowrank_gemm
     from approxrun.ops.lowrank.plans import GemmPlan
     from approxrun.ops.lowrank.tables import LowRankTable
@@ -364,9 +365,11 @@ def _call_overheads(generator: torch.Generator, int8_exact: bool, int8_call: flo
     table = LowRankTable.of(maps, maps, 1)
     lut = torch.randint(-2**15, 2**15, (256, 256), generator=generator, dtype=torch.int32)
     lut64 = lut.double()
+    workspace = Workspace()  # reused, as an engine's
 
     def plan(kind: str, compiled: bool = False):
-        return lambda: lowrank_gemm(a, b, table, GemmPlan(kind, 8, 0.0, compiled=compiled), kernel, torch.int64)
+        return lambda: lowrank_gemm(a, b, table, GemmPlan(kind, 8, 0.0, compiled=compiled), kernel, torch.int64,
+                                    workspace)
 
     runs = {"torch": lambda: grouped_lut_gemm(a, b, lut64), "float32": plan("float32"),
             "float64": plan("float64")}

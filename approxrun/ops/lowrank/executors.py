@@ -22,21 +22,23 @@ import torch.nn.functional as F
 
 from approxrun.lut import code_to_index
 from approxrun.ops.gather import FLOAT32_EXACT
-from approxrun.ops.im2col import conv_output_size, grouped_columns, grouped_rows, scratch
+from approxrun.ops.im2col import Workspace, conv_output_size, grouped_columns, grouped_rows, scratch
 from approxrun.ops.lowrank.plans import GemmPlan, byte_pairs_readable
 from approxrun.ops.lowrank.tables import Int8Maps, LowRankTable
 
-__all__ = ["lowrank_gemm", "lowrank_call", "one_group", "int8_conv2d", "map_conv2d", "lowrank_backward", "torch_gather_rows"]
+__all__ = ["lowrank_gemm", "lowrank_call", "one_group", "int8_conv2d", "map_conv2d", "lowrank_backward",
+           "torch_gather_rows"]
 
 MAP_ELEMENTS = 1 << 22  # gathered map entries per GEMM block (16 MB of float32)
 MAP_BYTES = 1 << 23  # gathered int8 maps per block of the int8 plan (scratch memory, reused)
 
 
-def torch_gather_rows(codes: torch.Tensor, table: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def torch_gather_rows(codes: torch.Tensor, table: torch.Tensor, out: torch.Tensor | None = None,
+                      workspace: Workspace | None = None) -> torch.Tensor:
     """``table[byte(codes)]`` by torch ops: rows of ``table`` [256, ...] at the codes' bytes, shape
     ``codes.shape + table.shape[1:]`` (uint16 codes: byte pairs, ``table[codes]``), written into
-    ``out`` when given. The index goes through scratch memory."""
-    index = scratch("gather index", codes.shape, torch.int32, codes.device)
+    ``out`` when given. The index goes through ``workspace`` where given."""
+    index = scratch(workspace, "gather index", codes.shape, torch.int32, codes.device)
     index = index.copy_(codes) if codes.dtype == torch.uint16 else code_to_index(codes, out=index)
     rows = table.shape[1:]
     if out is not None:
@@ -44,8 +46,11 @@ def torch_gather_rows(codes: torch.Tensor, table: torch.Tensor, out: torch.Tenso
     return torch.index_select(table, 0, index.view(-1), out=out).view(*codes.shape, *rows)
 
 
-def _gatherer(kernel):
-    return torch_gather_rows if kernel is None else kernel.gather_rows
+def _gatherer(kernel, workspace: Workspace | None):
+    """``gather_rows(codes, table, out=None)``: the compiled kernel's, else :func:`torch_gather_rows`."""
+    if kernel is not None:
+        return kernel.gather_rows
+    return lambda codes, table, out=None: torch_gather_rows(codes, table, out, workspace)
 
 
 def one_group(gemm, a: torch.Tensor, b: torch.Tensor, *args) -> torch.Tensor:
@@ -54,32 +59,36 @@ def one_group(gemm, a: torch.Tensor, b: torch.Tensor, *args) -> torch.Tensor:
     return gemm(a, b, *args) if a.dim() == 3 else gemm(a[None], b[None], *args)[0]
 
 
-def lowrank_call(table: LowRankTable, plan: GemmPlan, kernel, device: torch.device):
+def lowrank_call(table: LowRankTable, plan: GemmPlan, kernel, device: torch.device,
+                 workspace: Workspace | None = None):
     """The call ``(a, b, out_dtype) -> out`` that runs ``plan`` on ``device`` (see :func:`lowrank_gemm`),
     its maps looked up once: a caller that repeats a shape keeps it. A compiled plan takes 2-D codes
-    as they are (one compiled call per GEMM); the others view them as one group."""
+    as they are (one compiled call per GEMM); the others view them as one group. Scratch memory
+    comes from ``workspace`` where given."""
     if plan.kind == "int8":
-        return lambda a, b, out_dtype: one_group(_int8_gemm, a, b, table.int8, plan.k_chunk, kernel, out_dtype)
+        return lambda a, b, out_dtype: one_group(_int8_gemm, a, b, table.int8, plan.k_chunk, kernel, out_dtype,
+                                                 workspace)
     form = table if plan.form is None else plan.form
     if plan.compiled:  # maps read and multiplied in one compiled call
         x, y = form.pair_words(device) if plan.kind == "int16" else form.maps(device, plan.dtype)
         return lambda a, b, out_dtype: kernel.map_gemm(a, b, x, y, plan.k_chunk, form.denominator, out_dtype)
-    return lambda a, b, out_dtype: one_group(_float_gemm, a, b, form, plan, kernel, out_dtype)
+    return lambda a, b, out_dtype: one_group(_float_gemm, a, b, form, plan, kernel, out_dtype, workspace)
 
 
 def lowrank_gemm(a: torch.Tensor, b: torch.Tensor, table: LowRankTable, plan: GemmPlan,
-                 kernel=None, out_dtype: torch.dtype = torch.float64) -> torch.Tensor:
+                 kernel=None, out_dtype: torch.dtype = torch.float64,
+                 workspace: Workspace | None = None) -> torch.Tensor:
     """out[g, m, n] = sum_k table[byte(a[g, m, k]), byte(b[g, k, n])] of code tensors a [G, M, K] and
     b [G, K, N] (or one group's 2-D a, b: a 2-D result), exact, as ``out_dtype`` (float64 or int64;
     see the module)."""
-    return lowrank_call(table, plan, kernel, a.device)(a, b, out_dtype)
+    return lowrank_call(table, plan, kernel, a.device, workspace)(a, b, out_dtype)
 
 
 def _float_gemm(a: torch.Tensor, b: torch.Tensor, form: LowRankTable, plan: GemmPlan, kernel,
-                out_dtype: torch.dtype) -> torch.Tensor:
+                out_dtype: torch.dtype, workspace: Workspace | None) -> torch.Tensor:
     """A float plan by torch GEMMs of gathered maps, in row blocks (bounded scratch memory)."""
     x, y = form.maps(a.device, plan.dtype)
-    gather_rows = _gatherer(kernel)
+    gather_rows = _gatherer(kernel, workspace)
     groups, m, k = a.shape
     n = b.shape[2]
     width = form.width
@@ -90,7 +99,8 @@ def _float_gemm(a: torch.Tensor, b: torch.Tensor, form: LowRankTable, plan: Gemm
     a = a.contiguous()
     for m0 in range(0, m, rows):
         m1 = min(m, m0 + rows)
-        xa = gather_rows(a[:, m0:m1], x, out=scratch("gemm maps", (groups, m1 - m0, k, width), x.dtype, a.device))
+        xa = gather_rows(a[:, m0:m1], x,
+                         out=scratch(workspace, "gemm maps", (groups, m1 - m0, k, width), x.dtype, a.device))
         xa = xa.view(groups, m1 - m0, k * width)
         for k0 in range(0, k, chunk):
             k1 = min(k, k0 + chunk)
@@ -106,9 +116,10 @@ def _float_gemm(a: torch.Tensor, b: torch.Tensor, form: LowRankTable, plan: Gemm
     return out.to(out_dtype)
 
 
-def _gather_words(words: torch.Tensor, codes: torch.Tensor, name: str, gather_rows) -> torch.Tensor:
+def _gather_words(words: torch.Tensor, codes: torch.Tensor, name: str, gather_rows,
+                  workspace: Workspace | None) -> torch.Tensor:
     """``words[byte(codes)]`` flattened, into scratch memory: int8 maps [codes.numel() * bytes per word]."""
-    out = scratch(name + " words", (codes.numel(),), words.dtype, codes.device)
+    out = scratch(workspace, name + " words", (codes.numel(),), words.dtype, codes.device)
     return gather_rows(codes, words, out=out).view(-1).view(torch.int8)
 
 
@@ -152,7 +163,7 @@ def _int8_words_gemm(x: torch.Tensor, y: torch.Tensor, chunk: int, width: int) -
 
 
 def _int8_gemm(a: torch.Tensor, b: torch.Tensor, maps: Int8Maps, chunk: int, kernel,
-               out_dtype: torch.dtype) -> torch.Tensor:
+               out_dtype: torch.dtype, workspace: Workspace | None) -> torch.Tensor:
     """The int8 plan: per block of rows, one gather of packed int8 maps per index and int8 GEMMs
     (int32 sums over ``chunk`` K columns), plus the offset, divided by the denominator (an exact
     integer quotient). Row blocks bound the scratch memory. The compiled kernel, where given, runs
@@ -160,10 +171,11 @@ def _int8_gemm(a: torch.Tensor, b: torch.Tensor, maps: Int8Maps, chunk: int, ker
     groups, m, k = a.shape
     rows = max(1, MAP_BYTES // (k * maps.width))
     if kernel is not None:
-        buffer = scratch("gemm rows words", (min(rows, m) * k * maps.width,), torch.int8, a.device)
+        buffer = scratch(workspace, "gemm rows words", (min(rows, m) * k * maps.width,), torch.int8, a.device)
         return kernel.int8_lowrank_gemm(a, b, maps, chunk, rows, buffer, out_dtype)
-    y, offset = _int8_columns(b, maps, torch_gather_rows)
-    b_bytes = _code_bytes(b, "gemm columns") if maps.code_scale else None
+    gather_rows = _gatherer(None, workspace)
+    y, offset = _int8_columns(b, maps, gather_rows)
+    b_bytes = _code_bytes(b, "gemm columns", workspace) if maps.code_scale else None
     out = torch.empty(groups, m, b.shape[2], dtype=torch.float64, device=a.device)
     a = a.contiguous()
     x_words, gathered = maps.tensors(a.device)[0], a
@@ -171,33 +183,33 @@ def _int8_gemm(a: torch.Tensor, b: torch.Tensor, maps: Int8Maps, chunk: int, ker
         x_words, gathered = maps.pair_words(a.device), a.view(torch.uint16)  # byte pairs: half the gathers
     for g in range(groups):
         for m0 in range(0, m, rows):
-            x = _gather_words(x_words, gathered[g, m0:m0 + rows], "gemm rows", torch_gather_rows)
+            x = _gather_words(x_words, gathered[g, m0:m0 + rows], "gemm rows", gather_rows, workspace)
             x = x.view(-1, k * maps.width)
             block = out[g, m0:m0 + rows]
             block.copy_(_int8_words_gemm(x, y[g], chunk, maps.width))
             if maps.code_scale:
-                a_bytes = _code_bytes(a[g, m0:m0 + rows], "gemm row codes")
+                a_bytes = _code_bytes(a[g, m0:m0 + rows], "gemm row codes", workspace)
                 block.add_(_int8_words_gemm(a_bytes, b_bytes[g], chunk, 1), alpha=maps.code_scale)
         out[g] += offset[g]
     return (out.div_(maps.denominator) if maps.denominator != 1 else out).to(out_dtype)
 
 
-def _code_bytes(codes: torch.Tensor, name: str) -> torch.Tensor:
+def _code_bytes(codes: torch.Tensor, name: str, workspace: Workspace | None) -> torch.Tensor:
     """The codes' bytes read as int8 (their signed values; contiguous, scratch memory for other
     dtypes): the operands of the code GEMM."""
     if codes.dtype in (torch.int8, torch.uint8):
         return codes.contiguous().view(torch.int8)
-    index = code_to_index(codes, out=scratch(name + " index", codes.shape, torch.int32, codes.device))
-    return scratch(name + " bytes", codes.shape, torch.uint8, codes.device).copy_(index).view(torch.int8)
+    index = code_to_index(codes, out=scratch(workspace, name + " index", codes.shape, torch.int32, codes.device))
+    return scratch(workspace, name + " bytes", codes.shape, torch.uint8, codes.device).copy_(index).view(torch.int8)
 
 
 def int8_conv2d(x: torch.Tensor, w: torch.Tensor, table: LowRankTable, chunk: int, stride, dilation,
-                groups: int, kernel=None) -> torch.Tensor:
+                groups: int, kernel=None, workspace: Workspace | None = None) -> torch.Tensor:
     """LUT convolution of padded codes x [B, C, H, W] with codes w [O, C/G, kh, kw] on the int8
     plan, float64 [B, O, Ho, Wo]: the maps are gathered once per input element (not per unfolded
     one) and the packed words are unfolded, in batch blocks."""
     maps = table.int8
-    gather_rows = _gatherer(kernel)
+    gather_rows = _gatherer(kernel, workspace)
     batch, channels, height, width = x.shape
     out_channels, group_channels, kh, kw = w.shape
     y, offset = _int8_columns(grouped_columns(w, groups), maps, gather_rows)
@@ -210,10 +222,11 @@ def int8_conv2d(x: torch.Tensor, w: torch.Tensor, table: LowRankTable, chunk: in
     block = max(1, MAP_BYTES // (ho * wo * channels * kh * kw * maps.width))
     for b0 in range(0, batch, block):
         nb = min(batch, b0 + block) - b0
-        words = _gather_words(x_words, x[b0:b0 + nb].contiguous(), "conv input", gather_rows).view(x_words.dtype)
+        words = _gather_words(x_words, x[b0:b0 + nb].contiguous(), "conv input", gather_rows,
+                              workspace).view(x_words.dtype)
         words = words.view(nb, channels, height, width)
         rows = grouped_rows(words, (kh, kw), stride, dilation, groups,
-                            out=scratch("conv rows", (groups * nb * ho * wo * k,), words.dtype, x.device))
+                            out=scratch(workspace, "conv rows", (groups * nb * ho * wo * k,), words.dtype, x.device))
         for g in range(groups):
             product = _int8_words_gemm(rows[g].view(torch.int8), y[g], chunk, maps.width).view(nb, ho * wo, -1)
             by_group[b0:b0 + nb, g].copy_(product.transpose(1, 2))
@@ -245,7 +258,7 @@ def _float32_conv_is_exact(x: torch.Tensor, w: torch.Tensor, stride, dilation, g
 
 
 def map_conv2d(x: torch.Tensor, w: torch.Tensor, table: LowRankTable, stride, dilation,
-               groups: int, kernel=None) -> torch.Tensor | None:
+               groups: int, kernel=None, workspace: Workspace | None = None) -> torch.Tensor | None:
     """Map-then-conv: one float32 conv2d of the factor maps of padded codes x [B, C, H, W] with
     those of codes w [O, C/G, kh, kw] (channel (c, i) holds map i of channel c), float64
     [B, O, Ho, Wo]; None unless provably exact (see :func:`_float32_conv_is_exact`, and every
@@ -257,7 +270,7 @@ def map_conv2d(x: torch.Tensor, w: torch.Tensor, table: LowRankTable, stride, di
     x_map, y_map = maps.tensors(x.device)
     rank = x_map.shape[1]
     batch, channels, height, width = x.shape
-    gather_rows = _gatherer(kernel)
+    gather_rows = _gatherer(kernel, workspace)
     xm = gather_rows(x.contiguous(), x_map).permute(0, 1, 4, 2, 3).reshape(batch, channels * rank, height, width)
     ym = gather_rows(w.contiguous(), y_map).permute(0, 1, 4, 2, 3).reshape(out_channels, group_channels * rank,
                                                                              kh, kw)
