@@ -268,7 +268,8 @@ void check_operands(const char* name, torch::Tensor& a, torch::Tensor& b, const 
 
 }  // namespace
 
-// Both GEMM entry points write out [G, M, N] (float64 or int64, contiguous) and return it.
+// Both GEMM entry points write out [G, M, N] (or [M, N], see as_groups; float64 or int64, contiguous) and
+// return it.
 torch::Tensor lut_gemm_table(torch::Tensor a, torch::Tensor b, torch::Tensor lut, bool wide_sums, torch::Tensor out) {
   const torch::Tensor result = out;
   check_operands("lut_gemm_table", a, b, lut, out);
