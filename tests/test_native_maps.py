@@ -13,7 +13,7 @@ from approxrun.multipliers import get_multiplier
 from approxrun.ops import LutEngine, lut_matmul, native
 from approxrun.ops.lowrank import Calibration, LowRankTable, candidate_plans, int8_gemm_is_exact
 
-from test_lowrank import AMX_LIKE, codes, low_rank_lut, matmul_oracle
+from test_lowrank import AMX_LIKE, codes, low_rank_lut, machine, matmul_oracle
 
 KERNEL = native.load()
 needs_kernel = pytest.mark.skipif(KERNEL is None, reason="needs a C++ toolchain")
@@ -197,6 +197,28 @@ def test_engine_takes_the_int16_plan_when_its_figures_say_so(caplog):
                                 (("native", "int8", "int16", "float32", "float64"), COMPILED_FAST)):
         other = LutEngine(multiplier.lut, False, False, routes=routes, calibration=calibration, trials=0)
         assert other.chosen_route(1, 37, 300, 29, "cpu").startswith("compiled float32")
+
+
+@needs_kernel
+def test_auto_times_the_fastest_compiled_plan_even_when_modelled_far_slower(caplog):
+    """Auto's trials time each family's best: with figures that put the compiled plans over twice
+    the fastest route (beyond the trial spread), the fastest compiled one is still timed (torch's
+    GEMMs and the compiled kernel are modelled apart, and their models err apart); every call exact."""
+    slow_compiled = {"native_map_entry": 1e-9, "native_map_mac": 1e-9, "native_map_lanes": KERNEL.map_lanes,
+                     "native_pair_entry": 1e-9, "native_pair_mac": 1e-9}
+    calibration = Calibration(**{**machine(int8_mac=1e-11, float32_mac=1e-10).as_dict(), **slow_compiled})
+    lut = get_multiplier("drum_4").lut
+    engine = LutEngine(lut, calibration=calibration)
+    rng = np.random.default_rng(56)
+    a, b = codes(rng, (300, 64)), codes(rng, (64, 40))
+    expected = matmul_oracle(a.numpy(), b.numpy(), lut)
+    calls = 0
+    with caplog.at_level(logging.DEBUG, logger="approxrun.ops.lowrank"):
+        while calls == 0 or engine.timing_routes(1, 300, 64, 40):
+            assert np.array_equal(lut_matmul(a, b, engine).numpy(), expected)
+            calls += 1
+    measured = [line for line in caplog.text.splitlines() if "lut gemm: measured" in line]
+    assert len(measured) == 1 and "compiled" in measured[0].split(" for ", 1)[1], measured
 
 
 def test_int16_plan_needs_maps_below_2_15():
