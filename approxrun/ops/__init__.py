@@ -21,6 +21,7 @@ from approxrun.lut import code_to_index
 from approxrun.ops.convolution import engine_conv2d
 from approxrun.ops.engine import ROUTE_KINDS, STRATEGIES, LutEngine
 from approxrun.ops.im2col import conv_output_size, grouped_columns, grouped_rows
+from approxrun.ops.lowrank import one_group
 from approxrun.ops.registry import DEFAULT_ENGINES, EngineRegistry
 
 __all__ = ["lut_matmul", "lut_conv2d", "GRAD_MODES", "STRATEGIES", "ROUTE_KINDS", "LutEngine", "EngineRegistry",
@@ -68,9 +69,7 @@ def _grouped_gemm(a: torch.Tensor, b: torch.Tensor, engine: LutEngine, grad: str
         if engine.integral:  # every route's sums are exact integers
             return engine.gemm(a, b, torch.int64)
         return engine.gemm(a, b).round_().to(torch.int64)
-    if a.dim() == 2:
-        return _GroupedLutGemm.apply(a[None], b[None], engine, grad == "lut")[0]
-    return _GroupedLutGemm.apply(a, b, engine, grad == "lut")
+    return one_group(_GroupedLutGemm.apply, a, b, engine, grad == "lut")
 
 
 def lut_matmul(a: torch.Tensor, b: torch.Tensor, lut, grad: str = "ste", *, signed_a: bool = True,

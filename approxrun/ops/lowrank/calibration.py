@@ -259,6 +259,8 @@ def measure(rounds: int = 2) -> Calibration:
 
 
 def _measure_round() -> Calibration:
+    from approxrun.ops import native
+    from approxrun.ops.lowrank.executors import gatherer
     generator = torch.Generator().manual_seed(0)
     start = time.perf_counter()
     warm = torch.ones(512, 512)
@@ -269,7 +271,7 @@ def _measure_round() -> Calibration:
     gemm = _gemm_figures(generator, int8_exact)
     count = 1 << 18
     index = torch.randint(0, 256, (count,), generator=generator, dtype=torch.int32)
-    gather_rows = _map_gather()
+    gather_rows = gatherer(native.load())  # the map gather engines use: the compiled one where it builds
     maps, mapped = torch.randn(256, 4, generator=generator), torch.empty(count, 4)  # outputs reused, as in use
     map_entry = _best_time(lambda: gather_rows(index, maps, out=mapped)) / (count * 4)
     words = torch.randint(-2**31, 2**31 - 1, (256,), generator=generator, dtype=torch.int32)
@@ -295,14 +297,6 @@ def _measure_round() -> Calibration:
     return Calibration(lookup, row, table, direct, gemm, map_entry, word_index, pair_index, int8_call, accumulate,
                        int8_exact, backward_lookup, native_lookup, native_table_entry, native_row_add, permute_group,
                        permute_code, map_read, map_mac, _map_lanes(), pair_read, pair_mac, overheads, machine_key())
-
-
-def _map_gather():
-    """The map gather engines use by default: the compiled one where it builds, else torch's."""
-    from approxrun.ops import native
-    from approxrun.ops.lowrank.executors import torch_gather_rows
-    kernel = native.load()
-    return torch_gather_rows if kernel is None else kernel.gather_rows
 
 
 def _backward_figure(generator: torch.Generator) -> float:

@@ -27,7 +27,7 @@ from approxrun.ops.lowrank.plans import GemmPlan, byte_pairs_readable
 from approxrun.ops.lowrank.tables import Int8Maps, LowRankTable
 
 __all__ = ["lowrank_gemm", "lowrank_call", "one_group", "int8_conv2d", "map_conv2d", "lowrank_backward",
-           "torch_gather_rows"]
+           "torch_gather_rows", "gatherer"]
 
 MAP_ELEMENTS = 1 << 22  # gathered map entries per GEMM block (16 MB of float32)
 MAP_BYTES = 1 << 23  # gathered int8 maps per block of the int8 plan (scratch memory, reused)
@@ -46,7 +46,7 @@ def torch_gather_rows(codes: torch.Tensor, table: torch.Tensor, out: torch.Tenso
     return torch.index_select(table, 0, index.view(-1), out=out).view(*codes.shape, *rows)
 
 
-def _gatherer(kernel, workspace: Workspace | None):
+def gatherer(kernel, workspace: Workspace | None = None):
     """``gather_rows(codes, table, out=None)``: the compiled kernel's, else :func:`torch_gather_rows`."""
     if kernel is not None:
         return kernel.gather_rows
@@ -88,7 +88,7 @@ def _float_gemm(a: torch.Tensor, b: torch.Tensor, form: LowRankTable, plan: Gemm
                 out_dtype: torch.dtype, workspace: Workspace | None) -> torch.Tensor:
     """A float plan by torch GEMMs of gathered maps, in row blocks (bounded scratch memory)."""
     x, y = form.maps(a.device, plan.dtype)
-    gather_rows = _gatherer(kernel, workspace)
+    gather_rows = gatherer(kernel, workspace)
     groups, m, k = a.shape
     n = b.shape[2]
     width = form.width
@@ -173,7 +173,7 @@ def _int8_gemm(a: torch.Tensor, b: torch.Tensor, maps: Int8Maps, chunk: int, ker
     if kernel is not None:
         buffer = scratch(workspace, "gemm rows words", (min(rows, m) * k * maps.width,), torch.int8, a.device)
         return kernel.int8_lowrank_gemm(a, b, maps, chunk, rows, buffer, out_dtype)
-    gather_rows = _gatherer(None, workspace)
+    gather_rows = gatherer(None, workspace)
     y, offset = _int8_columns(b, maps, gather_rows)
     b_bytes = _code_bytes(b, "gemm columns", workspace) if maps.code_scale else None
     out = torch.empty(groups, m, b.shape[2], dtype=torch.float64, device=a.device)
@@ -209,7 +209,7 @@ def int8_conv2d(x: torch.Tensor, w: torch.Tensor, table: LowRankTable, chunk: in
     plan, float64 [B, O, Ho, Wo]: the maps are gathered once per input element (not per unfolded
     one) and the packed words are unfolded, in batch blocks."""
     maps = table.int8
-    gather_rows = _gatherer(kernel, workspace)
+    gather_rows = gatherer(kernel, workspace)
     batch, channels, height, width = x.shape
     out_channels, group_channels, kh, kw = w.shape
     y, offset = _int8_columns(grouped_columns(w, groups), maps, gather_rows)
@@ -270,7 +270,7 @@ def map_conv2d(x: torch.Tensor, w: torch.Tensor, table: LowRankTable, stride, di
     x_map, y_map = maps.tensors(x.device)
     rank = x_map.shape[1]
     batch, channels, height, width = x.shape
-    gather_rows = _gatherer(kernel, workspace)
+    gather_rows = gatherer(kernel, workspace)
     xm = gather_rows(x.contiguous(), x_map).permute(0, 1, 4, 2, 3).reshape(batch, channels * rank, height, width)
     ym = gather_rows(w.contiguous(), y_map).permute(0, 1, 4, 2, 3).reshape(out_channels, group_channels * rank,
                                                                              kh, kw)
