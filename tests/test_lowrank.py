@@ -527,7 +527,8 @@ def test_cuda_lowrank_matches_oracle(rank):
 def test_native_gather_matches_oracle(low, high, k, lowrank_log):
     """The compiled CPU kernel (int32 sums, or int64 when K * max|lut| could pass 2**31), on int8,
     int32 and float codes, int64 codes beyond the byte range (only their byte counts), several groups;
-    N of one tile of table columns and of two (the tables' storage reused across tiles)."""
+    N of one tile of table columns and of two (the tables' storage reused across tiles); M below and
+    beyond the rows the tables strategy adds at a time, with every remainder."""
     from approxrun.ops import native
     if native.load() is None:
         pytest.skip("no C++ toolchain to build the CPU LUT kernel")
@@ -537,10 +538,11 @@ def test_native_gather_matches_oracle(low, high, k, lowrank_log):
                                                                    "native tables")):
         fast_native = Calibration(**{**AVX2_ONLY.as_dict(), **dict.fromkeys(figures, 1e-15)})
         engine = LutEngine(lut, strategy="gather", calibration=fast_native)
-        for dtype, n in ((torch.int8, 19), (torch.int32, 19), (torch.float32, 19), (torch.int32, 70)):
-            a, b = codes(rng, (37, k)), codes(rng, (k, n))
+        for dtype, m, n in ((torch.int8, 37, 19), (torch.int32, 37, 19), (torch.float32, 37, 19),
+                            (torch.int32, 37, 70), (torch.int32, 3, 6), (torch.int32, 42, 6)):
+            a, b = codes(rng, (m, k)), codes(rng, (k, n))
             out = lut_matmul(a.to(dtype), b.to(dtype), engine)
-            assert np.array_equal(out.numpy(), matmul_oracle(a, b, lut)), (dtype, n)
+            assert np.array_equal(out.numpy(), matmul_oracle(a, b, lut)), (dtype, m, n)
         wide_a, wide_b = a + 256 * codes(rng, a.shape, -2**40, 2**40), b + 256 * codes(rng, b.shape, -2**20, 2**20)
         assert np.array_equal(lut_matmul(wide_a, wide_b.int(), engine).numpy(), matmul_oracle(a, b, lut))
         x, w = codes(rng, (2, 4, 6, 6)), codes(rng, (6, 2, 3, 3))
