@@ -225,14 +225,16 @@ class LutEngine:
         return min(self._gather_routes(groups, m, k, n, device), key=lambda route: route[1])
 
     def _ranked_routes(self, groups, m, k, n, device, byte_codes) -> list:
-        """The routes auto times on a shape's first calls: the gather, the low-rank plan and the
-        compiled plan modelled fastest (measured figures can be off on a loaded machine, and the
-        model of torch's GEMMs and that of the compiled kernel err apart: at (128, 256, 120) the int8
-        plan was modelled at half the int16 plan's time and ran 1.2x slower, so no family is ruled
-        out by the model alone), then the other routes modelled within :data:`TRIAL_SPREAD` of the
-        fastest, by modelled time, ``trials`` routes at most."""
+        """The routes auto times on a shape's first calls: the gather (and the next one, modelled
+        within :data:`TRIAL_SPREAD` of it), the low-rank plan and the compiled plan modelled fastest
+        (measured figures can be off on a loaded machine, and the models of the strategies err
+        apart: at (128, 256, 120) the int8 plan was modelled at half the int16 plan's time and ran
+        1.2x slower; at (73728, 25, 6) the permutes were modelled at 0.45 ms and ran 0.75, the
+        tables at 0.58 and ran 0.50; so no family or strategy is ruled out by the model alone), then
+        the other routes modelled within :data:`TRIAL_SPREAD` of the fastest, by modelled time,
+        ``trials`` routes at most."""
         ranked = sorted(self._gather_routes(groups, m, k, n, device), key=lambda route: route[1])
-        chosen = [ranked[0][0]]
+        chosen = [route for route, time_ in ranked[:2] if time_ <= TRIAL_SPREAD * ranked[0][1]]
         if self.lowrank is not None and self.strategy != "gather":
             plans = sorted(((plan, plan.time) for plan in self._candidate_plans(groups, m, k, n, device, byte_codes)),
                            key=lambda route: route[1])
