@@ -199,6 +199,21 @@ def test_engine_takes_the_int16_plan_when_its_figures_say_so(caplog):
         assert other.chosen_route(1, 37, 300, 29, "cpu").startswith("compiled float32")
 
 
+def timed_routes(engine: LutEngine, lut, rng, caplog) -> str:
+    """Calls lut_matmul at (300, 64, 40) until auto's trials are over (every call exact); the routes
+    they timed and the one kept, as the route log gives them."""
+    a, b = codes(rng, (300, 64)), codes(rng, (64, 40))
+    expected = matmul_oracle(a.numpy(), b.numpy(), lut)
+    calls = 0
+    with caplog.at_level(logging.DEBUG, logger="approxrun.ops.lowrank"):
+        while calls == 0 or engine.timing_routes(1, 300, 64, 40):
+            assert np.array_equal(lut_matmul(a, b, engine).numpy(), expected)
+            calls += 1
+    measured = [line for line in caplog.text.splitlines() if "lut gemm: measured" in line]
+    assert len(measured) == 1, measured
+    return measured[0].split(" for ", 1)[1]
+
+
 @needs_kernel
 def test_auto_times_the_fastest_compiled_plan_even_when_modelled_far_slower(caplog):
     """Auto's trials time each family's best: with figures that put the compiled plans over twice
@@ -210,15 +225,7 @@ def test_auto_times_the_fastest_compiled_plan_even_when_modelled_far_slower(capl
     lut = get_multiplier("drum_4").lut
     engine = LutEngine(lut, calibration=calibration)
     rng = np.random.default_rng(56)
-    a, b = codes(rng, (300, 64)), codes(rng, (64, 40))
-    expected = matmul_oracle(a.numpy(), b.numpy(), lut)
-    calls = 0
-    with caplog.at_level(logging.DEBUG, logger="approxrun.ops.lowrank"):
-        while calls == 0 or engine.timing_routes(1, 300, 64, 40):
-            assert np.array_equal(lut_matmul(a, b, engine).numpy(), expected)
-            calls += 1
-    measured = [line for line in caplog.text.splitlines() if "lut gemm: measured" in line]
-    assert len(measured) == 1 and "compiled" in measured[0].split(" for ", 1)[1], measured
+    assert "compiled" in timed_routes(engine, lut, rng, caplog)
 
 
 @needs_kernel
@@ -234,16 +241,7 @@ def test_auto_times_the_runner_up_gather_strategy(caplog):
     lut = low_rank_lut(2, seed=57)
     engine = LutEngine(lut, calibration=calibration)
     assert engine.gather_route(1, 300, 64, 40, torch.device("cpu"))[0] == "native gather"
-    a, b = codes(rng, (300, 64)), codes(rng, (64, 40))
-    expected = matmul_oracle(a.numpy(), b.numpy(), lut)
-    calls = 0
-    with caplog.at_level(logging.DEBUG, logger="approxrun.ops.lowrank"):
-        while calls == 0 or engine.timing_routes(1, 300, 64, 40):
-            assert np.array_equal(lut_matmul(a, b, engine).numpy(), expected)
-            calls += 1
-    measured = [line for line in caplog.text.splitlines() if "lut gemm: measured" in line]
-    assert len(measured) == 1, measured
-    timed = measured[0].split(" for ", 1)[1]
+    timed = timed_routes(engine, lut, rng, caplog)
     assert "native gather" in timed and "native tables" in timed and "torch gather" not in timed, timed
     assert "GEMMs" in timed  # a low-rank plan, modelled over twice as fast as the gathers
 
