@@ -397,7 +397,8 @@ def test_router_follows_injected_calibration():
                                 "native_row_add": 1e-11})
         engine = LutEngine(get_multiplier("drum_4").lut, calibration=tables, trials=0)
         assert engine.chosen_route(1, 73728, 25, 6, cpu) == "native tables"
-        assert engine.chosen_route(1, 4096, 1152, 128, cpu).startswith("int8")
+        if INT8_EXACT:  # torch's int8 GEMM saturates without VNNI: then no int8 plan is exact
+            assert engine.chosen_route(1, 4096, 1152, 128, cpu).startswith("int8")
         without_native = LutEngine(get_multiplier("drum_4").lut, calibration=tables, native=False)
         assert without_native.chosen_route(1, 73728, 25, 6, cpu).startswith(("int8", "float32"))  # low rank
 
