@@ -38,22 +38,24 @@ def engine_conv2d(engine, xp: torch.Tensor, w: torch.Tensor, stride, dilation, g
     return out if out is not None else _unfolded_conv2d(engine, xp, w, stride, dilation, groups)
 
 
-def _cuda_conv_gathers(engine, x, w, stride, padding, dilation, groups) -> bool:
-    """Whether a CUDA convolution takes the gather kernels (then im2col on the GPU, no unfold)."""
+def _gemm_shape(x, w, stride, padding, dilation, groups) -> tuple[int, int, int]:
+    """(M, K, N) of each group's GEMM in a convolution of x [B, C, H, W] (padded by ``padding``)
+    with w [O, C/G, kh, kw]."""
     out_channels, group_channels, kh, kw = w.shape
     m = x.shape[0] * conv_output_size(x.shape[2], kh, stride[0], padding[0], dilation[0]) * conv_output_size(
         x.shape[3], kw, stride[1], padding[1], dilation[1])
-    return engine.plan(groups, m, group_channels * kh * kw, out_channels // groups, x.device)[0] is None
+    return m, group_channels * kh * kw, out_channels // groups
+
+
+def _cuda_conv_gathers(engine, x, w, stride, padding, dilation, groups) -> bool:
+    """Whether a CUDA convolution takes the gather kernels (then im2col on the GPU, no unfold)."""
+    return engine.plan(groups, *_gemm_shape(x, w, stride, padding, dilation, groups), x.device)[0] is None
 
 
 def _lowrank_conv2d(engine, x, w, stride, dilation, groups):
     """Map-then-conv or the int8 plan's im2col of packed maps, when the route choice takes low rank;
     else None."""
-    batch, _, height, width = x.shape
-    out_channels, group_channels, kh, kw = w.shape
-    m = batch * conv_output_size(height, kh, stride[0], 0, dilation[0]) * conv_output_size(
-        width, kw, stride[1], 0, dilation[1])
-    k, n = group_channels * kh * kw, out_channels // groups
+    m, k, n = _gemm_shape(x, w, stride, (0, 0), dilation, groups)
     if engine.strategy == "gather" or not groups * m * k * n or engine.lowrank is None:
         return None
     table = engine.lowrank
