@@ -24,6 +24,7 @@ from torch import nn
 from approxrun.lut import OperandDomain
 from approxrun.multipliers.multiplier import Multiplier
 from approxrun.ops import grouped_columns, grouped_rows, lut_conv2d, lut_matmul
+from approxrun.ops.im2col import conv_output_size
 from approxrun.quant import ActivationQuantizer, WeightQuantizer, dequantize, zero_point_corrected
 
 MODES = ("float", "quant", "noise", "approx")
@@ -235,14 +236,20 @@ class ApproxConv2d(ApproxLayer, nn.Conv2d):
 
     def _window_sums(self, padded: torch.Tensor) -> torch.Tensor:
         """Sum of the (padded) activation codes under each window, per group: [B, G, Ho, Wo]; exact
-        (integer sums below 2**24 in float32)."""
+        (integer sums below 2**24 in float32). Box sums as 2 * k strided slice adds over the channel
+        sums: 3-4x faster than a sum pool or a conv with ones (LeNet5's first layer, batch 128)."""
         batch, channels, height, width = padded.shape
-        if self.dilation == (1, 1):  # a sum pool over the channel sums: much cheaper than a conv
-            per_group = padded.reshape(batch, self.groups, channels // self.groups, height, width).sum(2)
-            return F.avg_pool2d(per_group, self.kernel_size, self.stride, divisor_override=1)
-        ones = torch.ones(self.groups, channels // self.groups, *self.kernel_size, dtype=padded.dtype,
-                          device=padded.device)
-        return F.conv2d(padded, ones, stride=self.stride, dilation=self.dilation, groups=self.groups)
+        sums = padded.reshape(batch, self.groups, channels // self.groups, height, width).sum(2)
+        for dim, kernel, stride, dilation in zip((2, 3), self.kernel_size, self.stride, self.dilation):
+            span = (conv_output_size(sums.shape[dim], kernel, stride, 0, dilation) - 1) * stride + 1
+            index = [slice(None)] * sums.dim()
+            index[dim] = slice(0, span, stride)
+            box = sums[tuple(index)].clone()
+            for tap in range(1, kernel):
+                index[dim] = slice(tap * dilation, tap * dilation + span, stride)
+                box += sums[tuple(index)]
+            sums = box
+        return sums
 
     def _approx_forward(self, codes_a, codes_w, scale_a, zp_a, scale_w, zp_w):
         padded = self._pad(codes_a, zp_a)

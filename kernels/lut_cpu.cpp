@@ -11,6 +11,7 @@
 //   LUT's byte planes in registers (AVX-512 VBMI);
 // - gather_rows: out[i][:] = table[byte(codes[i])][:], rows of 4-byte words (packed int8 maps,
 //   float32 or float64 maps);
+// - unfold_rows: im2col of a convolution's padded input into int32 or int64 window rows;
 // - int8_lowrank_gemm: the int8 low-rank plan in one call (map gathers, torch's int8 GEMMs, offsets,
 //   the exact division by the denominator).
 // Sums are int32 when the caller proved that K * max|lut| < 2**31, int64 otherwise; GEMM results go
@@ -372,6 +373,66 @@ torch::Tensor gather_rows(torch::Tensor codes, torch::Tensor table, torch::Tenso
           for (int64_t i = begin; i < end; ++i) std::memcpy(dst + i * row_bytes, rows + byte_of(code[i]) * row_bytes, row_bytes);
       }
     });
+  });
+  return out;
+}
+
+namespace {
+
+// Writes the window rows of x [B, C, H, W] into out [G, B*Ho*Wo, C/G*kh*kw] (see unfold_rows); tasks
+// are (group, image, output row), each a block of Wo rows small enough to stay in L1.
+template <typename In, typename Out>
+void unfold_into(const In* x, Out* out, int64_t batch, int64_t channels, int64_t height, int64_t width,
+                 int64_t groups, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t dh, int64_t dw,
+                 int64_t ho_size, int64_t wo_size) {
+  const int64_t per_group = channels / groups, k_size = per_group * kh * kw;
+  const int64_t group_rows = batch * ho_size * wo_size;
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, wo_size * k_size));
+  at::parallel_for(0, groups * batch * ho_size, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t g = task / (batch * ho_size), image = task / ho_size % batch, oh = task % ho_size;
+      Out* rows = out + (g * group_rows + (image * ho_size + oh) * wo_size) * k_size;
+      for (int64_t c = 0; c < per_group; ++c) {
+        const In* plane = x + ((image * channels + g * per_group + c) * height + oh * sh) * width;
+        for (int64_t i = 0; i < kh; ++i) {
+          const In* line = plane + i * dh * width;
+          Out* column = rows + (c * kh + i) * kw;
+          for (int64_t ow = 0; ow < wo_size; ++ow) {
+            const In* source = line + ow * sw;
+            Out* target = column + ow * k_size;
+            for (int64_t j = 0; j < kw; ++j) target[j] = static_cast<Out>(source[j * dw]);
+          }
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+// im2col: the window rows of a padded input x [B, C, H, W] (contiguous codes of any read dtype, or
+// packed map words) written into out [G, B*Ho*Wo, C/G*kh*kw] (contiguous, int32 or int64; K in
+// conv2d's weight order: channel, kernel row, kernel column); returns out.
+torch::Tensor unfold_rows(torch::Tensor x, int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t dh, int64_t dw,
+                          int64_t groups, torch::Tensor out) {
+  TORCH_CHECK(x.dim() == 4 && x.is_contiguous() && x.device().is_cpu(), "unfold_rows: contiguous CPU x [B, C, H, W] expected");
+  TORCH_CHECK(kh >= 1 && kw >= 1 && sh >= 1 && sw >= 1 && dh >= 1 && dw >= 1 && groups >= 1 && x.size(1) % groups == 0,
+              "unfold_rows: positive kernel, stride, dilation and groups dividing the channels expected");
+  const int64_t batch = x.size(0), channels = x.size(1), height = x.size(2), width = x.size(3);
+  const int64_t ho_size = (height - dh * (kh - 1) - 1) / sh + 1, wo_size = (width - dw * (kw - 1) - 1) / sw + 1;
+  TORCH_CHECK(height >= dh * (kh - 1) + 1 && width >= dw * (kw - 1) + 1, "unfold_rows: input smaller than the kernel");
+  TORCH_CHECK(out.is_contiguous() && out.device().is_cpu() &&
+              out.numel() == groups * batch * ho_size * wo_size * (channels / groups) * kh * kw,
+              "unfold_rows: a contiguous CPU out of G * B*Ho*Wo * C/G*kh*kw elements expected");
+  with_codes(x, "unfold_rows", [&](auto* source) {
+    auto unfold = [&](auto* target) {
+      unfold_into(source, target, batch, channels, height, width, groups, kh, kw, sh, sw, dh, dw, ho_size, wo_size);
+    };
+    switch (out.scalar_type()) {
+      case torch::kInt32: unfold(out.data_ptr<int32_t>()); break;
+      case torch::kInt64: unfold(out.data_ptr<int64_t>()); break;
+      default: TORCH_CHECK(false, "unfold_rows: an int32 or int64 out expected, got ", out.scalar_type());
+    }
   });
   return out;
 }

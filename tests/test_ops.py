@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.modules.utils import _pair
 
 from approxrun.lut import exact_lut, index_values
 from approxrun.multipliers import Multiplier
-from approxrun.ops import LutEngine, gather, lut_conv2d, lut_matmul
+from approxrun.ops import LutEngine, gather, lut_conv2d, lut_matmul, native
+from approxrun.ops.im2col import grouped_rows
 from conftest import conv2d_oracle, matmul_oracle, random_codes, random_lut
 
 GATHER_PATHS = ("direct", "table")
@@ -131,6 +133,29 @@ def test_conv2d_batch_chunks(rng):
     x, w = random_codes(rng, (7, 2, 5, 5)), random_codes(rng, (3, 2, 3, 3))
     out = lut_conv2d(x, w, engine, padding=1, pad_value=3)
     np.testing.assert_array_equal(out.numpy(), conv2d_oracle(x, w, lut, padding=1, pad_value=3))
+
+
+@pytest.mark.skipif(native.load() is None, reason="needs a C++ toolchain")
+@pytest.mark.parametrize("case", CONV_CASES, ids=list(CONV_CASES))
+def test_compiled_im2col_equals_the_window_view(rng, case):
+    """The compiled im2col writes the values of the strided window view, for every conv option and
+    each input it is given: codes held in floats, narrow integer codes, packed int32 / int64 words."""
+    spec = CONV_CASES[case]
+    kernel_size, groups = spec["w"][2:], spec.get("groups", 1)
+    stride, dilation, padding = (_pair(spec.get(key, default)) for key, default in
+                                 (("stride", 1), ("dilation", 1), ("padding", 0)))
+    batch, channels, height, width = spec["x"]
+    padded = (batch, channels, height + 2 * padding[0], width + 2 * padding[1])
+    for source, out_dtype in [(torch.float32, torch.int32), (torch.int16, torch.int64), (torch.uint8, torch.int32),
+                              (torch.int32, torch.int32), (torch.int64, torch.int64)]:
+        x = torch.as_tensor(rng.integers(-2**31, 2**31, size=padded)).to(source)
+        if source == torch.float32:
+            x = x.remainder(256) - 128
+        expected = grouped_rows(x, kernel_size, stride, dilation, groups)
+        out = torch.full((expected.numel() + 5,), -1, dtype=out_dtype)
+        rows = grouped_rows(x, kernel_size, stride, dilation, groups, out=out[:expected.numel()], kernel=native.load())
+        assert torch.equal(rows, expected.to(out_dtype)), (source, out_dtype)
+        assert (out[expected.numel():] == -1).all()  # nothing written past the rows
 
 
 def test_conv2d_rejects_inconsistent_shapes(rng):

@@ -89,11 +89,12 @@ def _unfolded_conv2d(engine, xp, w, stride, dilation, groups):
     out = torch.empty(batch, out_channels, ho, wo, dtype=torch.float64, device=xp.device)
     by_group = out.view(batch, groups, out_channels // groups, ho * wo)
     block = max(1, engine.unfold_block(xp.device) // (channels * kh * kw * ho * wo))
+    kernel = engine.cpu_kernel(xp.device)
     for b0 in range(0, batch, block):
         nb = min(batch, b0 + block) - b0
         rows = grouped_rows(xp[b0:b0 + nb], (kh, kw), stride, dilation, groups,
                             out=scratch(engine.workspace, "lut conv rows", (nb * channels * kh * kw * ho * wo,),
-                                        torch.int32, xp.device))
+                                        torch.int32, xp.device), kernel=kernel)
         product = engine.gemm(rows, columns)  # [G, nb*L, O/G]
         by_group[b0:b0 + nb].copy_(product.view(groups, nb, ho * wo, -1).permute(1, 0, 3, 2))
     return out

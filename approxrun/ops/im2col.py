@@ -34,14 +34,17 @@ def windows(x: torch.Tensor, kernel_size, stride, dilation, groups: int) -> torc
 
 
 def grouped_rows(x: torch.Tensor, kernel_size, stride, dilation, groups: int,
-                 out: torch.Tensor | None = None) -> torch.Tensor:
+                 out: torch.Tensor | None = None, kernel=None) -> torch.Tensor:
     """Window rows [G, B*Ho*Wo, C/G*kh*kw] of a padded input [B, C, H, W] (differentiable), copied
-    into ``out`` when given (a tensor of that many elements)."""
+    into ``out`` when given (a tensor of that many elements): by ``kernel``'s compiled im2col (a
+    :class:`~approxrun.ops.native.NativeGemm`; CPU, int32 or int64 ``out``) where given."""
     view = windows(x, kernel_size, stride, dilation, groups)
     groups_, batch, ho, wo, per_group, kh, kw = view.shape
     shape = (groups_, batch * ho * wo, per_group * kh * kw)
     if out is None:
         return view.reshape(shape)
+    if kernel is not None and x.device.type == "cpu" and out.dtype in (torch.int32, torch.int64):
+        return kernel.unfold_rows(x, kernel_size, stride, dilation, groups, out).view(shape)
     return out.view(view.shape).copy_(view).view(shape)
 
 

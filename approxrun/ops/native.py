@@ -7,6 +7,7 @@
 - on CPUs with AVX-512 VBMI, an in-register strategy for LUTs whose values span at most 2**16: a LUT
   row's two byte planes sit in eight registers and byte permutes look up 64 products at once, lanes
   over the columns of b or (``transposed``, narrow N) over the rows of a;
+- an im2col of a convolution's input into int32 or int64 window rows;
 - one-pass map gathers ``table[byte(codes)]`` for the low-rank plans, and the int8 low-rank plan in
   one call (gathers, torch's int8 GEMMs, offsets and the exact division), so small shapes pay no
   per-op overhead;
@@ -101,6 +102,15 @@ class NativeGemm:
         out = torch.empty(shape, dtype=table.dtype) if out is None else out.view(shape)
         return self._module.gather_rows(_readable(codes).contiguous(), table, out)
 
+    def unfold_rows(self, x: torch.Tensor, kernel_size, stride, dilation, groups: int,
+                    out: torch.Tensor) -> torch.Tensor:
+        """im2col: the window rows [G, B*Ho*Wo, C/G*kh*kw] of a padded input x [B, C, H, W] (codes
+        of a read dtype, or packed map words) written into ``out`` (int32 or int64, that many
+        elements) and returned; the values of :func:`~approxrun.ops.im2col.grouped_rows`, several
+        times faster than torch's strided copy for small kernels."""
+        (kh, kw), (sh, sw), (dh, dw) = kernel_size, stride, dilation
+        return self._module.unfold_rows(_readable(x).contiguous(), kh, kw, sh, sw, dh, dw, groups, out)
+
     def int8_lowrank_gemm(self, a: torch.Tensor, b: torch.Tensor, maps, chunk: int, block_rows: int,
                           scratch: torch.Tensor, out_dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """The int8 low-rank plan in one call (see :class:`~approxrun.ops.lowrank.tables.Int8Maps`):
@@ -134,7 +144,7 @@ def _readable(codes: torch.Tensor) -> torch.Tensor:
     return codes if codes.dtype in READ_DTYPES else code_to_index(codes)
 
 
-FUNCTIONS = ["lut_gemm", "lut_gemm_table", "lut_gemm_permute", "permute_available", "gather_rows",
+FUNCTIONS = ["lut_gemm", "lut_gemm_table", "lut_gemm_permute", "permute_available", "gather_rows", "unfold_rows",
              "int8_lowrank_gemm", "map_gemm", "map_gemm_lanes", "map_gemm_pairs"]
 SOURCES = ("lut_cpu.cpp", "lut_cpu_permute.cpp", "lut_cpu_maps.cpp")  # one translation unit, in this order
 ISA_CEILINGS = {"default": "-march=x86-64", "avx2": "-march=x86-64-v3"}  # ATEN_CPU_CAPABILITY -> -march

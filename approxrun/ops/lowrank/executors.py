@@ -226,7 +226,8 @@ def int8_conv2d(x: torch.Tensor, w: torch.Tensor, table: LowRankTable, chunk: in
                               workspace).view(x_words.dtype)
         words = words.view(nb, channels, height, width)
         rows = grouped_rows(words, (kh, kw), stride, dilation, groups,
-                            out=scratch(workspace, "conv rows", (groups * nb * ho * wo * k,), words.dtype, x.device))
+                            out=scratch(workspace, "conv rows", (groups * nb * ho * wo * k,), words.dtype, x.device),
+                            kernel=kernel)
         for g in range(groups):
             product = _int8_words_gemm(rows[g].view(torch.int8), y[g], chunk, maps.width).view(nb, ho * wo, -1)
             by_group[b0:b0 + nb, g].copy_(product.transpose(1, 2))
