@@ -25,7 +25,7 @@ from approxrun.lut import OperandDomain
 from approxrun.multipliers.multiplier import Multiplier
 from approxrun.ops import grouped_columns, grouped_rows, lut_conv2d, lut_matmul
 from approxrun.ops.im2col import conv_output_size
-from approxrun.quant import ActivationQuantizer, WeightQuantizer, dequantize, zero_point_corrected
+from approxrun.quant import ActivationQuantizer, WeightQuantizer, zero_point_corrected
 
 MODES = ("float", "quant", "noise", "approx")
 log = logging.getLogger(__name__)
@@ -77,14 +77,12 @@ class ApproxLayer:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "float":
             return self._float_forward(x)
-        codes_a, scale_a, zp_a = self.act_quant(x)
-        codes_w, scale_w, zp_w = self.weight_quant(self.weight)
+        codes_a, scale_a, zp_a, x_q = self.act_quant(x)
+        codes_w, scale_w, zp_w, w_q = self.weight_quant(self.weight)
         if self._recording is not None:
             self._recording.add(self, codes_a, codes_w, scale_a, zp_a, scale_w, zp_w)
         if self.mode == "approx" and self.grad == "lut":  # LUT-derived gradients through the LUT op
             return self._add_bias(self._approx_forward(codes_a, codes_w, scale_a, zp_a, scale_w, zp_w).to(x.dtype))
-        x_q = dequantize(codes_a, scale_a, zp_a)
-        w_q = dequantize(codes_w, self._channel_view(scale_w), self._channel_view(zp_w))
         if self.mode == "approx":
             # straight-through: the LUT's value forward, the exact quantized product's gradient
             # backward, without an autograd graph through the LUT op
@@ -134,9 +132,6 @@ class ApproxLinear(ApproxLayer, nn.Linear):
     def fan_in(self) -> int:
         return self.in_features
 
-    def _channel_view(self, t: torch.Tensor) -> torch.Tensor:
-        return t.reshape(-1, 1) if t.dim() else t
-
     def _float_forward(self, x):
         return F.linear(x, self.weight, self.bias)
 
@@ -183,9 +178,6 @@ class ApproxConv2d(ApproxLayer, nn.Conv2d):
     @property
     def fan_in(self) -> int:
         return self.in_channels // self.groups * math.prod(self.kernel_size)
-
-    def _channel_view(self, t: torch.Tensor) -> torch.Tensor:
-        return t.reshape(-1, 1, 1, 1) if t.dim() else t
 
     def _count_ops(self, y: torch.Tensor) -> None:
         self.opcount = self.fan_in * self.out_channels * y.shape[-2] * y.shape[-1]

@@ -125,8 +125,8 @@ def test_conv_approx_mode_matches_an_independent_oracle(rng, case, lut_kind):
     _calibrated(layer, x).set_mode("approx")
     with torch.no_grad():
         y = layer(x)
-        codes_a, scale_a, za = layer.act_quant(x)
-        codes_w, scale_w, zw = layer.weight_quant(layer.weight)
+        codes_a, scale_a, za, _ = layer.act_quant(x)
+        codes_w, scale_w, zw, _ = layer.weight_quant(layer.weight)
     assert za != 0  # the zero-point correction is exercised
     pad = layer._reversed_padding_repeated_twice
     padded = F.pad(codes_a, pad, value=float(za)) if layer.padding_mode == "zeros" else \
@@ -151,8 +151,8 @@ def test_linear_approx_mode_matches_an_independent_oracle(rng, lut_kind):
     _calibrated(layer, x).set_mode("approx")
     with torch.no_grad():
         y = layer(x)
-        codes_a, scale_a, za = layer.act_quant(x)
-        codes_w, scale_w, zw = layer.weight_quant(layer.weight)
+        codes_a, scale_a, za, _ = layer.act_quant(x)
+        codes_w, scale_w, zw, _ = layer.weight_quant(layer.weight)
     assert za != 0 and zw.count_nonzero() == zw.numel()
     a, w = codes_a.double(), codes_w.double().t()  # [M, K], [K, N]
     approx_error = matmul_oracle(a.long(), w.long(), lut) - (a @ w).numpy()
@@ -223,7 +223,7 @@ def test_narrower_quantizers_use_fewer_codes():
     assert layer.weight_quant.domain == OperandDomain(False, 4)
     layer.set_mode("approx")
     layer(_shifted_input(5, 8))
-    codes, _, _ = layer.act_quant(_shifted_input(5, 8))
+    codes = layer.act_quant(_shifted_input(5, 8)).codes
     assert codes.max() <= 7
     layer.set_multiplier(Multiplier.exact())
     assert layer.act_quant.domain == OperandDomain(True, 3)

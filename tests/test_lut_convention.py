@@ -125,8 +125,8 @@ def test_layers_pass_activations_as_operand_a():
     y_linear = linear(x)
     y_conv = conv(x.reshape(4, 6, 1, 1)).reshape(4, 3)
     torch.testing.assert_close(y_linear, y_conv)
-    codes, scale, zp = linear.act_quant(x)
-    w_codes, w_scale, w_zp = linear.weight_quant(linear.weight)
+    codes, scale, zp, _ = linear.act_quant(x)
+    w_codes, w_scale, w_zp, _ = linear.weight_quant(linear.weight)
     acc = codes.sum(1, keepdim=True)  # what the multiplier returns for every output
     expected = (acc - w_zp * codes.sum(1, keepdim=True) - zp * w_codes.sum(1) + 6 * zp * w_zp) * scale * w_scale
     torch.testing.assert_close(y_linear, expected.to(y_linear.dtype))

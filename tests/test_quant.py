@@ -13,6 +13,7 @@ from approxrun.quant import (
     WeightQuantizer,
     affine_qparams,
     dequantize,
+    fake_quantize,
     quantize_codes,
     symmetric_qparams,
     zero_point_corrected,
@@ -37,7 +38,7 @@ def _assert_codes_in(codes: torch.Tensor, domain: OperandDomain) -> None:
 def test_activation_codes_lie_in_the_domain(domain, observer):
     quantizer = ActivationQuantizer(domain, observer)
     for seed in range(3):  # later batches exceed the observed range: codes are clamped
-        codes, scale, zp = quantizer(_heavy_tailed((64, 9), seed) * (seed + 1))
+        codes, scale, zp, _ = quantizer(_heavy_tailed((64, 9), seed) * (seed + 1))
         _assert_codes_in(codes, domain)
         assert domain.qmin <= zp <= domain.qmax and zp == zp.round() and scale > 0
         assert dequantize(zp, scale, zp) == 0  # real 0 has a code: zero padding is exact
@@ -49,7 +50,7 @@ def test_weight_codes_lie_in_the_domain(domain, per_channel):
     quantizer = WeightQuantizer(domain, per_channel)
     w = _heavy_tailed((5, 3, 2, 2))
     w[2] = 0.0  # an all-zero channel must not divide by zero
-    codes, scale, zp = quantizer(w)
+    codes, scale, zp, _ = quantizer(w)
     _assert_codes_in(codes, domain)
     assert scale.shape == ((5,) if per_channel else ())
     assert torch.isfinite(scale).all() and (scale > 0).all()
@@ -62,10 +63,10 @@ def test_weight_codes_lie_in_the_domain(domain, per_channel):
 def test_per_channel_weights_use_each_channel_range():
     domain = OperandDomain(True, 8)
     w = torch.stack([torch.linspace(-1, 1, 10), torch.linspace(-0.01, 0.01, 10)])
-    codes, scale, _ = WeightQuantizer(domain, per_channel=True)(w)
+    codes, scale, _, _ = WeightQuantizer(domain, per_channel=True)(w)
     torch.testing.assert_close(scale, torch.tensor([1 / 127, 0.01 / 127]))
     assert codes[1].abs().max() == 127  # the small channel still uses the full code range
-    per_tensor, _, _ = WeightQuantizer(domain, per_channel=False)(w)
+    per_tensor, _, _, _ = WeightQuantizer(domain, per_channel=False)(w)
     assert per_tensor[1].abs().max() <= 2
 
 
@@ -76,6 +77,30 @@ def test_fake_quantization_is_straight_through_inside_the_range():
     assert codes.tolist() == [-8, -1, 3, 6, 7, 7]  # -3 and 5 clamp; 0.9 -> 12 clamps too
     codes.sum().backward()
     torch.testing.assert_close(x.grad, torch.tensor([0.0, 10.0, 10.0, 10.0, 0.0, 0.0]))
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_fused_fake_quantization_equals_the_composite_ops(per_channel):
+    """fake_quantize's fused path: the codes and values of quantize_codes / dequantize bit for bit,
+    and their straight-through gradients, for odd shapes, nonzero zero points and clamped inputs."""
+    g = torch.Generator().manual_seed(4)
+    x = (torch.randn(5, 3, 7, generator=g) * 3 + 0.4).requires_grad_()
+    if per_channel:
+        scale, zp = torch.rand(5, 1, 1, generator=g) * 0.05 + 0.01, torch.randint(-9, 12, (5, 1, 1)).float()
+    else:
+        scale, zp = torch.tensor(0.021), torch.tensor(-5.0)
+    codes, values = fake_quantize(x, scale, zp, -64, 63)
+    expected = quantize_codes(x.detach(), scale, zp, -64, 63)
+    assert torch.equal(codes, expected) and torch.equal(values, dequantize(expected, scale, zp))
+    clamped = (torch.round(x.detach() / scale) + zp < -64) | (torch.round(x.detach() / scale) + zp > 63)
+    assert 0 < clamped.sum() < clamped.numel()  # both sides of the range are exercised
+    weights = torch.randn(x.shape, generator=g)
+    (codes * weights).sum().backward()
+    torch.testing.assert_close(x.grad, torch.where(clamped, 0.0, weights / scale))
+    x.grad = None
+    _, values = fake_quantize(x, scale, zp, -64, 63)
+    (values * weights).sum().backward()
+    assert torch.equal(x.grad, torch.where(clamped, 0.0, weights))
 
 
 def test_affine_range_always_contains_zero():
@@ -145,7 +170,7 @@ def test_frozen_observer_and_eval_mode_stop_updates():
     assert quantizer.observer.max_val == 1.0
     quantizer.train()
     quantizer.observer.frozen.fill_(True)
-    _, scale, _ = quantizer(torch.tensor([0.0, 10.0]))
+    _, scale, _, _ = quantizer(torch.tensor([0.0, 10.0]))
     assert quantizer.observer.max_val == 1.0 and scale == pytest.approx(1 / 255)
     quantizer.observer.frozen.fill_(False)
     quantizer(torch.tensor([0.0, 10.0]))
@@ -191,10 +216,10 @@ def test_symmetric_activations_put_relu_outputs_on_codes_from_zero():
     x = torch.relu(torch.linspace(-3, 5, 801))
     for signed, top in ((True, 127), (False, 255)):
         quantizer = ActivationQuantizer(OperandDomain(signed), "minmax", "symmetric")
-        codes, scale, zp = quantizer(x)
+        codes, scale, zp, _ = quantizer(x)
         assert float(zp) == 0 and codes.min() == 0 and codes.max() == top
         assert float(scale) == pytest.approx(5 / top)
-    affine, _, zp = ActivationQuantizer(OperandDomain(True), "minmax", "affine")(x)
+    affine, _, zp, _ = ActivationQuantizer(OperandDomain(True), "minmax", "affine")(x)
     assert float(zp) == -128 and affine.min() == -128  # the ReLU zero on the lowest code
 
 
@@ -203,10 +228,10 @@ def test_symmetric_activations_with_negative_inputs():
     from approxrun.quant import ActivationQuantizer
 
     x = torch.linspace(-2, 4, 601)
-    codes, scale, zp = ActivationQuantizer(OperandDomain(True), "minmax", "symmetric")(x)
+    codes, scale, zp, _ = ActivationQuantizer(OperandDomain(True), "minmax", "symmetric")(x)
     assert float(zp) == 0 and codes.min() == -64 and codes.max() == 127
     # unsigned operand: zero point 0 would clip the negative half away, so it keeps a zero point
-    codes, scale, zp = ActivationQuantizer(OperandDomain(False), "minmax", "symmetric")(x)
+    codes, scale, zp, _ = ActivationQuantizer(OperandDomain(False), "minmax", "symmetric")(x)
     assert float(zp) > 0 and codes.min() == 0 and codes.max() == 255
 
 
@@ -216,11 +241,11 @@ def test_pact_learns_its_clipping_range():
 
     quantizer = ActivationQuantizer(OperandDomain(True), "pact", "symmetric")
     first = torch.relu(torch.linspace(-1, 2, 301))
-    codes, scale, _ = quantizer(first)
+    codes, scale, _, _ = quantizer(first)
     assert float(quantizer.alpha.detach()) == pytest.approx(2.0)
     assert float(scale.detach()) == pytest.approx(2 / 127, rel=1e-5)
     larger = torch.linspace(0, 4, 401, requires_grad=True)
-    codes, scale, zp = quantizer(larger)
+    codes, scale, zp, _ = quantizer(larger)
     assert codes.max() == 127  # values above alpha are clipped
     ((codes - zp) * scale).sum().backward()
     assert quantizer.alpha.grad is not None and float(quantizer.alpha.grad) > 0  # clipped inputs pull alpha up
