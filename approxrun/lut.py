@@ -63,8 +63,8 @@ def code_to_index(codes, out: torch.Tensor | None = None):
     if torch is not None and isinstance(codes, torch.Tensor):
         if codes.dtype in (torch.int8, torch.uint8):  # the byte is the index: no masking pass
             return codes.view(torch.uint8).to(torch.int64) if out is None else out.copy_(codes.view(torch.uint8))
-        if out is None:
-            return codes.to(torch.int64) & 0xFF
+        if out is None:  # one new tensor: masked in place unless the codes already are int64
+            return codes & 0xFF if codes.dtype == torch.int64 else codes.to(torch.int64).bitwise_and_(0xFF)
         return out.copy_(codes).bitwise_and_(0xFF)
     return np.asarray(codes, dtype=np.int64) & 0xFF
 

@@ -7,6 +7,7 @@ shape's first calls (a training run amortises that over its epochs; at most WARM
 ``--epochs`` timed epochs, of which the fastest counts (a digits epoch takes 0.2 s: one epoch's
 ratio varied by 10% between runs on a 2-core machine).
 Run: python benchmarks/bench_training.py [--fashion-samples N] [--threads T] [--low-rank NAME] [--epochs N]
+[--grad ste|lut] (``lut``: LUT-derived gradients in approx mode, ``quant.grad=lut``; no target)
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--low-rank", default="drum_4", help="the low-rank multiplier of the second approx run")
     parser.add_argument("--epochs", type=int, default=3, help="timed epochs per mode (the fastest counts)")
+    parser.add_argument("--grad", default="ste", choices=("ste", "lut"),
+                        help="approx mode's gradients: straight-through, or LUT-derived (quant.grad=lut)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
@@ -64,7 +67,7 @@ def main() -> None:
     cpu = cpu_description()
     print(f"CPU: {cpu['model']}; flags: {' '.join(cpu['flags']) or '-'}; load average {os.getloadavg()[0]:.2f}")
     print(f"threads: {args.threads}; approx: random full-range LUT; approx-lr: {low_rank.name} "
-          f"(error rank {'above the limit' if table is None else table.rank})")
+          f"(error rank {'above the limit' if table is None else table.rank}); approx gradients: {args.grad}")
     print(f"{'dataset':<14} {'samples':>7} {'float s':>8} {'quant s':>8} {'approx s':>9} {'approx/quant':>12} "
           f"{'approx-lr s':>11} {'approx-lr/quant':>15}")
     for name, cfg, batch, samples in setups:
@@ -72,7 +75,8 @@ def main() -> None:
         train = data.train if samples is None else Subset(data.train, range(min(samples, len(data.train))))
         loader = DataLoader(train, batch_size=batch, shuffle=True, generator=torch.Generator().manual_seed(0))
         torch.manual_seed(0)
-        model = approximate(build_model("lenet5", data.num_classes, data.in_channels, data.image_size))
+        model = approximate(build_model("lenet5", data.num_classes, data.in_channels, data.image_size),
+                            grad=args.grad)
         times = {}
         for mode in ("float", "quant", "approx", "approx-lr"):
             if mode.startswith("approx"):

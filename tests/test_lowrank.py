@@ -15,7 +15,7 @@ from approxrun.multipliers import get_multiplier
 from approxrun.ops import EngineRegistry, LutEngine, engine_for, lut_conv2d, lut_matmul
 from approxrun.ops import lowrank, native
 from approxrun.ops.trials import TRIAL_ROUNDS
-from approxrun.ops.gradients import gradient_tables
+from approxrun.ops.gradients import gradient_tables, grouped_lut_gemm_backward
 from approxrun.ops.lowrank import Calibration, GemmPlan, calibration as calibration_module
 from approxrun.ops.lowrank.calibration import GEMM_WIDTHS
 
@@ -488,6 +488,27 @@ def test_lut_gradients_match_gather_backward(name):
     torch.testing.assert_close(grad_a_l, grad_a_g, rtol=1e-12, atol=1e-9)
     torch.testing.assert_close(grad_b_l, grad_b_g, rtol=1e-12, atol=1e-9)
     assert not torch.equal(grad_a_g, grad_out @ b_codes.T)  # the LUT gradient differs from the STE one
+
+
+@pytest.mark.parametrize("name", ["drum_4", "truncated_4"])  # factor widths 1 and 5
+def test_blocked_lowrank_backward_matches_the_gradient_table_gathers(name):
+    """The low-rank backward over many row blocks, two groups, signed codes held in floats, and
+    each gradient alone, against the gathers over the full gradient tables."""
+    engine = get_multiplier(name).engine
+    rng = np.random.default_rng(9)
+    a, b = codes(rng, (2, 37, 11)).double(), codes(rng, (2, 11, 5)).double()
+    grad_out = torch.as_tensor(rng.standard_normal((2, 37, 5)))
+    indices = (grad_out, a.long() & 255, b.long() & 255, *engine.gradient_tensors("cpu"))
+    expected = grouped_lut_gemm_backward(*indices)
+    for needs in ((True, True), (True, False), (False, True)):
+        got = lowrank.lowrank_backward(grad_out, a, b, *engine.gradient_lowrank, needs, block_elements=40)
+        gathered = grouped_lut_gemm_backward(*indices, needs)
+        for wanted, result, alone, reference in zip(needs, got, gathered, expected):
+            if wanted:
+                torch.testing.assert_close(result, reference, rtol=1e-12, atol=1e-9)
+                assert torch.equal(alone, reference)
+            else:
+                assert result is None and alone is None
 
 
 def test_calibration_is_measured_once_per_machine_key(tmp_path):

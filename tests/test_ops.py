@@ -11,7 +11,7 @@ from torch.nn.modules.utils import _pair
 from approxrun.lut import exact_lut, index_values
 from approxrun.multipliers import Multiplier
 from approxrun.ops import LutEngine, gather, lut_conv2d, lut_matmul, native
-from approxrun.ops.im2col import grouped_rows
+from approxrun.ops.im2col import grouped_rows, windows
 from conftest import conv2d_oracle, matmul_oracle, random_codes, random_lut
 
 GATHER_PATHS = ("direct", "table")
@@ -156,6 +156,25 @@ def test_compiled_im2col_equals_the_window_view(rng, case):
         rows = grouped_rows(x, kernel_size, stride, dilation, groups, out=out[:expected.numel()], kernel=native.load())
         assert torch.equal(rows, expected.to(out_dtype)), (source, out_dtype)
         assert (out[expected.numel():] == -1).all()  # nothing written past the rows
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=list(CONV_CASES))
+def test_window_rows_backward_equals_autograd_through_the_view(rng, case):
+    """grouped_rows' own backward (a strided slice add per kernel tap) gives the gradient autograd
+    computes through the window view, for every conv option (integer upstream values: exact sums)."""
+    spec = CONV_CASES[case]
+    kernel_size, groups = spec["w"][2:], spec.get("groups", 1)
+    stride, dilation, padding = (_pair(spec.get(key, default)) for key, default in
+                                 (("stride", 1), ("dilation", 1), ("padding", 0)))
+    batch, channels, height, width = spec["x"]
+    x = torch.zeros((batch, channels, height + 2 * padding[0], width + 2 * padding[1]), dtype=torch.float64,
+                    requires_grad=True)
+    rows = grouped_rows(x, kernel_size, stride, dilation, groups)
+    upstream = torch.as_tensor(rng.integers(-50, 50, size=rows.shape), dtype=torch.float64)
+    (grad,) = torch.autograd.grad(rows, x, upstream)
+    (expected,) = torch.autograd.grad(windows(x, kernel_size, stride, dilation, groups).reshape(rows.shape), x,
+                                      upstream)
+    assert rows.grad_fn is not None and torch.equal(grad, expected)
 
 
 def test_conv2d_rejects_inconsistent_shapes(rng):

@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
-from approxrun.lut import code_to_index
 from approxrun.ops.convolution import engine_conv2d
 from approxrun.ops.engine import ROUTE_KINDS, STRATEGIES, LutEngine
 from approxrun.ops.im2col import conv_output_size, grouped_columns, grouped_rows
@@ -54,11 +53,14 @@ class _GroupedLutGemm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         a, b = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:2]
         if not ctx.lut_gradients:  # straight-through: gradients of the exact product
             grad_out = grad_out.to(a.dtype)
-            return grad_out @ b.transpose(1, 2), a.transpose(1, 2) @ grad_out, None, None
-        grad_a, grad_b = ctx.engine.backward(grad_out, code_to_index(a), code_to_index(b))
-        return grad_a.to(a.dtype), grad_b.to(b.dtype), None, None
+            return (grad_out @ b.transpose(1, 2) if needs[0] else None,
+                    a.transpose(1, 2) @ grad_out if needs[1] else None, None, None)
+        grad_a, grad_b = ctx.engine.backward(grad_out, a, b, needs)
+        return (None if grad_a is None else grad_a.to(a.dtype), None if grad_b is None else grad_b.to(b.dtype),
+                None, None)
 
 
 def _grouped_gemm(a: torch.Tensor, b: torch.Tensor, engine: LutEngine, grad: str) -> torch.Tensor:

@@ -382,12 +382,14 @@ class LutEngine:
             return depthwise_lut_gemm(code_to_index(a), code_to_index(b)[:, :, 0], lut).unsqueeze(-1)
         return grouped_lut_gemm(a, b, lut, direct=self.calibration.gather_direct(a.shape[1], n))
 
-    def backward(self, grad_out: torch.Tensor, a_idx: torch.Tensor, b_idx: torch.Tensor):
-        """(grad_a, grad_b) float64 of the GEMM through the LUT-derived gradient tables."""
-        groups, m, k = a_idx.shape
-        n = b_idx.shape[2]
+    def backward(self, grad_out: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                 needs: tuple[bool, bool] = (True, True)):
+        """(grad_a, grad_b) float64 of the GEMM of codes a [G, M, K], b [G, K, N] through the
+        LUT-derived gradient tables; None where ``needs`` says the gradient is not wanted."""
+        groups, m, k = a.shape
+        n = b.shape[2]
         factored = None if self.strategy == "gather" or not groups * m * k * n else self.gradient_lowrank
-        if factored is not None and self.strategy == "auto" and a_idx.device.type == "cpu":
+        if factored is not None and self.strategy == "auto" and a.device.type == "cpu":
             fa, fb = factored
             cal = self.calibration
             width = fa.width + fb.width
@@ -397,13 +399,15 @@ class LutEngine:
                 factored = None
         if factored is not None:
             log.debug("lut backward: low rank %d + %d", factored[0].width, factored[1].width)
-            return lowrank_backward(grad_out, a_idx, b_idx, *factored)
+            return lowrank_backward(grad_out, a, b, *factored, needs)
         log.debug("lut backward: gradient-table gathers")
-        da, db = self.gradient_tensors(a_idx.device)
-        if a_idx.is_cuda:
+        da, db = self.gradient_tensors(a.device)
+        a_idx, b_idx = code_to_index(a), code_to_index(b)
+        if a.is_cuda:
             from approxrun.ops import cuda
-            return cuda.lut_gemm_backward(grad_out, a_idx, b_idx, da, db)
-        return grouped_lut_gemm_backward(grad_out, a_idx, b_idx, da, db)
+            grad_a, grad_b = cuda.lut_gemm_backward(grad_out, a_idx, b_idx, da, db)
+            return grad_a if needs[0] else None, grad_b if needs[1] else None
+        return grouped_lut_gemm_backward(grad_out, a_idx, b_idx, da, db, needs)
 
     def unfold_block(self, device: torch.device) -> int:
         """Unfolded code elements per batch block: the engine's setting, else bounded CPU scratch

@@ -38,6 +38,8 @@ def grouped_rows(x: torch.Tensor, kernel_size, stride, dilation, groups: int,
     """Window rows [G, B*Ho*Wo, C/G*kh*kw] of a padded input [B, C, H, W] (differentiable), copied
     into ``out`` when given (a tensor of that many elements): by ``kernel``'s compiled im2col (a
     :class:`~approxrun.ops.native.NativeGemm`; CPU, int32 or int64 ``out``) where given."""
+    if out is None and torch.is_grad_enabled() and x.requires_grad:
+        return _WindowRows.apply(x, kernel_size, stride, dilation, groups)
     view = windows(x, kernel_size, stride, dilation, groups)
     groups_, batch, ho, wo, per_group, kh, kw = view.shape
     shape = (groups_, batch * ho * wo, per_group * kh * kw)
@@ -46,6 +48,28 @@ def grouped_rows(x: torch.Tensor, kernel_size, stride, dilation, groups: int,
     if kernel is not None and x.device.type == "cpu" and out.dtype in (torch.int32, torch.int64):
         return kernel.unfold_rows(x, kernel_size, stride, dilation, groups, out).view(shape)
     return out.view(view.shape).copy_(view).view(shape)
+
+
+class _WindowRows(torch.autograd.Function):
+    """``grouped_rows`` whose backward adds each kernel tap's gradients into the input by one strided
+    slice add (autograd through the window view scatters by ``index_add_`` instead: LeNet5's second
+    layer at batch 128, 1.4 against 2.6 ms; ``F.fold`` took 2.3-3.4)."""
+
+    @staticmethod
+    def forward(ctx, x, kernel_size, stride, dilation, groups: int):
+        ctx.geometry = (x.shape, kernel_size, stride, dilation, groups)
+        return grouped_rows(x, kernel_size, stride, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        (batch, channels, height, width), (kh, kw), (sh, sw), (dh, dw), groups = ctx.geometry
+        ho, wo = conv_output_size(height, kh, sh, 0, dh), conv_output_size(width, kw, sw, 0, dw)
+        taps = grad_rows.reshape(groups, batch, ho, wo, channels // groups, kh, kw).permute(1, 0, 4, 5, 6, 2, 3)
+        grad_x = grad_rows.new_zeros(batch, groups, channels // groups, height, width)
+        for i in range(kh):
+            for j in range(kw):
+                grad_x[..., i * dh:i * dh + (ho - 1) * sh + 1:sh, j * dw:j * dw + (wo - 1) * sw + 1:sw] += taps[..., i, j, :, :]
+        return grad_x.view(batch, channels, height, width), None, None, None, None
 
 
 def grouped_columns(w: torch.Tensor, groups: int) -> torch.Tensor:

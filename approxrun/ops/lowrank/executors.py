@@ -31,6 +31,7 @@ __all__ = ["lowrank_gemm", "lowrank_call", "one_group", "int8_conv2d", "map_conv
 
 MAP_ELEMENTS = 1 << 22  # gathered map entries per GEMM block (16 MB of float32)
 MAP_BYTES = 1 << 23  # gathered int8 maps per block of the int8 plan (scratch memory, reused)
+BACKWARD_BLOCK = 1 << 16  # index elements per block of the low-rank backward (its float64 temporaries stay in cache)
 
 
 def torch_gather_rows(codes: torch.Tensor, table: torch.Tensor, out: torch.Tensor | None = None,
@@ -281,29 +282,45 @@ def map_conv2d(x: torch.Tensor, w: torch.Tensor, table: LowRankTable, stride, di
     return out.div_(maps.denominator) if maps.denominator != 1 else out
 
 
-def lowrank_backward(grad_out: torch.Tensor, a_idx: torch.Tensor, b_idx: torch.Tensor, fa: LowRankTable,
-                     fb: LowRankTable):
-    """(grad_a, grad_b) of the LUT GEMM with low-rank gradient tables ``fa``, ``fb``, in float64.
+def lowrank_backward(grad_out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, fa: LowRankTable,
+                     fb: LowRankTable, needs: tuple[bool, bool] = (True, True),
+                     block_elements: int = BACKWARD_BLOCK) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(grad_a, grad_b) of the LUT GEMM of codes a [G, M, K], b [G, K, N] with low-rank gradient
+    tables ``fa``, ``fb``, in float64; None where ``needs`` says the gradient is not wanted (a
+    network's input, a frozen weight).
 
-    With ``da = p q^T`` and ``db = r s^T``: grad_a[m, k] = sum_i p_i(a_mk) (grad_out @ q_i(b)^T)[m, k]
-    and grad_b[k, n] = sum_i s_i(b_kn) (r_i(a)^T @ grad_out)[k, n]: two GEMMs per factor column.
+    With ``da = sum_i p_i q_i^T`` and ``db = sum_i r_i s_i^T``: grad_a[m, k] = sum_i p_i(a_mk)
+    (grad_out @ q_i(b)^T)[m, k] and grad_b[k, n] = sum_i s_i(b_kn) (r_i(a)^T @ grad_out)[k, n]: GEMMs
+    per factor column, over blocks of about ``block_elements`` rows x K whose byte indices, gathered
+    maps and products stay in cache.
     """
-    groups, m, k = a_idx.shape
-    n = b_idx.shape[2]
+    groups, m, k = a.shape
+    n = b.shape[2]
     grad_out = grad_out.to(torch.float64)
-    p, q = fa.maps(a_idx.device, torch.float64)
-    r, s = fb.maps(a_idx.device, torch.float64)
-    qb = F.embedding(b_idx, q).permute(0, 2, 1, 3).reshape(groups, n, k * fa.width)  # [G, N, (k, i)]
-    sb = F.embedding(b_idx, s).transpose(2, 3)  # [G, K, i, N]
-    grad_a = torch.empty(groups, m, k, dtype=torch.float64, device=a_idx.device)
-    grad_b = torch.zeros(groups, k * fb.width, n, dtype=torch.float64, device=a_idx.device)
-    rows = max(1, MAP_ELEMENTS // (k * max(fa.width, fb.width)))
+    b_idx = code_to_index(b)
+    grad_a = grad_b = None
+    if needs[0]:
+        p, q = (t.t().contiguous() for t in fa.maps(a.device, torch.float64))  # [width, 256]
+        qb = torch.stack([torch.take(column, b_idx) for column in q], 1)  # [G, width, K, N]
+        qb = qb.reshape(groups, fa.width * k, n).transpose(1, 2)  # [G, N, (i, k)]
+        grad_a = torch.empty(groups, m, k, dtype=torch.float64, device=a.device)
+    if needs[1]:
+        r, s = (t.t().contiguous() for t in fb.maps(a.device, torch.float64))
+        through_a = torch.zeros(fb.width, groups, k, n, dtype=torch.float64, device=a.device)
+    rows = max(1, block_elements // k)
     for m0 in range(0, m, rows):
-        m1 = min(m, m0 + rows)
-        block = a_idx[:, m0:m1]
-        through_b = torch.bmm(grad_out[:, m0:m1], qb).view(groups, m1 - m0, k, fa.width)
-        grad_a[:, m0:m1] = (through_b * F.embedding(block, p)).sum(-1)
-        ra = F.embedding(block, r).reshape(groups, m1 - m0, k * fb.width)
-        grad_b.baddbmm_(ra.transpose(1, 2), grad_out[:, m0:m1])
-    grad_b = (grad_b.view(groups, k, fb.width, n) * sb).sum(2)
+        block, g_rows = code_to_index(a[:, m0:m0 + rows]), grad_out[:, m0:m0 + rows]
+        if needs[0]:
+            through_b = torch.bmm(g_rows, qb)  # [G, rows, (i, k)]
+            total = torch.take(p[0], block).mul_(through_b[..., :k])
+            for i in range(1, fa.width):
+                total.addcmul_(torch.take(p[i], block), through_b[..., i * k:(i + 1) * k])
+            grad_a[:, m0:m0 + rows] = total
+        if needs[1]:
+            for i in range(fb.width):
+                through_a[i].baddbmm_(torch.take(r[i], block).transpose(1, 2), g_rows)
+    if needs[1]:
+        grad_b = torch.take(s[0], b_idx).mul_(through_a[0])
+        for i in range(1, fb.width):
+            grad_b.addcmul_(torch.take(s[i], b_idx), through_a[i])
     return grad_a, grad_b
