@@ -13,7 +13,9 @@
 //   float32 or float64 maps);
 // - unfold_rows: im2col of a convolution's padded input into int32 or int64 window rows;
 // - int8_lowrank_gemm: the int8 low-rank plan in one call (map gathers, torch's int8 GEMMs, offsets,
-//   the exact division by the denominator).
+//   the exact division by the denominator);
+// - the compiled low-rank plans (kernels/lut_cpu_maps.cpp) and the LUT-derived gradients
+//   (kernels/lut_cpu_backward.cpp), appended to this file.
 // Sums are int32 when the caller proved that K * max|lut| < 2**31, int64 otherwise; GEMM results go
 // into the caller's `out`, float64 (exact: |sum| < 2**53) or int64. Rows in parallel (torch's pool).
 // Built by approxrun/ops/native.py.

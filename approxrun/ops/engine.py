@@ -150,7 +150,7 @@ class LutEngine:
     def gradient_tensors(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         key = ("gradients", str(device))
         if key not in self._device_tables:
-            self._device_tables[key] = tuple(torch.as_tensor(t, device=device) for t in self._gradient_arrays)
+            self._device_tables[key] = tuple(torch.as_tensor(t, device=device).contiguous() for t in self._gradient_arrays)
         return self._device_tables[key]
 
     def int32_table(self) -> torch.Tensor:
@@ -388,20 +388,24 @@ class LutEngine:
         LUT-derived gradient tables; None where ``needs`` says the gradient is not wanted."""
         groups, m, k = a.shape
         n = b.shape[2]
+        kernel = self.cpu_kernel(a.device) if "native" in self.routes else None
         factored = None if self.strategy == "gather" or not groups * m * k * n else self.gradient_lowrank
         if factored is not None and self.strategy == "auto" and a.device.type == "cpu":
             fa, fb = factored
             cal = self.calibration
             width = fa.width + fb.width
-            lowrank_time = groups * (m * k * n * width * cal.gemm_mac("float64", n)
-                                     + (m * k + k * n) * width * 2 * cal.map_entry)
-            if lowrank_time >= groups * (m + 256) * k * n * cal.backward_lookup * self.lookup_cost:
+            lowrank_time = groups * m * k * width * (n * cal.gemm_mac("float64", n) + cal.lowrank_backward_entry)
+            per_product = cal.native_backward if kernel is not None else (m + 256) / m * cal.backward_lookup
+            if lowrank_time >= groups * m * k * n * per_product * self.lookup_cost:
                 factored = None
         if factored is not None:
             log.debug("lut backward: low rank %d + %d", factored[0].width, factored[1].width)
             return lowrank_backward(grad_out, a, b, *factored, needs)
-        log.debug("lut backward: gradient-table gathers")
         da, db = self.gradient_tensors(a.device)
+        if kernel is not None:
+            log.debug("lut backward: compiled gradient-table reads")
+            return kernel.lut_backward(grad_out, a, b, da, db, needs)
+        log.debug("lut backward: gradient-table gathers")
         a_idx, b_idx = code_to_index(a), code_to_index(b)
         if a.is_cuda:
             from approxrun.ops import cuda

@@ -13,12 +13,14 @@
   per-op overhead;
 - the float32 low-rank plan in one call: maps read by code and multiplied in registers (FMAs over
   exact integer partial sums), no mapped copy of the rows in memory; where int8 GEMMs are slow
-  (AVX2-only CPUs) this is the fast exact route for low-rank LUTs.
+  (AVX2-only CPUs) this is the fast exact route for low-rank LUTs;
+- the LUT-derived gradients (``quant.grad=lut``) of any LUT: each product's gradient-table entries
+  read in place, where torch's ops gather an [M, K, N] copy first (15-70x faster, measured).
 
 Codes are read as they are (any integer dtype, or integers held in floats); results are written as
 float64 or int64. The build needs a C++ compiler; without one the routes are simply absent
 (:func:`load` returns None) and the torch ops remain. The sources live in ``kernels/lut_cpu.cpp``,
-``kernels/lut_cpu_permute.cpp`` and ``kernels/lut_cpu_maps.cpp``.
+``kernels/lut_cpu_permute.cpp``, ``kernels/lut_cpu_maps.cpp`` and ``kernels/lut_cpu_backward.cpp``.
 """
 
 from __future__ import annotations
@@ -130,6 +132,19 @@ class NativeGemm:
         return self._module.map_gemm(_readable(a), _readable(b), x, y, chunk, denominator, _result(a, b, out_dtype))
 
 
+    def lut_backward(self, grad_out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, da: torch.Tensor,
+                     db: torch.Tensor, needs: tuple[bool, bool] = (True, True)):
+        """(grad_a, grad_b) float64 of the LUT GEMM of codes a [G, M, K], b [G, K, N] for the output
+        gradient ``grad_out`` [G, M, N], through the gradient tables ``da``, ``db`` (float64 [256, 256]):
+        every product's table entries read in place; None where ``needs`` says not wanted."""
+        grad_a, grad_b = (torch.empty(t.shape, dtype=torch.float64) if need else None for t, need in zip((a, b), needs))
+        unused = torch.empty(0, dtype=torch.float64)
+        self._module.lut_backward(grad_out.to(torch.float64).contiguous(), _readable(a), _readable(b), da, db,
+                                  needs[0], needs[1], unused if grad_a is None else grad_a,
+                                  unused if grad_b is None else grad_b)
+        return grad_a, grad_b
+
+
 READ_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float32, torch.float64)
 
 
@@ -145,8 +160,9 @@ def _readable(codes: torch.Tensor) -> torch.Tensor:
 
 
 FUNCTIONS = ["lut_gemm", "lut_gemm_table", "lut_gemm_permute", "permute_available", "gather_rows", "unfold_rows",
-             "int8_lowrank_gemm", "map_gemm", "map_gemm_lanes", "map_gemm_pairs"]
-SOURCES = ("lut_cpu.cpp", "lut_cpu_permute.cpp", "lut_cpu_maps.cpp")  # one translation unit, in this order
+             "int8_lowrank_gemm", "map_gemm", "map_gemm_lanes", "map_gemm_pairs", "lut_backward"]
+SOURCES = ("lut_cpu.cpp", "lut_cpu_permute.cpp", "lut_cpu_maps.cpp",  # one translation unit, in this order
+           "lut_cpu_backward.cpp")
 ISA_CEILINGS = {"default": "-march=x86-64", "avx2": "-march=x86-64-v3"}  # ATEN_CPU_CAPABILITY -> -march
 # Loops start on 64-byte lines: the per-row loops of the tables strategy are a few instructions, and
 # where one landed decided its speed (AVX2 build, (73728, 25, 6): 0.94 ms after an unrelated edit

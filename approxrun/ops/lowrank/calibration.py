@@ -33,7 +33,7 @@ __all__ = ["Calibration", "map_gemm_columns", "machine_key", "cpu_description", 
 log = logging.getLogger(__name__)
 
 CACHE_ENV = "APPROXRUN_CACHE"
-FORMAT = 9  # bump when the measured figures change meaning
+FORMAT = 10  # bump when the measured figures change meaning
 ISA_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "DNNL_MAX_CPU_ISA")
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512vbmi", "amx_tile", "amx_int8")
 GEMM_WIDTHS = (8, 32, 128)  # N of the timed GEMMs; other widths interpolate on log N
@@ -103,6 +103,8 @@ class Calibration:
     native_map_lanes: int = 8  # float32 lanes of those vectors
     native_pair_entry: float = math.inf  # the compiled int16 plan (inf: not built): per read of a pair word
     native_pair_mac: float = math.inf  # and per multiply-add of pair words (two map columns each)
+    native_backward: float = math.inf  # the compiled LUT-gradient backward (inf: not built), per product
+    lowrank_backward_entry: float = math.inf  # the low-rank backward's torch ops, per entry of a and factor column
     call_overhead: dict = field(default_factory=dict)  # route family -> fixed seconds per call
     machine: dict = field(default_factory=dict)
 
@@ -291,24 +293,42 @@ def _measure_round() -> Calibration:
     native_lookup, native_table_entry, native_row_add, permute_group, permute_code = _native_figures(generator)
     map_read, map_mac = _map_gemm_figures(generator, pairs=False)
     pair_read, pair_mac = _map_gemm_figures(generator, pairs=True)
-    backward_lookup = _backward_figure(generator)
+    backward_lookup, native_backward, lowrank_backward_entry = _backward_figures(generator)
     overheads = _call_overheads(generator, int8_exact, int8_call)
     log.info("LUT route calibration measured in %.2f s", time.perf_counter() - start)
     return Calibration(lookup, row, table, direct, gemm, map_entry, word_index, pair_index, int8_call, accumulate,
                        int8_exact, backward_lookup, native_lookup, native_table_entry, native_row_add, permute_group,
-                       permute_code, map_read, map_mac, _map_lanes(), pair_read, pair_mac, overheads, machine_key())
+                       permute_code, map_read, map_mac, _map_lanes(), pair_read, pair_mac, native_backward,
+                       lowrank_backward_entry, overheads, machine_key())
 
 
-def _backward_figure(generator: torch.Generator) -> float:
-    """Seconds per product of the gradient-table gathers (:func:`grouped_lut_gemm_backward`), whose
-    work is M*K*N products plus 256*K*N histogram entries (counted alike)."""
-    from approxrun.ops.gradients import grouped_lut_gemm_backward
+def _backward_figures(generator: torch.Generator) -> tuple[float, float, float]:
+    """The LUT-gradient backward's routes, in seconds: per product of the torch gradient-table
+    gathers (:func:`grouped_lut_gemm_backward`, M*K*N products plus 256*K*N histogram entries
+    counted alike); per product (M*K*N) of the compiled one (inf when it cannot be built); per entry
+    of a and factor column (M*K*width) of the low-rank backward (the exact product's tables, rank 1)."""
+    from approxrun.lut import exact_lut
+    from approxrun.ops import native
+    from approxrun.ops.gradients import gradient_tables, grouped_lut_gemm_backward
+    from approxrun.ops.lowrank.executors import lowrank_backward
+    from approxrun.ops.lowrank.factor import factor_rational_table
+    from approxrun.ops.lowrank.tables import LowRankTable
+
     m, k, n = 256, 8, 8  # slow (a scatter per product): a small shape, one timed call
     tables = [torch.randn(256, 256, generator=generator, dtype=torch.float64) for _ in range(2)]
     a = torch.randint(0, 256, (1, m, k), generator=generator)
     b = torch.randint(0, 256, (1, k, n), generator=generator)
     grad = torch.randn(1, m, n, generator=generator, dtype=torch.float64)
-    return _best_time(lambda: grouped_lut_gemm_backward(grad, a, b, *tables), repeats=1) / ((m + 256) * k * n)
+    torch_lookup = _best_time(lambda: grouped_lut_gemm_backward(grad, a, b, *tables), repeats=1) / ((m + 256) * k * n)
+    m, k, n = 4096, 32, 8
+    a = torch.randint(0, 256, (1, m, k), generator=generator)
+    b = torch.randint(0, 256, (1, k, n), generator=generator)
+    grad = torch.randn(1, m, n, generator=generator, dtype=torch.float64)
+    kernel = native.load()
+    compiled = math.inf if kernel is None else _best_time(lambda: kernel.lut_backward(grad, a, b, *tables)) / (m * k * n)
+    fa, fb = (LowRankTable.from_factors(factor_rational_table(t)) for t in gradient_tables(exact_lut(), True, True))
+    entry = _best_time(lambda: lowrank_backward(grad, a, b, fa, fb)) / (m * k * (fa.width + fb.width))
+    return torch_lookup, compiled, entry
 
 
 def _native_figures(generator: torch.Generator) -> tuple[float, float, float, float, float]:
