@@ -490,11 +490,11 @@ def test_lut_gradients_match_gather_backward(name):
     assert not torch.equal(grad_a_g, grad_out @ b_codes.T)  # the LUT gradient differs from the STE one
 
 
-@pytest.mark.parametrize("name", ["drum_4", "truncated_4"])  # factor widths 1 and 5
+@pytest.mark.parametrize("name", ["drum_4", "truncated_4", "constant"])  # factor widths 1, 5 and 0
 def test_blocked_lowrank_backward_matches_the_gradient_table_gathers(name):
     """The low-rank backward over many row blocks, two groups, signed codes held in floats, and
     each gradient alone, against the gathers over the full gradient tables."""
-    engine = get_multiplier(name).engine
+    engine = LutEngine(np.full((256, 256), 7)) if name == "constant" else get_multiplier(name).engine
     rng = np.random.default_rng(9)
     a, b = codes(rng, (2, 37, 11)).double(), codes(rng, (2, 11, 5)).double()
     grad_out = torch.as_tensor(rng.standard_normal((2, 37, 5)))

@@ -17,6 +17,8 @@ them, torch ops (:func:`torch_gather_rows`). A compiled plan needs them.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -31,7 +33,9 @@ __all__ = ["lowrank_gemm", "lowrank_call", "one_group", "int8_conv2d", "map_conv
 
 MAP_ELEMENTS = 1 << 22  # gathered map entries per GEMM block (16 MB of float32)
 MAP_BYTES = 1 << 23  # gathered int8 maps per block of the int8 plan (scratch memory, reused)
-BACKWARD_BLOCK = 1 << 16  # index elements per block of the low-rank backward (its float64 temporaries stay in cache)
+# entries of a per block of the low-rank backward: on a CPU its float64 temporaries stay in cache
+# (LeNet5's first layer at batch 128: 2**16, 6.0 ms; 2**22, 17 ms); on a GPU few launches
+BACKWARD_BLOCK = {"cpu": 1 << 16, "cuda": 1 << 24}
 
 
 def torch_gather_rows(codes: torch.Tensor, table: torch.Tensor, out: torch.Tensor | None = None,
@@ -284,42 +288,47 @@ def map_conv2d(x: torch.Tensor, w: torch.Tensor, table: LowRankTable, stride, di
 
 def lowrank_backward(grad_out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, fa: LowRankTable,
                      fb: LowRankTable, needs: tuple[bool, bool] = (True, True),
-                     block_elements: int = BACKWARD_BLOCK) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                     block_elements: int | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(grad_a, grad_b) of the LUT GEMM of codes a [G, M, K], b [G, K, N] with low-rank gradient
     tables ``fa``, ``fb``, in float64; None where ``needs`` says the gradient is not wanted (a
     network's input, a frozen weight).
 
     With ``da = sum_i p_i q_i^T`` and ``db = sum_i r_i s_i^T``: grad_a[m, k] = sum_i p_i(a_mk)
     (grad_out @ q_i(b)^T)[m, k] and grad_b[k, n] = sum_i s_i(b_kn) (r_i(a)^T @ grad_out)[k, n]: GEMMs
-    per factor column, over blocks of about ``block_elements`` rows x K whose byte indices, gathered
-    maps and products stay in cache.
+    per factor column, over blocks of about ``block_elements`` rows x K (default: by device, see
+    :data:`BACKWARD_BLOCK`) whose byte indices, gathered maps and products stay in cache.
     """
     groups, m, k = a.shape
     n = b.shape[2]
     grad_out = grad_out.to(torch.float64)
     b_idx = code_to_index(b)
-    grad_a = grad_b = None
-    if needs[0]:
+    # a zero gradient table has width 0: its gradient stays zero
+    want_a, want_b = needs[0] and fa.width > 0, needs[1] and fb.width > 0
+    new = functools.partial(torch.empty if want_a else torch.zeros, dtype=torch.float64, device=a.device)
+    grad_a = new(groups, m, k) if needs[0] else None
+    grad_b = torch.zeros(groups, k, n, dtype=torch.float64, device=a.device) if needs[1] and not want_b else None
+    if want_a:
         p, q = (t.t().contiguous() for t in fa.maps(a.device, torch.float64))  # [width, 256]
         qb = torch.stack([torch.take(column, b_idx) for column in q], 1)  # [G, width, K, N]
         qb = qb.reshape(groups, fa.width * k, n).transpose(1, 2)  # [G, N, (i, k)]
-        grad_a = torch.empty(groups, m, k, dtype=torch.float64, device=a.device)
-    if needs[1]:
+    if want_b:
         r, s = (t.t().contiguous() for t in fb.maps(a.device, torch.float64))
         through_a = torch.zeros(fb.width, groups, k, n, dtype=torch.float64, device=a.device)
+    if block_elements is None:
+        block_elements = BACKWARD_BLOCK["cuda" if a.is_cuda else "cpu"]
     rows = max(1, block_elements // k)
-    for m0 in range(0, m, rows):
+    for m0 in range(0, m if want_a or want_b else 0, rows):
         block, g_rows = code_to_index(a[:, m0:m0 + rows]), grad_out[:, m0:m0 + rows]
-        if needs[0]:
+        if want_a:
             through_b = torch.bmm(g_rows, qb)  # [G, rows, (i, k)]
             total = torch.take(p[0], block).mul_(through_b[..., :k])
             for i in range(1, fa.width):
                 total.addcmul_(torch.take(p[i], block), through_b[..., i * k:(i + 1) * k])
             grad_a[:, m0:m0 + rows] = total
-        if needs[1]:
+        if want_b:
             for i in range(fb.width):
                 through_a[i].baddbmm_(torch.take(r[i], block).transpose(1, 2), g_rows)
-    if needs[1]:
+    if want_b:
         grad_b = torch.take(s[0], b_idx).mul_(through_a[0])
         for i in range(1, fb.width):
             grad_b.addcmul_(torch.take(s[i], b_idx), through_a[i])
