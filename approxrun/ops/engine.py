@@ -150,7 +150,8 @@ class LutEngine:
     def gradient_tensors(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         key = ("gradients", str(device))
         if key not in self._device_tables:
-            self._device_tables[key] = tuple(torch.as_tensor(t, device=device).contiguous() for t in self._gradient_arrays)
+            self._device_tables[key] = tuple(torch.as_tensor(t, device=device).contiguous()
+                                             for t in self._gradient_arrays)
         return self._device_tables[key]
 
     def int32_table(self) -> torch.Tensor:

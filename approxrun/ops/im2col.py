@@ -68,7 +68,9 @@ class _WindowRows(torch.autograd.Function):
         grad_x = grad_rows.new_zeros(batch, groups, channels // groups, height, width)
         for i in range(kh):
             for j in range(kw):
-                grad_x[..., i * dh:i * dh + (ho - 1) * sh + 1:sh, j * dw:j * dw + (wo - 1) * sw + 1:sw] += taps[..., i, j, :, :]
+                rows = slice(i * dh, i * dh + (ho - 1) * sh + 1, sh)
+                columns = slice(j * dw, j * dw + (wo - 1) * sw + 1, sw)
+                grad_x[..., rows, columns] += taps[..., i, j, :, :]
         return grad_x.view(batch, channels, height, width), None, None, None, None
 
 

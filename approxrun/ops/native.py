@@ -131,7 +131,6 @@ class NativeGemm:
         2**24), or where ``map_pairs`` int32 words of int16 map pairs (below 2**31)."""
         return self._module.map_gemm(_readable(a), _readable(b), x, y, chunk, denominator, _result(a, b, out_dtype))
 
-
     def lut_backward(self, grad_out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, da: torch.Tensor,
                      db: torch.Tensor, needs: tuple[bool, bool] = (True, True)):
         """(grad_a, grad_b) float64 of the LUT GEMM of codes a [G, M, K], b [G, K, N] for the output

@@ -325,7 +325,8 @@ def _backward_figures(generator: torch.Generator) -> tuple[float, float, float]:
     b = torch.randint(0, 256, (1, k, n), generator=generator)
     grad = torch.randn(1, m, n, generator=generator, dtype=torch.float64)
     kernel = native.load()
-    compiled = math.inf if kernel is None else _best_time(lambda: kernel.lut_backward(grad, a, b, *tables)) / (m * k * n)
+    compiled = math.inf if kernel is None else _best_time(lambda: kernel.lut_backward(grad, a, b, *tables))
+    compiled /= m * k * n
     fa, fb = (LowRankTable.from_factors(factor_rational_table(t)) for t in gradient_tables(exact_lut(), True, True))
     entry = _best_time(lambda: lowrank_backward(grad, a, b, fa, fb)) / (m * k * (fa.width + fb.width))
     return torch_lookup, compiled, entry
