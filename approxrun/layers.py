@@ -24,7 +24,7 @@ from torch import nn
 from approxrun.lut import OperandDomain
 from approxrun.multipliers.multiplier import Multiplier
 from approxrun.ops import grouped_columns, grouped_rows, lut_conv2d, lut_matmul
-from approxrun.ops.im2col import conv_output_size
+from approxrun.ops.im2col import conv_output_size, tap_slice
 from approxrun.quant import ActivationQuantizer, WeightQuantizer, zero_point_corrected
 
 MODES = ("float", "quant", "noise", "approx")
@@ -234,12 +234,12 @@ class ApproxConv2d(ApproxLayer, nn.Conv2d):
         batch, channels, height, width = padded.shape
         sums = padded.reshape(batch, self.groups, channels // self.groups, height, width).sum(2)
         for dim, kernel, stride, dilation in zip((2, 3), self.kernel_size, self.stride, self.dilation):
-            span = (conv_output_size(sums.shape[dim], kernel, stride, 0, dilation) - 1) * stride + 1
+            out_size = conv_output_size(sums.shape[dim], kernel, stride, 0, dilation)
             index = [slice(None)] * sums.dim()
-            index[dim] = slice(0, span, stride)
+            index[dim] = tap_slice(0, out_size, stride, dilation)
             box = sums[tuple(index)].clone()
             for tap in range(1, kernel):
-                index[dim] = slice(tap * dilation, tap * dilation + span, stride)
+                index[dim] = tap_slice(tap, out_size, stride, dilation)
                 box += sums[tuple(index)]
             sums = box
         return sums

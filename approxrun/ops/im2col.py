@@ -14,11 +14,16 @@ import threading
 
 import torch
 
-__all__ = ["conv_output_size", "windows", "grouped_rows", "grouped_columns", "Workspace", "scratch"]
+__all__ = ["conv_output_size", "tap_slice", "windows", "grouped_rows", "grouped_columns", "Workspace", "scratch"]
 
 
 def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def tap_slice(tap: int, out_size: int, stride: int, dilation: int) -> slice:
+    """The input positions along one axis that kernel tap ``tap`` reads for ``out_size`` outputs."""
+    return slice(tap * dilation, tap * dilation + (out_size - 1) * stride + 1, stride)
 
 
 def windows(x: torch.Tensor, kernel_size, stride, dilation, groups: int) -> torch.Tensor:
@@ -68,9 +73,7 @@ class _WindowRows(torch.autograd.Function):
         grad_x = grad_rows.new_zeros(batch, groups, channels // groups, height, width)
         for i in range(kh):
             for j in range(kw):
-                rows = slice(i * dh, i * dh + (ho - 1) * sh + 1, sh)
-                columns = slice(j * dw, j * dw + (wo - 1) * sw + 1, sw)
-                grad_x[..., rows, columns] += taps[..., i, j, :, :]
+                grad_x[..., tap_slice(i, ho, sh, dh), tap_slice(j, wo, sw, dw)] += taps[..., i, j, :, :]
         return grad_x.view(batch, channels, height, width), None, None, None, None
 
 

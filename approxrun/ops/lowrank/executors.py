@@ -17,8 +17,6 @@ them, torch ops (:func:`torch_gather_rows`). A compiled plan needs them.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
@@ -304,9 +302,11 @@ def lowrank_backward(grad_out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, f
     b_idx = code_to_index(b)
     # a zero gradient table has width 0: its gradient stays zero
     want_a, want_b = needs[0] and fa.width > 0, needs[1] and fb.width > 0
-    new = functools.partial(torch.empty if want_a else torch.zeros, dtype=torch.float64, device=a.device)
-    grad_a = new(groups, m, k) if needs[0] else None
-    grad_b = torch.zeros(groups, k, n, dtype=torch.float64, device=a.device) if needs[1] and not want_b else None
+    grad_a = grad_b = None
+    if needs[0]:  # filled block by block below, unless zero
+        grad_a = (torch.empty if want_a else torch.zeros)(groups, m, k, dtype=torch.float64, device=a.device)
+    if needs[1] and not want_b:
+        grad_b = torch.zeros(groups, k, n, dtype=torch.float64, device=a.device)
     if want_a:
         p, q = (t.t().contiguous() for t in fa.maps(a.device, torch.float64))  # [width, 256]
         qb = torch.stack([torch.take(column, b_idx) for column in q], 1)  # [G, width, K, N]
