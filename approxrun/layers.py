@@ -158,7 +158,8 @@ class ApproxLinear(ApproxLayer, nn.Linear):
         lead = codes_a.shape[:-1]
         a = codes_a.reshape(-1, self.in_features)
         acc = lut_matmul(a, codes_w.t(), self.multiplier.engine, grad=self.grad)  # float64 [M, O]
-        exact = zero_point_corrected(acc, a.sum(1, keepdim=True).double(), codes_w.sum(1).double(),
+        sum_a = None if self.weight_quant.symmetric else a.sum(1, keepdim=True).double()
+        exact = zero_point_corrected(acc, sum_a, codes_w.sum(1).double(),
                                      self.in_features, zp_a.double(), zp_w.double())
         return exact.mul_((scale_a * scale_w).double()).reshape(*lead, self.out_features)
 
@@ -249,7 +250,6 @@ class ApproxConv2d(ApproxLayer, nn.Conv2d):
         acc = lut_conv2d(padded, codes_w, self.multiplier.engine, self.stride, 0, self.dilation, self.groups,
                          grad=self.grad)
         self._count_ops(acc)
-        sum_a = self._window_sums(padded)
         batch, _, height, width = acc.shape
         by_group = (batch, self.groups, self.out_channels // self.groups, height, width)
         per_channel = (1, *by_group[1:3], 1, 1)  # output channel o = (group, index in group)
@@ -257,7 +257,9 @@ class ApproxConv2d(ApproxLayer, nn.Conv2d):
         def channels(t: torch.Tensor) -> torch.Tensor:  # per-tensor or per-output-channel value
             return t.double().expand(self.out_channels).reshape(per_channel)
 
-        exact = zero_point_corrected(acc.reshape(by_group), sum_a.double().unsqueeze(2),
+        # symmetric weights (zero point 0): the activations' window sums drop out of the correction
+        sum_a = None if self.weight_quant.symmetric else self._window_sums(padded).double().unsqueeze(2)
+        exact = zero_point_corrected(acc.reshape(by_group), sum_a,
                                      channels(codes_w.sum((1, 2, 3))), self.fan_in, zp_a.double(), channels(zp_w))
         return exact.mul_(channels(scale_a * scale_w)).reshape(acc.shape)
 

@@ -112,15 +112,18 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     return _FakeQuantize.apply(x, scale, zero_point, qmin, qmax, grad_enabled and x.requires_grad)
 
 
-def zero_point_corrected(acc: torch.Tensor, sum_a: torch.Tensor, sum_w: torch.Tensor, k: int,
+def zero_point_corrected(acc: torch.Tensor, sum_a: torch.Tensor | None, sum_w: torch.Tensor, k: int,
                          za: torch.Tensor, zw: torch.Tensor) -> torch.Tensor:
     """sum_k (a - za)(w - zw) from the multiplier's sum_k a*w and the operand sums, exactly.
 
     sum (a - za)(w - zw) = sum a*w - zw * sum a - za * sum w + k * za * zw; ``acc`` is what the
     multiplier produced for sum a*w, so approximation errors pass through unchanged. Computed in
     place in ``acc`` (an accumulator the caller owns; no full-size temporaries) and returned.
+    ``sum_a`` is None when zw is known to be 0 (symmetric weights): its term drops out.
     """
-    return acc.addcmul_(sum_a, zw, value=-1).sub_(za * (sum_w - k * zw))
+    if sum_a is not None:
+        acc.addcmul_(sum_a, zw, value=-1)
+    return acc.sub_(za * (sum_w - k * zw))
 
 
 class Observer(nn.Module):
@@ -240,6 +243,11 @@ class WeightQuantizer(nn.Module):
     def __init__(self, domain: OperandDomain, per_channel: bool = False):
         super().__init__()
         self.domain, self.per_channel = domain, per_channel
+
+    @property
+    def symmetric(self) -> bool:
+        """Whether every zero point is 0 (a signed domain): exact products then need no activation sums."""
+        return self.domain.signed
 
     def forward(self, w: torch.Tensor) -> Quantized:
         """w quantized (codes, scale, zero point, values); scale and zero point have shape [O] per

@@ -114,28 +114,33 @@ def _centred_conv(codes_a, za, codes_w, zw, layer):
 
 @pytest.mark.parametrize("case", ["zeros", "reflect", "groups", "depthwise-x2-reflect", "circular",
                                   "replicate-stride"])
-@pytest.mark.parametrize("lut_kind", ["random", "drum_4", "truncated_4"])
+@pytest.mark.parametrize("lut_kind", ["random", "drum_4", "truncated_4", "unsigned drum_4"])
 def test_conv_approx_mode_matches_an_independent_oracle(rng, case, lut_kind):
     """approx = scale * (LUT conv - exact conv + centred exact conv), with an asymmetric random LUT
-    (the gather) or low-rank designs (map-then-conv, int8 GEMMs)."""
+    (the gather) or low-rank designs (map-then-conv, int8 GEMMs); signed weights have zero point 0,
+    unsigned ones (affine, per channel) nonzero zero points."""
     torch.manual_seed(2)
-    lut = random_lut(rng, -(2**14), 2**14) if lut_kind == "random" else get_multiplier(lut_kind).lut
-    layer = ApproxConv2d(**CONV_LAYERS[case], multiplier=Multiplier(lut_kind, lut))
+    signed = not lut_kind.startswith("unsigned")
+    name = lut_kind.split()[-1]
+    lut = random_lut(rng, -(2**14), 2**14) if name == "random" else get_multiplier(name, signed).lut
+    domain = OperandDomain(signed)
+    layer = ApproxConv2d(**CONV_LAYERS[case], multiplier=Multiplier(name, lut, domain, domain),
+                         per_channel=not signed)
     x = _shifted_input(2, layer.in_channels, 7, 6)
     _calibrated(layer, x).set_mode("approx")
     with torch.no_grad():
         y = layer(x)
         codes_a, scale_a, za, _ = layer.act_quant(x)
         codes_w, scale_w, zw, _ = layer.weight_quant(layer.weight)
-    assert za != 0  # the zero-point correction is exercised
+    assert za != 0 and (signed or zw.count_nonzero() > 0)  # the zero-point corrections are exercised
     pad = layer._reversed_padding_repeated_twice
     padded = F.pad(codes_a, pad, value=float(za)) if layer.padding_mode == "zeros" else \
         F.pad(codes_a, pad, mode=layer.padding_mode)
     options = dict(stride=layer.stride, dilation=layer.dilation, groups=layer.groups)
     by_lut = conv2d_oracle(padded.long(), codes_w.long(), lut, **options)
-    exact = conv2d_oracle(padded.long(), codes_w.long(), exact_lut(), **options)
+    exact = conv2d_oracle(padded.long(), codes_w.long(), exact_lut(signed, signed), **options)
     acc = by_lut - exact + _centred_conv(padded, za, codes_w, zw, layer).numpy()
-    expected = acc * float(scale_a) * float(scale_w)
+    expected = acc * float(scale_a) * scale_w.double().numpy().reshape(1, -1, 1, 1)
     if layer.bias is not None:
         expected = expected + layer.bias.detach().double().numpy().reshape(1, -1, 1, 1)
     np.testing.assert_allclose(y.double().numpy(), expected, rtol=1e-5, atol=1e-5)
