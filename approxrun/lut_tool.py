@@ -169,7 +169,8 @@ def cmd_plot(args) -> None:
 
 def cmd_calibrate(args) -> None:
     """The LUT routes' measured costs on this machine (cached per machine key; --refresh re-measures)."""
-    from approxrun.ops.lowrank.calibration import calibration_dir, load_or_measure  # imports torch
+    from approxrun.ops.lowrank.calibration import GEMM_WIDTHS, calibration_dir  # imports torch
+    from approxrun.ops.lowrank.measurement import load_or_measure
 
     cal = load_or_measure(refresh=args.refresh)
     cpu = cal.machine["cpu"]
@@ -192,10 +193,11 @@ def cmd_calibrate(args) -> None:
         print(f"compiled int16 low rank (map pairs): {cal.native_pair_entry * 1e9:.3g} ns/pair read, "
               f"{2e-9 / cal.native_pair_mac:.3g} GMAC/s")
     for dtype, rates in cal.gemm.items():
-        print(f"{dtype} GEMM: " + ", ".join(f"N={n}: {1e-9 / r:.3g} GMAC/s" for n, r in zip((8, 32, 128), rates)))
+        print(f"{dtype} GEMM: " + ", ".join(f"N={n}: {1e-9 / r:.3g} GMAC/s" for n, r in zip(GEMM_WIDTHS, rates)))
     print(f"maps: {cal.map_entry * 1e9:.3g} ns/float entry, {cal.word_index * 1e9:.3g} ns/int8 word, "
           f"{cal.pair_index * 1e9:.3g} ns/byte pair; int8 call {cal.int8_call * 1e6:.3g} us; "
           f"int8 GEMM exact: {cal.int8_exact}")
+    print(f"convolution windows unfolded: {cal.unfold_entry * 1e9:.3g} ns/element")
     print("fixed cost per call: " + (", ".join(f"{route} {seconds * 1e6:.3g} us" for route, seconds
                                                in cal.call_overhead.items()) or "-"))
 

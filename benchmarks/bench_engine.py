@@ -37,7 +37,8 @@ from approxrun.lut import exact_lut
 from approxrun.multipliers import get_multiplier
 from approxrun.ops import LutEngine, lut_matmul, native
 from approxrun.ops.lowrank import candidate_plans, lowrank_gemm
-from approxrun.ops.lowrank.calibration import ISA_ENV, cpu_description, load_or_measure
+from approxrun.ops.lowrank.calibration import ISA_ENV, cpu_description
+from approxrun.ops.lowrank.measurement import load_or_measure
 
 SHAPES = ((8192, 150, 16), (128, 256, 120), (73728, 25, 6), (4096, 576, 64), (4096, 1152, 128))
 FORCED = ("gather", "native", "int8", "float32", "compiled", "int16", "float64")

@@ -16,7 +16,7 @@ from approxrun.ops import EngineRegistry, LutEngine, engine_for, lut_conv2d, lut
 from approxrun.ops import lowrank, native
 from approxrun.ops.trials import TRIAL_ROUNDS
 from approxrun.ops.gradients import gradient_tables, grouped_lut_gemm_backward
-from approxrun.ops.lowrank import Calibration, GemmPlan, calibration as calibration_module
+from approxrun.ops.lowrank import Calibration, GemmPlan, calibration as calibration_module, measurement
 from approxrun.ops.lowrank.calibration import GEMM_WIDTHS
 
 INT8_EXACT = lowrank.int8_gemm_is_exact()
@@ -301,6 +301,24 @@ def test_conv_routes_match_oracle(route, name, signed, stride, padding, dilation
         assert (text in lowrank_log.text) == (taken == route and not (route == "int8" and code_gemm))
 
 
+def test_auto_conv_counts_the_unfold_against_map_then_conv(lowrank_log):
+    """Auto's map-then-conv or unfolded convolution follows the injected figures, the unfold of the
+    window rows counted on the unfolded side (LeNet5's second layer at batch 32, measured: its GEMM
+    0.08 ms, the whole unfolded convolution 0.25 ms, map-then-conv 0.19 ms)."""
+    rng = np.random.default_rng(17)
+    multiplier = get_multiplier("drum_4")
+    x, w = codes(rng, (4, 6, 12, 12)), codes(rng, (16, 6, 5, 5))
+    expected = conv_oracle(x.numpy(), w.numpy(), multiplier.lut, 1, 0, 1, 1, 0)
+    slow_maps = {**AMX_LIKE.as_dict(), "map_entry": 1e-6}  # map-then-conv modelled slower than any GEMM
+    for unfold_entry, maps_taken in ((0.0, False), (1e-3, True)):
+        calibration = Calibration(**{**slow_maps, "unfold_entry": unfold_entry})
+        engine = LutEngine(multiplier.lut, routes=("map_conv", "float32"), calibration=calibration, trials=1)
+        lowrank_log.clear()
+        out = lut_conv2d(x.float(), w.float(), engine)
+        assert np.array_equal(out.numpy(), expected)
+        assert ("map-then-conv" in lowrank_log.text) == maps_taken
+
+
 def test_map_conv_refuses_unproven_cases(monkeypatch, lowrank_log):
     """Sums that could reach 2**24, or a conv backend that might use Winograd/FFT: no map-then-conv,
     and the int8 route gives the same exact result."""
@@ -564,10 +582,10 @@ def test_backward_route_follows_the_calibration(caplog):
 
 def test_calibration_is_measured_once_per_machine_key(tmp_path):
     """Measured figures are positive and cached under the machine key; a cached file is reused."""
-    first = calibration_module.load_or_measure(tmp_path)
+    first = measurement.load_or_measure(tmp_path)
     assert first.machine == calibration_module.machine_key()
     assert all(v > 0 for v in (first.gather_lookup + first.gather_row + first.gather_table, first.direct_lookup,
-                               first.map_entry, first.word_index, first.accumulate))
+                               first.map_entry, first.word_index, first.accumulate, first.unfold_entry))
     assert all(math.isfinite(v) and v > 0 for v in first.gemm["float32"] + first.gemm["float64"])
     assert {"torch", "float32", "float64"} <= set(first.call_overhead)  # fixed costs of every family here
     # the int8 plan's cost beyond its GEMM call (modelled apart as int8_call) is clamped at 0 and can be 0
@@ -577,7 +595,7 @@ def test_calibration_is_measured_once_per_machine_key(tmp_path):
         assert first.map_gemm_time(1, 64, 64, 9, 1) > first.map_gemm_time(1, 64, 64, 8, 1) > first.overhead("compiled")
     files = list(tmp_path.glob("calibration-*.json"))
     assert len(files) == 1
-    assert calibration_module.load_or_measure(tmp_path) == first
+    assert measurement.load_or_measure(tmp_path) == first
     assert 0 < first.gemm_mac("float32", 20) and first.gemm_mac("float32", 1) == first.gemm["float32"][0]
 
 

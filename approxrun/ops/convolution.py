@@ -60,22 +60,30 @@ def _lowrank_conv2d(engine, x, w, stride, dilation, groups):
         return None
     table = engine.lowrank
     maps = table.conv_maps if "map_conv" in engine.routes and x.device.type == "cpu" else None
-    if maps is not None:
-        plan = engine.plan(groups, m, k, n, x.device)[0]
-        map_time = map_conv_time(engine.calibration, x.numel(), groups, m, k, n, maps.width)
-        gather = engine.gather_route(groups, m, k, n, x.device)[1]
-        if engine.strategy == "lowrank" or map_time < min(gather, plan.time if plan is not None else gather):
-            out = map_conv2d(x, w, table, stride, dilation, groups, engine.cpu_kernel(x.device), engine.workspace)
-            if out is not None:
-                log.debug("lut conv2d: low rank %d, map-then-conv, shape G=%d M=%d K=%d N=%d", table.rank,
-                          groups, m, k, n)
-                return out
+    if maps is not None and (engine.strategy == "lowrank" or engine.decided(
+            ("map conv", groups, m, k, n, x.numel(), torch.get_float32_matmul_precision()),
+            lambda: _maps_first(engine, x.numel(), groups, m, k, n))):
+        out = map_conv2d(x, w, table, stride, dilation, groups, engine.cpu_kernel(x.device), engine.workspace)
+        if out is not None:
+            log.debug("lut conv2d: low rank %d, map-then-conv, shape G=%d M=%d K=%d N=%d", table.rank,
+                      groups, m, k, n)
+            return out
     plan = engine.logged_plan("conv2d", groups, m, k, n, x.device)
     if plan is None or plan.kind != "int8" or table.int8.code_scale:
         return None
     log.debug("lut conv2d: low rank %d, int8 im2col of packed maps", table.rank)
     return int8_conv2d(x, w, table, plan.k_chunk, stride, dilation, groups, engine.cpu_kernel(x.device),
                        engine.workspace)
+
+
+def _maps_first(engine, input_elements: int, groups: int, m: int, k: int, n: int) -> bool:
+    """Whether map-then-conv is modelled faster than the unfolded routes of a CPU convolution (the
+    GEMM the engine would pick, plus the unfold and the copy of its output)."""
+    cal = engine.calibration
+    plan = engine.plan(groups, m, k, n, torch.device("cpu"))[0]
+    gather = engine.gather_route(groups, m, k, n, torch.device("cpu"))[1]
+    unfolded = min(gather, gather if plan is None else plan.time) + cal.unfold_time(groups, m, k, n)
+    return map_conv_time(cal, input_elements, groups, m, k, n, engine.lowrank.conv_maps.width) < unfolded
 
 
 def _unfolded_conv2d(engine, xp, w, stride, dilation, groups):

@@ -183,14 +183,19 @@ class LutEngine:
 
     # ------------------------------------------------------------------ routes
 
-    def plan(self, groups: int, m: int, k: int, n: int, device: torch.device, byte_codes: bool = False):
-        """(the low-rank plan for this GEMM shape, or None for the gather; why, in words), kept per shape."""
-        key = (groups, m, k, n, str(device), byte_codes, torch.get_float32_matmul_precision())
+    def decided(self, key: tuple, decide):
+        """``decide()`` for ``key`` (the question and the shape it is asked for), computed once and
+        kept with the engine's per-shape plans (the :data:`PLAN_CACHE` most recent)."""
         if key not in self._plans:
-            self._plans[key] = self._choose(groups, m, k, n, device, byte_codes)
+            self._plans[key] = decide()
             if len(self._plans) > PLAN_CACHE:
                 self._plans.popitem(last=False)
         return self._plans[key]
+
+    def plan(self, groups: int, m: int, k: int, n: int, device: torch.device, byte_codes: bool = False):
+        """(the low-rank plan for this GEMM shape, or None for the gather; why, in words), kept per shape."""
+        key = (groups, m, k, n, str(device), byte_codes, torch.get_float32_matmul_precision())
+        return self.decided(key, lambda: self._choose(groups, m, k, n, device, byte_codes))
 
     def _choose(self, groups, m, k, n, device, byte_codes):
         if self.strategy == "gather":

@@ -14,7 +14,8 @@ The package follows the steps a table goes through:
 
 - :mod:`.factor`: exact integer factorization (numpy only);
 - :mod:`.tables`: the factored table and its forms (float maps, map-then-conv maps, packed int8 maps);
-- :mod:`.calibration`: the machine's measured costs of every primitive (cached per machine key);
+- :mod:`.calibration`: the machine's costs of every primitive and the route model built on them;
+- :mod:`.measurement`: measuring those costs (about a second, cached per machine key);
 - :mod:`.plans`: the exact plans of one GEMM shape and their modelled times;
 - :mod:`.executors`: the torch code that runs a plan (GEMMs, convolutions, backward).
 
@@ -22,11 +23,12 @@ The owner of all of it for one table, and of the route choice, is
 :class:`approxrun.ops.engine.LutEngine`.
 """
 
-from approxrun.ops.lowrank.calibration import Calibration, int8_gemm_is_exact, load_or_measure, machine_key, measure
+from approxrun.ops.lowrank.calibration import Calibration, machine_key
 from approxrun.ops.lowrank.executors import (int8_conv2d, lowrank_backward, lowrank_call, lowrank_gemm,
                                              map_conv2d, one_group, torch_gather_rows)
 from approxrun.ops.lowrank.factor import (MAX_FACTOR_RANK, Factors, factor_lut, factor_rational_table,
                                           modular_rank)
+from approxrun.ops.lowrank.measurement import int8_gemm_is_exact, load_or_measure, measure
 from approxrun.ops.lowrank.plans import PLAN_KINDS, GemmPlan, candidate_plans, map_conv_time
 from approxrun.ops.lowrank.tables import ConvMaps, Int8Maps, LowRankTable
 
