@@ -27,7 +27,7 @@ from approxrun.data import build_data
 from approxrun.lut import OperandDomain
 from approxrun.models import build_model
 from approxrun.multipliers import Multiplier, get_multiplier
-from approxrun.ops.lowrank.calibration import cpu_description
+from approxrun.ops.lowrank.calibration import ISA_ENV, cpu_description
 from approxrun.training import make_optimizer
 import torch.nn.functional as F
 
@@ -65,7 +65,10 @@ def main() -> None:
     low_rank = get_multiplier(args.low_rank)
     table = low_rank.engine.lowrank
     cpu = cpu_description()
-    print(f"CPU: {cpu['model']}; flags: {' '.join(cpu['flags']) or '-'}; load average {os.getloadavg()[0]:.2f}")
+    isa = " ".join(f"{name}={os.environ[name]}" for name in ISA_ENV if name in os.environ)
+    print(f"CPU: {cpu['model']}; flags: {' '.join(cpu['flags']) or '-'}; ISA env: {isa or 'none'}; "
+          f"load average {os.getloadavg()[0]:.2f}")
+    print(f"allocator: GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(not set: glibc defaults)')}")
     print(f"threads: {args.threads}; approx: random full-range LUT; approx-lr: {low_rank.name} "
           f"(error rank {'above the limit' if table is None else table.rank}); approx gradients: {args.grad}")
     print(f"{'dataset':<14} {'samples':>7} {'float s':>8} {'quant s':>8} {'approx s':>9} {'approx/quant':>12} "
