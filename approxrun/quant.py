@@ -257,7 +257,7 @@ class WeightQuantizer(nn.Module):
             low, high = torch.aminmax(detached.reshape(w.shape[0], -1), dim=1)
         else:
             low, high = torch.aminmax(detached)
-        if self.domain.signed:
+        if self.symmetric:
             scale, zp = symmetric_qparams(torch.maximum(low.abs(), high.abs()), self.domain)
         else:
             scale, zp = affine_qparams(low, high, self.domain)
