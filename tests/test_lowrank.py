@@ -580,6 +580,26 @@ def test_backward_route_follows_the_calibration(caplog):
         torch.testing.assert_close(low_rank, compiled, rtol=1e-12, atol=1e-9)
 
 
+@pytest.mark.skipif(native.load() is None, reason="needs a C++ toolchain")
+def test_backward_route_counts_only_the_wanted_gradients(caplog):
+    """With one gradient wanted (a network's first layer: grad_b only) the route follows that
+    gradient's figures: compiled table reads cheap for both gradients but dear for grad_b alone give
+    low rank there, and the compiled reads where both are wanted."""
+    lut = get_multiplier("drum_4").lut
+    rng = np.random.default_rng(12)
+    a_codes, b_codes = codes(rng, (40, 30)).double(), codes(rng, (30, 6)).double()
+    figures = {"native_backward": 1e-12, "native_backward_a": 1e-12, "native_backward_b": 1e-6,
+               "lowrank_backward_entry": 1e-9}
+    engine = LutEngine(lut, calibration=Calibration(**{**AVX2_ONLY.as_dict(), **figures}))
+    for a_wanted, route in ((True, "compiled"), (False, "low rank")):
+        a, b = a_codes.clone().requires_grad_(a_wanted), b_codes.clone().requires_grad_()
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="approxrun.ops.lowrank"):
+            lut_matmul(a, b, engine, grad="lut").sum().backward()
+        assert f"lut backward: {route}" in caplog.text
+        assert (a.grad is not None) == a_wanted and b.grad is not None
+
+
 def test_calibration_is_measured_once_per_machine_key(tmp_path):
     """Measured figures are positive and cached under the machine key; a cached file is reused."""
     first = measurement.load_or_measure(tmp_path)

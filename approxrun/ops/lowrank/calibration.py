@@ -27,7 +27,7 @@ import torch
 __all__ = ["Calibration", "map_gemm_columns", "machine_key", "cpu_description", "calibration_dir"]
 
 CACHE_ENV = "APPROXRUN_CACHE"
-FORMAT = 11  # bump when the measured figures change meaning
+FORMAT = 12  # bump when the measured figures change meaning
 ISA_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "DNNL_MAX_CPU_ISA")
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512vbmi", "amx_tile", "amx_int8")
 GEMM_WIDTHS = (8, 32, 128)  # N of the timed GEMMs; other widths interpolate on log N
@@ -95,6 +95,8 @@ class Calibration:
     native_pair_entry: float = math.inf  # the compiled int16 plan (inf: not built): per read of a pair word
     native_pair_mac: float = math.inf  # and per multiply-add of pair words (two map columns each)
     native_backward: float = math.inf  # the compiled LUT-gradient backward (inf: not built), per product
+    native_backward_a: float = math.inf  # the same with only grad_a wanted (a weight frozen)
+    native_backward_b: float = math.inf  # and with only grad_b wanted (a network's first layer)
     lowrank_backward_entry: float = math.inf  # the low-rank backward's torch ops, per entry of a and factor column
     unfold_entry: float = 0.0  # a convolution's window rows unfolded as int32 codes, per element written
     call_overhead: dict = field(default_factory=dict)  # route family -> fixed seconds per call
@@ -141,6 +143,13 @@ class Calibration:
         dispatch, thread wake-ups): ``torch`` and ``native`` gathers, the ``int8``, ``float32``,
         ``float64`` and ``compiled`` float32 plans; 0 where not measured."""
         return self.call_overhead.get(route, 0.0)
+
+    def backward_time(self, products: int, needs: tuple[bool, bool]) -> float:
+        """Modelled time of the compiled LUT-gradient backward over ``products`` (G*M*K*N) for the
+        gradients ``needs`` asks for."""
+        per_product = (self.native_backward if needs[0] and needs[1] else
+                       self.native_backward_a if needs[0] else self.native_backward_b if needs[1] else 0.0)
+        return products * per_product
 
     def unfold_time(self, groups: int, m: int, k: int, n: int) -> float:
         """What an unfolded convolution costs beyond its GEMM of [G, M, K] x [G, K, N]: the window

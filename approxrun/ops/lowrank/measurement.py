@@ -157,15 +157,16 @@ def _measure_round() -> Calibration:
     log.info("LUT route calibration measured in %.2f s", time.perf_counter() - start)
     return Calibration(lookup, row, table, direct, gemm, map_entry, word_index, pair_index, int8_call, accumulate,
                        int8_exact, backward_lookup, native_lookup, native_table_entry, native_row_add, permute_group,
-                       permute_code, map_read, map_mac, _map_lanes(), pair_read, pair_mac, native_backward,
+                       permute_code, map_read, map_mac, _map_lanes(), pair_read, pair_mac, *native_backward,
                        lowrank_backward_entry, unfold_entry, overheads, machine_key())
 
 
-def _backward_figures(generator: torch.Generator) -> tuple[float, float, float]:
+def _backward_figures(generator: torch.Generator) -> tuple[float, tuple[float, float, float], float]:
     """The LUT-gradient backward's routes, in seconds: per product of the torch gradient-table
     gathers (:func:`grouped_lut_gemm_backward`, M*K*N products plus 256*K*N histogram entries
-    counted alike); per product (M*K*N) of the compiled one (inf when it cannot be built); per entry
-    of a and factor column (M*K*width) of the low-rank backward (the exact product's tables, rank 1)."""
+    counted alike); per product (M*K*N) of the compiled one for both gradients, grad_a alone and
+    grad_b alone (inf when it cannot be built); per entry of a and factor column (M*K*width) of the
+    low-rank backward (the exact product's tables, rank 1)."""
     from approxrun.lut import exact_lut
     from approxrun.ops import native
     from approxrun.ops.gradients import gradient_tables, grouped_lut_gemm_backward
@@ -184,8 +185,9 @@ def _backward_figures(generator: torch.Generator) -> tuple[float, float, float]:
     b = torch.randint(0, 256, (1, k, n), generator=generator)
     grad = torch.randn(1, m, n, generator=generator, dtype=torch.float64)
     kernel = native.load()
-    compiled = math.inf if kernel is None else _best_time(lambda: kernel.lut_backward(grad, a, b, *tables))
-    compiled /= m * k * n
+    compiled = tuple(math.inf if kernel is None else
+                     _best_time(lambda needs=needs: kernel.lut_backward(grad, a, b, *tables, needs)) / (m * k * n)
+                     for needs in ((True, True), (True, False), (False, True)))
     fa, fb = (LowRankTable.from_factors(factor_rational_table(t)) for t in gradient_tables(exact_lut(), True, True))
     entry = _best_time(lambda: lowrank_backward(grad, a, b, fa, fb)) / (m * k * (fa.width + fb.width))
     return torch_lookup, compiled, entry
