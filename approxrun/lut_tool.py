@@ -176,7 +176,8 @@ def cmd_calibrate(args) -> None:
     cpu = cal.machine["cpu"]
     print(f"machine: {cpu['model']}; flags: {' '.join(cpu['flags']) or '-'}; torch {cal.machine['torch']} "
           f"({cal.machine['capability']}), {cal.machine['threads']} threads; ISA env: {cal.machine['isa_env'] or '-'}")
-    print(f"cache: {calibration_dir()}")
+    print(f"cache: {calibration_dir()}" + ("; measured on a busy machine (measured again once it is quiet)"
+                                           if cal.measured_busy else ""))
     print(f"gather (torch ops): {cal.gather_lookup * 1e9:.3g} ns/lookup, {cal.gather_row * 1e9:.3g} ns/row, "
           f"{cal.gather_table * 1e9:.3g} ns/table entry; direct {cal.direct_lookup * 1e9:.3g} ns/lookup")
     print(f"gather (compiled kernel): {cal.native_lookup * 1e9:.3g} ns/lookup direct, "

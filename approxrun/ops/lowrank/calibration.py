@@ -101,6 +101,7 @@ class Calibration:
     unfold_entry: float = 0.0  # a convolution's window rows unfolded as int32 codes, per element written
     call_overhead: dict = field(default_factory=dict)  # route family -> fixed seconds per call
     machine: dict = field(default_factory=dict)
+    measured_busy: bool = False  # measured while the machine was busy (measured again once it is quiet)
 
     def gemm_mac(self, dtype: str, n: int) -> float:
         """Seconds per multiply-add of a ``dtype`` GEMM with ``n`` output columns (log-linear in n

@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ import torch
 
 from approxrun.ops.lowrank.calibration import (GEMM_WIDTHS, Calibration, calibration_dir, machine_key,
                                                map_gemm_columns)
+from approxrun.threads import available_cpus
 
 __all__ = ["measure", "load_or_measure", "int8_gemm_is_exact"]
 
@@ -312,21 +314,32 @@ def _path(key: dict, folder: Path) -> Path:
     return folder / f"calibration-{digest}.json"
 
 
-def load_or_measure(folder: Path | None = None, refresh: bool = False) -> Calibration:
+def load_or_measure(folder: Path | None = None, refresh: bool = False,
+                    load_average: float | None = None) -> Calibration:
     """This machine's figures: from the cache when present for its key, else measured and cached
-    (written atomically; an unwritable cache only costs a new measurement next time)."""
+    (written atomically; an unwritable cache only costs a new measurement next time).
+
+    Oversubscribed cores slow small GEMMs by an order of magnitude (measured: a float64 GEMM at
+    N=8 timed 60x slower while a test suite ran), so figures measured while the machine is busy
+    (a 1-minute load average, ``load_average`` or the system's, above the CPUs this process may
+    use) are marked so, and the first process to find the machine quiet measures them again."""
     folder = calibration_dir() if folder is None else Path(folder)
     key = machine_key()
     path = _path(key, folder)
+    load = os.getloadavg()[0] if load_average is None else load_average
+    busy = load > available_cpus()
     if not refresh and path.is_file():
         try:
             calibration = Calibration.from_dict(json.loads(path.read_text()))
-            if calibration.machine == key:
+            if calibration.machine == key and (busy or not calibration.measured_busy):
                 return calibration
         except (OSError, ValueError, TypeError):
             log.warning("ignoring unreadable LUT route calibration %s", path)
     log.info("calibrating the LUT routes for this machine (once per machine key; cached in %s)", folder)
-    calibration = measure()
+    calibration = replace(measure(), measured_busy=busy)
+    if busy:
+        log.warning("measured the LUT route costs on a busy machine (load average %.1f, %d CPUs); a later "
+                    "process measures them again when the machine is quiet", load, available_cpus())
     try:
         folder.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(f".tmp{os.getpid()}")
@@ -335,4 +348,3 @@ def load_or_measure(folder: Path | None = None, refresh: bool = False) -> Calibr
     except OSError as exc:
         log.warning("could not cache the LUT route calibration in %s (%s)", folder, exc)
     return calibration
-
