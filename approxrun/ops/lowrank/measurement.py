@@ -320,9 +320,10 @@ def load_or_measure(folder: Path | None = None, refresh: bool = False,
     (written atomically; an unwritable cache only costs a new measurement next time).
 
     Oversubscribed cores slow small GEMMs by an order of magnitude (measured: a float64 GEMM at
-    N=8 timed 60x slower while a test suite ran), so figures measured while the machine is busy
-    (a 1-minute load average, ``load_average`` or the system's, above the CPUs this process may
-    use) are marked so, and the first process to find the machine quiet measures them again."""
+    N=8 timed 47x slower while a test suite ran than just after it), so figures measured while the
+    machine is busy (a 1-minute load average, ``load_average`` or the system's, above the CPUs this
+    process may use) are marked so, and the first process to find the machine quiet measures them
+    again."""
     folder = calibration_dir() if folder is None else Path(folder)
     key = machine_key()
     path = _path(key, folder)
