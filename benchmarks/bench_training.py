@@ -3,9 +3,10 @@
 approx runs twice: with a random full-range LUT (no structure to exploit: the gather routes; target
 <= 2.5x the quant epoch) and with a rank-2 multiplier (DRUM-4: exact low-rank plans; target <= 1.5x).
 Each mode trains untimed epochs first, until the engine has timed its candidate routes on each
-shape's first calls (a training run amortises that over its epochs; at most WARM_EPOCHS), then
-``--epochs`` timed epochs, of which the fastest counts (a digits epoch takes 0.2 s: one epoch's
-ratio varied by 10% between runs on a 2-core machine).
+shape's first calls (a training run amortises that over its epochs; at most WARM_EPOCHS). Then
+``--epochs`` rounds in which the modes take turns, one timed epoch each; each mode's fastest epoch
+counts. Taking turns makes a slow spell of the machine hit every mode alike (a digits epoch takes
+0.2 s: run after run, the quant epoch alone varied from 0.15 to 0.21 s on a 2-core machine).
 Run: python benchmarks/bench_training.py [--fashion-samples N] [--threads T] [--low-rank NAME] [--epochs N]
 [--grad ste|lut] (``lut``: LUT-derived gradients in approx mode, ``quant.grad=lut``; no target)
 """
@@ -13,6 +14,7 @@ Run: python benchmarks/bench_training.py [--fashion-samples N] [--threads T] [--
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import time
 from dataclasses import asdict
@@ -27,11 +29,13 @@ from approxrun.data import build_data
 from approxrun.lut import OperandDomain
 from approxrun.models import build_model
 from approxrun.multipliers import Multiplier, get_multiplier
+from approxrun.ops import LutEngine
 from approxrun.ops.lowrank.calibration import ISA_ENV, cpu_description
 from approxrun.training import make_optimizer
 import torch.nn.functional as F
 
 
+MODES = ("float", "quant", "approx", "approx-lr")
 WARM_EPOCHS = 5  # untimed epochs at most before the timed one: until the engine's route trials are over
 
 
@@ -45,6 +49,16 @@ def epoch_seconds(model, loader) -> float:
         loss.backward()
         optimizer.step()
     return time.perf_counter() - start
+
+
+def use_mode(model, mode: str, lut: Multiplier, low_rank: Multiplier) -> LutEngine:
+    """Put ``model`` in ``mode`` (approx-lr: approx with the low-rank multiplier); the engine of its
+    multiplier."""
+    multiplier = lut if mode == "approx" else low_rank
+    if mode.startswith("approx"):
+        set_multiplier(model, multiplier)
+    set_mode(model, mode.removesuffix("-lr"))
+    return multiplier.engine
 
 
 def main() -> None:
@@ -80,17 +94,17 @@ def main() -> None:
         torch.manual_seed(0)
         model = approximate(build_model("lenet5", data.num_classes, data.in_channels, data.image_size),
                             grad=args.grad)
-        times = {}
-        for mode in ("float", "quant", "approx", "approx-lr"):
-            if mode.startswith("approx"):
-                set_multiplier(model, lut if mode == "approx" else low_rank)
-            set_mode(model, mode.removesuffix("-lr"))
-            engine = (lut if mode == "approx" else low_rank).engine
+        for mode in MODES:
+            engine = use_mode(model, mode, lut, low_rank)
             for _ in range(WARM_EPOCHS):  # warm-up: allocator, thread pool, the engine's route trials
                 epoch_seconds(model, loader)
                 if not (mode.startswith("approx") and engine.timing):
                     break
-            times[mode] = min(epoch_seconds(model, loader) for _ in range(args.epochs))
+        times = dict.fromkeys(MODES, math.inf)
+        for _ in range(args.epochs):
+            for mode in MODES:
+                use_mode(model, mode, lut, low_rank)
+                times[mode] = min(times[mode], epoch_seconds(model, loader))
         print(f"{name:<14} {len(train):>7} {times['float']:>8.2f} {times['quant']:>8.2f} {times['approx']:>9.2f} "
               f"{times['approx'] / times['quant']:>12.2f} {times['approx-lr']:>11.2f} "
               f"{times['approx-lr'] / times['quant']:>15.2f}")

@@ -399,12 +399,9 @@ class LutEngine:
         if factored is not None and self.strategy == "auto" and a.device.type == "cpu":
             fa, fb = factored
             cal = self.calibration
-            width = fa.width * needs[0] + fb.width * needs[1]  # grad_a takes fa's columns, grad_b fb's
-            lowrank_time = groups * m * k * width * (n * cal.gemm_mac("float64", n) + cal.lowrank_backward_entry)
-            products = groups * m * k * n
-            table_time = (cal.backward_time(products, needs) if kernel is not None
-                          else products * (m + 256) / m * cal.backward_lookup)
-            if lowrank_time >= table_time * self.lookup_cost:
+            columns = fa.width * needs[0] + fb.width * needs[1]  # grad_a takes fa's columns, grad_b fb's
+            table_time = cal.table_backward_time(groups, m, k, n, needs, kernel is not None)
+            if cal.lowrank_backward_time(groups, m, k, n, columns) >= table_time * self.lookup_cost:
                 factored = None
         if factored is not None:
             log.debug("lut backward: low rank %d + %d", factored[0].width, factored[1].width)

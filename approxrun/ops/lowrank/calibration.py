@@ -145,12 +145,22 @@ class Calibration:
         ``float64`` and ``compiled`` float32 plans; 0 where not measured."""
         return self.call_overhead.get(route, 0.0)
 
-    def backward_time(self, products: int, needs: tuple[bool, bool]) -> float:
-        """Modelled time of the compiled LUT-gradient backward over ``products`` (G*M*K*N) for the
-        gradients ``needs`` asks for."""
+    def table_backward_time(self, groups: int, m: int, k: int, n: int, needs: tuple[bool, bool],
+                            compiled: bool) -> float:
+        """Modelled time of a LUT-gradient backward through the gradient tables: the compiled reads
+        (per product, for the gradients ``needs`` asks for) or torch's gathers (per product and
+        histogram entry)."""
+        products = groups * m * k * n
+        if not compiled:
+            return products * (m + 256) / m * self.backward_lookup
         per_product = (self.native_backward if needs[0] and needs[1] else
                        self.native_backward_a if needs[0] else self.native_backward_b if needs[1] else 0.0)
         return products * per_product
+
+    def lowrank_backward_time(self, groups: int, m: int, k: int, n: int, columns: int) -> float:
+        """Modelled time of the low-rank LUT-gradient backward with ``columns`` factor columns on the
+        wanted sides: per entry of a and column, a float64 GEMM over N and the map reads."""
+        return groups * m * k * columns * (n * self.gemm_mac("float64", n) + self.lowrank_backward_entry)
 
     def unfold_time(self, groups: int, m: int, k: int, n: int) -> float:
         """What an unfolded convolution costs beyond its GEMM of [G, M, K] x [G, K, N]: the window
