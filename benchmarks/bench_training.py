@@ -36,7 +36,8 @@ import torch.nn.functional as F
 
 
 MODES = ("float", "quant", "approx", "approx-lr")
-WARM_EPOCHS = 5  # untimed epochs at most before the timed one: until the engine's route trials are over
+WARM_EPOCHS = 10  # untimed epochs at most before the timed ones: until the engine's route trials are over
+# (a digits epoch calls each shape 56 times; a trial of three routes took 5-6 epochs there)
 
 
 def epoch_seconds(model, loader) -> float:

@@ -14,7 +14,7 @@ from approxrun.lut import exact_lut
 from approxrun.multipliers import get_multiplier
 from approxrun.ops import EngineRegistry, LutEngine, engine_for, lut_conv2d, lut_matmul
 from approxrun.ops import lowrank, native
-from approxrun.ops.trials import TRIAL_ROUNDS
+from approxrun.ops.trials import TRIAL_DROP_ROUNDS
 from approxrun.ops.gradients import gradient_tables, grouped_lut_gemm_backward
 from approxrun.ops.lowrank import Calibration, GemmPlan, calibration as calibration_module, measurement
 from approxrun.ops.lowrank.calibration import GEMM_WIDTHS
@@ -436,7 +436,7 @@ def test_auto_times_close_routes_then_keeps_the_fastest(lowrank_log):
         assert np.array_equal(lut_matmul(a, b, engine).numpy(), matmul_oracle(a, b, lut))
         assert engine.timing == engine.timing_routes(1, 300, 64, 40)
         calls += 1
-    assert calls >= 2 * TRIAL_ROUNDS * 2  # two routes at least, each warmed and timed per turn
+    assert calls >= 2 * TRIAL_DROP_ROUNDS * 2  # two routes at least, each warmed and timed per turn
     assert not engine.timing
     assert np.array_equal(lut_matmul(a, b, engine).numpy(), matmul_oracle(a, b, lut))
     measured = [line for line in lowrank_log.text.splitlines() if "lut gemm: measured" in line]

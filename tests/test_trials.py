@@ -2,7 +2,8 @@
 
 import math
 
-from approxrun.ops.trials import TRIAL_ROUNDS, TRIAL_SAMPLE_SECONDS, TRIAL_WARM_CALLS, TRIAL_WARM_SECONDS, RouteTrial
+from approxrun.ops.trials import (TRIAL_DROP_RATIO, TRIAL_DROP_ROUNDS, TRIAL_ROUNDS, TRIAL_SAMPLE_SECONDS,
+                                  TRIAL_WARM_CALLS, TRIAL_WARM_SECONDS, RouteTrial)
 
 
 def run(trial: RouteTrial, duration_of) -> list:
@@ -37,8 +38,29 @@ def test_only_timed_calls_count_and_the_fastest_route_is_kept():
             return 1.2e-3
         if trial.warm_calls < 3:  # int8: slow first calls of each turn only
             return 5e-3
-        return 0.9e-3 if trial.turn == 2 else 1.0e-3  # its second turn is its fastest
+        return 0.9e-3 if trial.rounds == 1 else 1.0e-3  # its second turn is its fastest
 
     trial = RouteTrial(["int8", "permute"])
     run(trial, duration)
     assert [round(t, 12) for t in trial.best_times()] == [0.9e-3, 1.2e-3]
+
+
+def test_routes_measured_much_slower_take_no_more_turns():
+    """From round TRIAL_DROP_ROUNDS on, a route over TRIAL_DROP_RATIO times the fastest drops out;
+    one just under it keeps its turns; its samples still count among the best times."""
+    durations = {"compiled": 1e-3, "int16": 0.98 * TRIAL_DROP_RATIO * 1e-3, "gather": 1.02 * TRIAL_DROP_RATIO * 1e-3}
+    trial = RouteTrial(list(durations))
+    calls = run(trial, lambda route, i: durations[route])
+    turns = {route: len(samples) for route, samples in zip(trial.routes, trial.samples)}
+    assert turns == {"compiled": TRIAL_ROUNDS, "int16": TRIAL_ROUNDS, "gather": TRIAL_DROP_ROUNDS}
+    assert calls.count("gather") < calls.count("int16")
+    assert [round(t, 12) for t in trial.best_times()] == [round(d, 12) for d in durations.values()]
+
+
+def test_a_trial_ends_when_one_route_is_left():
+    durations = {"compiled": 1e-3, "gather": 3e-3}
+    trial = RouteTrial(list(durations))
+    run(trial, lambda route, i: durations[route])
+    assert [len(samples) for samples in trial.samples] == [TRIAL_DROP_ROUNDS] * 2
+    single = RouteTrial(["gather"])  # nothing to compare: one turn, then done
+    assert run(single, lambda route, i: 1e-3) and len(single.samples[0]) == 1
