@@ -3,7 +3,7 @@ take turns, and the fastest measured one is kept (see :class:`~approxrun.ops.eng
 
 from __future__ import annotations
 
-TRIAL_ROUNDS = 5  # timed turns per route (the best counts)
+TRIAL_ROUNDS = 5  # timed turns per route at most (the best counts)
 TRIAL_WARM_SECONDS, TRIAL_WARM_CALLS = 2e-2, 16  # untimed calls of a route per turn: until either is reached
 TRIAL_SAMPLE_SECONDS = 5e-4  # a turn's timed calls: until their time reaches this (one call at least)
 TRIAL_MIN_SECONDS = 2e-5  # shapes modelled faster than this keep the model's route: timing them is noise
@@ -14,7 +14,7 @@ TRIAL_DROP_ROUNDS, TRIAL_DROP_RATIO = 2, 1.5
 
 class RouteTrial:
     """Auto's timing of a shape's candidate routes: the routes take turns (so that load bursts hit
-    them alike), :data:`TRIAL_ROUNDS` turns each. A turn runs its route untimed for
+    them alike), up to :data:`TRIAL_ROUNDS` turns each. A turn runs its route untimed for
     :data:`TRIAL_WARM_SECONDS` or :data:`TRIAL_WARM_CALLS` calls, whichever comes first (at least
     one call), then times calls until they add up to :data:`TRIAL_SAMPLE_SECONDS`; the turn's
     sample is their mean. After another route this CPU runs the next calls of a route slowly
