@@ -37,7 +37,7 @@ from approxrun.lut import exact_lut
 from approxrun.multipliers import get_multiplier
 from approxrun.ops import LutEngine, lut_matmul, native
 from approxrun.ops.lowrank import candidate_plans, lowrank_gemm
-from approxrun.ops.lowrank.calibration import ISA_ENV, cpu_description
+from approxrun.ops.lowrank.calibration import cpu_description, machine_key
 from approxrun.ops.lowrank.measurement import load_or_measure
 
 SHAPES = ((8192, 150, 16), (128, 256, 120), (73728, 25, 6), (4096, 576, 64), (4096, 1152, 128))
@@ -189,7 +189,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     cpu = cpu_description()
-    isa = {name: os.environ[name] for name in ISA_ENV if name in os.environ}
+    isa = machine_key()["isa_env"]
     print(f"CPU: {cpu['model']}; flags: {' '.join(cpu['flags']) or 'none of avx2/avx512/vnni/amx'}; "
           f"torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} threads; "
           f"ISA env: {isa or 'none'}; load average {os.getloadavg()[0]:.2f}; best of {args.repeats}")

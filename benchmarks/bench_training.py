@@ -30,7 +30,7 @@ from approxrun.lut import OperandDomain
 from approxrun.models import build_model
 from approxrun.multipliers import Multiplier, get_multiplier
 from approxrun.ops import LutEngine
-from approxrun.ops.lowrank.calibration import ISA_ENV, cpu_description
+from approxrun.ops.lowrank.calibration import cpu_description, machine_key
 from approxrun.training import make_optimizer
 import torch.nn.functional as F
 
@@ -67,7 +67,8 @@ def main() -> None:
     parser.add_argument("--fashion-samples", type=int, default=20000, help="training images of Fashion-MNIST per epoch")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--low-rank", default="drum_4", help="the low-rank multiplier of the second approx run")
-    parser.add_argument("--epochs", type=int, default=3, help="timed epochs per mode (the fastest counts)")
+    parser.add_argument("--epochs", type=int, default=3,
+                        help="rounds of timed epochs, one per mode each (each mode's fastest counts)")
     parser.add_argument("--grad", default="ste", choices=("ste", "lut"),
                         help="approx mode's gradients: straight-through, or LUT-derived (quant.grad=lut)")
     args = parser.parse_args()
@@ -80,7 +81,7 @@ def main() -> None:
     low_rank = get_multiplier(args.low_rank)
     table = low_rank.engine.lowrank
     cpu = cpu_description()
-    isa = " ".join(f"{name}={os.environ[name]}" for name in ISA_ENV if name in os.environ)
+    isa = " ".join(f"{name}={value}" for name, value in machine_key()["isa_env"].items())
     print(f"CPU: {cpu['model']}; flags: {' '.join(cpu['flags']) or '-'}; ISA env: {isa or 'none'}; "
           f"load average {os.getloadavg()[0]:.2f}")
     print(f"allocator: GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(not set: glibc defaults)')}")
