@@ -4,9 +4,9 @@
 // index tensor is ever made.
 // - lut_gemm: one LUT read per product (small shapes; with AVX2 and int32 sums, eight reads per
 //   gather instruction);
-// - lut_gemm_table: per tile of k, tables T[k][v][:] = lut[v][b[k][:]] of every product a weight
-//   column can produce, then each row adds one table row per k in registers (vector adds, no
-//   gathers in the row loop; large shapes);
+// - lut_gemm_table: per 16 columns and tile of k, tables T[k][v][:] = lut[v][b[k][:]] of every
+//   product a weight column can produce (transposed columns of the LUT), then each row adds one
+//   table row per k in registers (vector adds, no gathers in the row loop; large shapes);
 // - lut_gemm_permute (kernels/lut_cpu_permute.cpp, appended to this file): byte permutes over a
 //   LUT's byte planes in registers (AVX-512 VBMI);
 // - gather_rows: out[i][:] = table[byte(codes[i])][:], rows of 4-byte words (packed int8 maps,
@@ -110,10 +110,11 @@ void gemm_rows(const Code* a, const uint8_t* b, const int32_t* lut, Out* out, in
 
 // ---------------------------------------------------------------- tables of products, row adds
 
-constexpr int64_t kRowWork = 1 << 14;  // vector adds per parallel task, about
-constexpr int64_t kTileColumns = 64;   // table columns per tile: a row of sums fits in registers
+constexpr int64_t kTileColumns = 16;  // table columns per task: a row's sums are two 8-lane vectors
+// (measured against 64, 32 and 8 columns with tables of the same size, AMD EPYC AVX2, one thread:
+// 13.3 products/ns at 16 columns, 5.9-10.5 at 64 or 32, 9.5 at 8)
 
-// Bytes of one tile of tables: half the L2 cache, read from the machine (512 KiB where it says none).
+// Bytes of one task's tables: half the L2 cache, read from the machine (512 KiB where it says none).
 int64_t table_bytes() {
   static const int64_t bytes = [] {
     long l2 = -1;
@@ -140,16 +141,99 @@ inline typename Lanes<Sum>::type load_lanes(const int32_t* source) {
   return __builtin_convertvector(words, typename Lanes<Sum>::type);
 }
 
-// For each of Rows rows r (codes a_rows + r * a_stride): sums[r][j] (+)= sum_kk
-// T[kk][byte(a_row[kk])][j] for j < 8 * Vectors, the sums kept in registers; the sub-tile's tables
-// are rows of exactly 8 * Vectors words, so an address is a shift and an add. Several rows at a
-// time share the loop over k and keep independent adds in flight. On the last tile of k (`out`
-// not null) the first `columns` sums go to out instead (the padding lanes are dropped). Plain
-// pointer arguments: a struct of them built per row would be stored and reloaded in one wider
-// load, which stalls store forwarding on every row.
+// A buffer of n words starting on a 64-byte line (a table row of 8 or 16 words never splits a
+// line: measured with a 16-byte aligned one, (73728, 25, 6): 0.66 or 0.85 ms by where it landed).
+template <typename Word>
+Word* aligned_words(std::vector<Word>& store, int64_t n) {
+  store.resize(n + 64 / sizeof(Word));
+  const auto address = reinterpret_cast<uintptr_t>(store.data());
+  return reinterpret_cast<Word*>((address + 63) & ~uintptr_t(63));
+}
+
+#if defined(__AVX2__)
+// The 8x8 transpose of eight rows of eight int32 words, in place.
+inline void transpose8(__m256i r[8]) {
+  __m256i t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_unpacklo_epi64(t[i], t[i + 2]);
+    u[i + 1] = _mm256_unpackhi_epi64(t[i], t[i + 2]);
+    u[i + 2] = _mm256_unpacklo_epi64(t[i + 1], t[i + 3]);
+    u[i + 3] = _mm256_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2x128_si256(u[i], u[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2x128_si256(u[i], u[i + 4], 0x31);
+  }
+}
+#endif
+
+// Tables T[kk][v][j] = lut[v][b_row_kk[j]] for kk < depth, v < 256, j < width (8 or 16; the row of
+// b for kk at b + kk * n_size, its first `columns` entries read, the rest of the width zero): each
+// table column is a column of the LUT, so 8 of them are read as rows of its transposed image
+// (lut_columns[w][v] = lut[v][w]) and written by 8x8 transposes (measured 0.15 ns per entry against
+// 0.59 for one scalar read each, AVX2).
+void build_tables(const uint8_t* b, int64_t n_size, int64_t depth, int64_t columns, int64_t width,
+                  const int32_t* lut_columns, int32_t* table) {
+  static const int32_t zeros[256] = {};
+  for (int64_t kk = 0; kk < depth; ++kk, b += n_size, table += 256 * width) {
+    for (int64_t j0 = 0; j0 < width; j0 += 8) {
+      const int32_t* source[8];
+      for (int j = 0; j < 8; ++j) source[j] = j0 + j < columns ? lut_columns + b[j0 + j] * 256 : zeros;
+#if defined(__AVX2__)
+      for (int v0 = 0; v0 < 256; v0 += 8) {
+        __m256i r[8];
+        for (int j = 0; j < 8; ++j) r[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(source[j] + v0));
+        transpose8(r);
+        for (int i = 0; i < 8; ++i) _mm256_store_si256(reinterpret_cast<__m256i*>(table + (v0 + i) * width + j0), r[i]);
+      }
+#else
+      for (int v = 0; v < 256; ++v) {
+        for (int j = 0; j < 8; ++j) table[v * width + j0 + j] = source[j][v];
+      }
+#endif
+    }
+  }
+}
+
+// out[j] = the j-th sum of acc (Vectors vectors of 8) for j < min(8 * Vectors, columns): with AVX2
+// and int32 sums, four at a time converted in registers (the tail one by one, no masked stores: slow
+// on AMD), else one by one (at (73728, 25, 6) one at a time took about a third of the row loop).
+template <int Vectors, typename Sum, typename Out>
+inline void store_sums(const typename Lanes<Sum>::type* acc, Out* out, int64_t columns) {
+  const int64_t count = std::min<int64_t>(8 * Vectors, columns);
+  int64_t j = 0;
+#if defined(__AVX2__)
+  if constexpr (std::is_same_v<Sum, int32_t>) {
+    for (; j + 4 <= count; j += 4) {
+      __m128i quad;
+      std::memcpy(&quad, reinterpret_cast<const int32_t*>(acc) + j, sizeof(quad));
+      if constexpr (std::is_same_v<Out, double>) {
+        _mm256_storeu_pd(out + j, _mm256_cvtepi32_pd(quad));
+      } else {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j), _mm256_cvtepi32_epi64(quad));
+      }
+    }
+  }
+#endif
+  Sum lanes[8 * Vectors];
+  std::memcpy(lanes, acc, sizeof(lanes));
+  for (; j < count; ++j) out[j] = static_cast<Out>(lanes[j]);
+}
+
+// For each of Rows rows r (codes + r * stride): sums[r][j] (+)= sum_kk
+// T[kk][byte(codes[r * stride + kk])][j] for j < 8 * Vectors, the sums kept in registers; the tables are
+// rows of exactly 8 * Vectors words, so an address is a shift and an add. Several rows at a time
+// share the loop over k and keep independent adds in flight. On the last tile of k (`out` not null)
+// the first `columns` sums go to out instead (the padding lanes are dropped). Plain pointer
+// arguments: a struct of them built per row would be stored and reloaded in one wider load, which
+// stalls store forwarding on every row.
 template <int Rows, int Vectors, typename Sum, typename Code, typename Out>
-inline void add_table_rows(const Code* a_rows, int64_t a_stride, const int32_t* table, int64_t depth, Sum* sums,
-                           int64_t sums_stride, Out* out, int64_t out_stride, int64_t columns, bool first) {
+inline void add_table_rows(const Code* codes, int64_t stride, const int32_t* table, int64_t depth, Sum* sums,
+                           Out* out, int64_t out_stride, int64_t columns, bool first) {
   using Acc = typename Lanes<Sum>::type;
   constexpr int64_t kWidth = 8 * Vectors;
   Acc acc[Rows][Vectors];
@@ -158,107 +242,111 @@ inline void add_table_rows(const Code* a_rows, int64_t a_stride, const int32_t* 
       if (first) {
         acc[r][v] = Acc{};
       } else {
-        std::memcpy(&acc[r][v], sums + r * sums_stride + 8 * v, sizeof(Acc));
+        std::memcpy(&acc[r][v], sums + r * kWidth + 8 * v, sizeof(Acc));
       }
     }
   }
   for (int64_t kk = 0; kk < depth; ++kk, table += 256 * kWidth) {
     for (int r = 0; r < Rows; ++r) {
-      const int32_t* t_row = table + byte_of(a_rows[r * a_stride + kk]) * kWidth;
+      const int32_t* t_row = table + byte_of(codes[r * stride + kk]) * kWidth;
       for (int v = 0; v < Vectors; ++v) acc[r][v] += load_lanes<Sum>(t_row + 8 * v);
     }
   }
   for (int r = 0; r < Rows; ++r) {
     if (out == nullptr) {
-      for (int v = 0; v < Vectors; ++v) std::memcpy(sums + r * sums_stride + 8 * v, &acc[r][v], sizeof(Acc));
+      for (int v = 0; v < Vectors; ++v) std::memcpy(sums + r * kWidth + 8 * v, &acc[r][v], sizeof(Acc));
       continue;
     }
-    Sum lanes[kWidth];
-    for (int v = 0; v < Vectors; ++v) std::memcpy(lanes + 8 * v, &acc[r][v], sizeof(Acc));
-    Out* out_row = out + r * out_stride;
-    for (int64_t j = 0; j < std::min<int64_t>(kWidth, columns); ++j) out_row[j] = static_cast<Out>(lanes[j]);
+    store_sums<Vectors, Sum>(acc[r], out + r * out_stride, columns);
   }
 }
 
-// A tile's padded width (a multiple of 8, at most kTileColumns) splits into sub-tiles of 64, 32, 16
-// and 8 columns; calls fn(first column, std::integral_constant<int, vectors>) for each.
-template <typename Fn>
-void for_sub_tiles(int64_t padded, Fn&& fn) {
-  int64_t n0 = 0;
-  auto tile = [&](auto vectors) {
-    fn(n0, vectors);
-    n0 += 8 * decltype(vectors)::value;
+// Rows [0, rows) of a task (codes [rows, depth] at a row stride) against one tile of k: tables of 8 * Vectors
+// words per row; kTableRows / Vectors rows at a time (the rest one by one: measured, one row at a
+// time against four, (73728, 25, 6): AVX-512 0.58 -> 0.46 ms, AVX2 0.85 -> 0.53 ms; eight ran like
+// four). `sums` [rows, 8 * Vectors] is null when there is a single tile of k (nothing carried), `out`
+// (the task's first row and column) null before the last tile of k.
+constexpr int kTableRows = 4;
+template <int Vectors, typename Sum, typename Code, typename Out>
+void add_table_block(const Code* codes, int64_t stride, int64_t rows, const int32_t* table, int64_t depth, Sum* sums,
+                     Out* out, int64_t n_size, int64_t columns, bool first) {
+  constexpr int kRows = std::max(1, kTableRows / Vectors);
+  const auto add = [&](int64_t m, auto count) {
+    add_table_rows<decltype(count)::value, Vectors>(codes + m * stride, stride, table, depth,
+                                                    sums ? sums + m * 8 * Vectors : nullptr,
+                                                    out ? out + m * n_size : nullptr, n_size, columns, first);
   };
-  if (padded - n0 >= 64) tile(std::integral_constant<int, 8>{});
-  if (padded - n0 >= 32) tile(std::integral_constant<int, 4>{});
-  if (padded - n0 >= 16) tile(std::integral_constant<int, 2>{});
-  if (padded - n0 >= 8) tile(std::integral_constant<int, 1>{});
+  int64_t m = 0;
+  for (; m + kRows <= rows; m += kRows) add(m, std::integral_constant<int, kRows>{});
+  for (; m < rows; ++m) add(m, std::integral_constant<int, 1>{});
 }
 
-// Output rows [m0, m1) of a tile: each sub-tile's tables start at depth * 256 * (its first column)
-// in `table`; its rows go kTableRows / vectors at a time (the rest one by one: measured, one row at a
-// time against four, (73728, 25, 6): AVX-512 0.58 -> 0.46 ms, AVX2 0.85 -> 0.53 ms; eight ran like
-// four). `sums` [M, padded] is null when there is a single tile of k (nothing carried), `out` (the
-// tile's columns of row 0) null before the last tile of k.
-constexpr int kTableRows = 4;
-template <typename Sum, typename Code, typename Out>
-void add_table_block(const Code* a, int64_t m0, int64_t m1, int64_t k_size, const int32_t* table, int64_t depth,
-                     int64_t padded, Sum* sums, Out* out, int64_t n_size, int64_t columns, bool first) {
-  for_sub_tiles(padded, [&](int64_t n0, auto vectors) {
-    constexpr int kVectors = decltype(vectors)::value, kRows = std::max(1, kTableRows / kVectors);
-    const int32_t* tables = table + depth * 256 * n0;
-    const auto rows = [&](int64_t m, auto count) {
-      add_table_rows<decltype(count)::value, kVectors>(
-          a + m * k_size, k_size, tables, depth, sums ? sums + m * padded + n0 : nullptr, padded,
-          out ? out + m * n_size + n0 : nullptr, n_size, columns - n0, first);
-    };
-    int64_t m = m0;
-    for (; m + kRows <= m1; m += kRows) rows(m, std::integral_constant<int, kRows>{});
-    for (; m < m1; ++m) rows(m, std::integral_constant<int, 1>{});
+// The bytes of codes a [M, K] tile of k by tile of k: the tile at k0 (depth d) holds rows of d bytes
+// at packed + k0 * M, so that a tile's pass over the rows reads one small contiguous block (read in
+// place at the rows' own stride, every few rows a new page: (4096, 576, 16), one thread, 7.0 ms
+// against 3.4 packed). One tile of k reads the rows in place, in order (packing them first cost
+// (73728, 25, 6) a third more).
+template <typename Code>
+void pack_code_tiles(const Code* a, int64_t m_size, int64_t k_size, int64_t tile_k, uint8_t* packed) {
+  at::parallel_for(0, m_size, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      for (int64_t k0 = 0; k0 < k_size; k0 += tile_k) {
+        const int64_t depth = std::min(tile_k, k_size - k0);
+        const Code* row = a + m * k_size + k0;
+        uint8_t* packed_row = packed + k0 * m_size + m * depth;
+        for (int64_t kk = 0; kk < depth; ++kk) packed_row[kk] = static_cast<uint8_t>(byte_of(row[kk]));
+      }
+    }
   });
 }
 
-// Per tile of up to kTileColumns columns and per tile of k: build the tables (in parallel), then add
-// table rows to every output row's sums (rows in parallel); sums [M, padded width] carry across k
-// and the last tile of k writes the output rows.
-template <typename Sum, typename Code, typename BCode, typename Out>
-void table_gemm(const Code* a, const BCode* b, const int32_t* lut, Out* out, int64_t m_size, int64_t k_size,
-                int64_t n_size) {
-  std::vector<Sum> sums;
-  // 64-byte aligned (torch's CPU allocator): a table row of 8 or 16 words never splits a cache line
-  // (measured with a 16-byte aligned std::vector, (73728, 25, 6): 0.66 or 0.85 ms by where it landed).
-  torch::Tensor table_storage;
-  for (int64_t n0 = 0; n0 < n_size; n0 += kTileColumns) {
-    const int64_t columns = std::min(kTileColumns, n_size - n0), padded = (columns + 7) / 8 * 8;
-    const int64_t tile_k = std::min(k_size, std::max<int64_t>(1, table_bytes() / (256 * 4 * padded)));
-    if (!table_storage.defined() || table_storage.numel() < tile_k * 256 * padded) {
-      table_storage = torch::empty({tile_k * 256 * padded}, torch::kInt32);
-    }
-    int32_t* table = table_storage.data_ptr<int32_t>();
-    if (tile_k < k_size) sums.resize(m_size * padded);
-    const int64_t row_grain = std::max<int64_t>(1, kRowWork / std::max<int64_t>(1, tile_k * padded / 8));
-    for (int64_t k0 = 0; k0 < k_size; k0 += tile_k) {
-      const int64_t depth = std::min(tile_k, k_size - k0);
-      const bool last = k0 + depth == k_size;
-      at::parallel_for(0, depth * 256, std::max<int64_t>(1, kRowWork / padded), [&](int64_t begin, int64_t end) {
-        for (int64_t entry = begin; entry < end; ++entry) {
-          const int64_t kk = entry / 256, v = entry % 256;
-          const BCode* b_row = b + (k0 + kk) * n_size + n0;
-          const int32_t* lut_row = lut + v * 256;
-          for_sub_tiles(padded, [&](int64_t c0, auto vectors) {
-            constexpr int64_t kWidth = 8 * decltype(vectors)::value;
-            int32_t* t_row = table + depth * 256 * c0 + entry * kWidth;
-            for (int64_t j = 0; j < kWidth; ++j) t_row[j] = c0 + j < columns ? lut_row[byte_of(b_row[c0 + j])] : 0;
-          });
+// Tasks of kTileColumns columns and a block of rows each, in parallel; a task builds its own tables
+// per tile of k (its core's L2 holds them) and adds a table row per k to each of its rows' sums,
+// which carry across tiles of k. Row blocks split a tile only as far as the threads need: each
+// block builds the tile's tables again.
+template <typename Sum, typename Code, typename Out>
+void table_gemm(const Code* a, const uint8_t* b, const int32_t* lut_columns, Out* out, int64_t m_size,
+                int64_t k_size, int64_t n_size) {
+  const int64_t tiles = (n_size + kTileColumns - 1) / kTileColumns, threads = at::get_num_threads();
+  const int64_t widest = n_size > 8 ? 16 : 8;
+  const int64_t tile_k = std::min(k_size, std::max<int64_t>(1, table_bytes() / (256 * 4 * widest)));
+  int64_t row_blocks = (threads + tiles - 1) / tiles;  // the fewest giving every thread a task and even
+  while ((tiles * row_blocks) % threads != 0 && tiles * row_blocks < 4 * threads) ++row_blocks;  // shares
+  row_blocks = std::max<int64_t>(1, std::min(row_blocks, m_size));
+  const int64_t block_rows = (m_size + row_blocks - 1) / row_blocks;
+  std::vector<uint8_t> packed(tile_k < k_size ? m_size * k_size : 0);
+  if (!packed.empty()) pack_code_tiles(a, m_size, k_size, tile_k, packed.data());
+  at::parallel_for(0, tiles * row_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int32_t> table_store;
+    std::vector<Sum> sums_store;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t n0 = task / row_blocks * kTileColumns, m0 = task % row_blocks * block_rows;
+      const int64_t rows = std::min(block_rows, m_size - m0);
+      if (rows <= 0) continue;
+      const int64_t columns = std::min(kTileColumns, n_size - n0), width = columns > 8 ? 16 : 8;
+      int32_t* table = aligned_words(table_store, tile_k * 256 * width);
+      Sum* sums = tile_k < k_size ? aligned_words(sums_store, rows * width) : nullptr;  // one tile: none carried
+      for (int64_t k0 = 0; k0 < k_size; k0 += tile_k) {
+        const int64_t depth = std::min(tile_k, k_size - k0);
+        build_tables(b + k0 * n_size + n0, n_size, depth, columns, width, lut_columns, table);
+        const auto add = [&](auto vectors) {
+          Out* out_rows = k0 + depth == k_size ? out + m0 * n_size + n0 : nullptr;
+          if (packed.empty()) {
+            add_table_block<decltype(vectors)::value>(a + m0 * k_size, k_size, rows, table, depth, sums, out_rows,
+                                                      n_size, columns, true);
+          } else {
+            add_table_block<decltype(vectors)::value>(packed.data() + k0 * m_size + m0 * depth, depth, rows, table,
+                                                      depth, sums, out_rows, n_size, columns, k0 == 0);
+          }
+        };
+        if (width == 16) {
+          add(std::integral_constant<int, 2>{});
+        } else {
+          add(std::integral_constant<int, 1>{});
         }
-      });
-      at::parallel_for(0, m_size, row_grain, [&](int64_t begin, int64_t end) {
-        add_table_block(a + k0, begin, end, k_size, table, depth, padded,
-                        tile_k < k_size ? sums.data() : nullptr,  // one tile of k: nothing carried
-                        last ? out + n0 : nullptr, n_size, columns, k0 == 0);
-      });
+      }
     }
-  }
+  });
 }
 
 // ---------------------------------------------------------------- entry points
@@ -292,9 +380,11 @@ void check_operands(const char* name, torch::Tensor& a, torch::Tensor& b, const 
 
 // Both GEMM entry points write out [G, M, N] (or [M, N], see as_groups; float64 or int64, contiguous) and
 // return it.
-torch::Tensor lut_gemm_table(torch::Tensor a, torch::Tensor b, torch::Tensor lut, bool wide_sums, torch::Tensor out) {
+// lut_gemm_table reads the LUT's transposed image, lut_columns[w][v] = lut[v][w] (its tables' columns).
+torch::Tensor lut_gemm_table(torch::Tensor a, torch::Tensor b, torch::Tensor lut_columns, bool wide_sums,
+                             torch::Tensor out) {
   const torch::Tensor result = out;
-  check_operands("lut_gemm_table", a, b, lut, out);
+  check_operands("lut_gemm_table", a, b, lut_columns, out);
   a = a.contiguous();
   b = code_bytes(b).contiguous();
   const int64_t groups = a.size(0), m_size = a.size(1), k_size = a.size(2), n_size = b.size(2);
@@ -305,9 +395,9 @@ torch::Tensor lut_gemm_table(torch::Tensor a, torch::Tensor b, torch::Tensor lut
         const uint8_t* b_g = b.data_ptr<uint8_t>() + g * k_size * n_size;
         auto* out_g = out_ptr + g * m_size * n_size;
         if (wide_sums) {
-          table_gemm<int64_t>(a_g, b_g, lut.data_ptr<int32_t>(), out_g, m_size, k_size, n_size);
+          table_gemm<int64_t>(a_g, b_g, lut_columns.data_ptr<int32_t>(), out_g, m_size, k_size, n_size);
         } else {
-          table_gemm<int32_t>(a_g, b_g, lut.data_ptr<int32_t>(), out_g, m_size, k_size, n_size);
+          table_gemm<int32_t>(a_g, b_g, lut_columns.data_ptr<int32_t>(), out_g, m_size, k_size, n_size);
         }
       }
     });

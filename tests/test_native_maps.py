@@ -143,6 +143,31 @@ def test_every_compiled_gemm_takes_one_group_in_2d():
         KERNEL(a[None], b, engine.int32_table(), False)
 
 
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_table_strategy_splits_work_exactly(threads):
+    """The tables strategy's tasks (16 columns and a block of rows each, row blocks only where the
+    threads need them) at 1-3 threads: N of one narrow tile, of a full tile plus a narrow one and
+    of several; K of one tile of k and of many with a remainder; M below the rows added at a time;
+    int32 and int64 sums, an asymmetric LUT, int8 codes and codes held in floats."""
+    rng = np.random.default_rng(70 + threads)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for low, high, k in ((-2**15, 2**15, 5), (-2**15, 2**15, 301), (-2**30, 2**30, 37)):
+            lut = rng.integers(low, high, (256, 256))
+            image = torch.as_tensor(lut, dtype=torch.int32)
+            for m, n in ((3, 6), (37, 19), (5, 70), (130, 16)):
+                a, b = codes(rng, (m, k)), codes(rng, (k, n))
+                expected = matmul_oracle(a, b, lut)
+                wide = bool(np.abs(lut).max() * k >= 2**31)
+                for a_in, b_in in ((a, b), (a.to(torch.int8), b.float())):
+                    out = KERNEL(a_in, b_in, image, wide, True, torch.int64)
+                    assert np.array_equal(out.numpy(), expected), (threads, k, m, n)
+    finally:
+        torch.set_num_threads(previous)
+
+
 COMPILED_FAST = Calibration(**{**AMX_LIKE.as_dict(), "int8_exact": False, "native_map_entry": 1e-13,
                                "native_map_mac": 1e-14, "native_map_lanes": 16})
 

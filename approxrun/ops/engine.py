@@ -154,11 +154,14 @@ class LutEngine:
                                              for t in self._gradient_arrays)
         return self._device_tables[key]
 
-    def int32_table(self) -> torch.Tensor:
-        """The LUT as a contiguous int32 CPU tensor: the compiled CPU kernel's image."""
-        if "int32" not in self._device_tables:
-            self._device_tables["int32"] = torch.as_tensor(self.values.astype(np.int32))
-        return self._device_tables["int32"]
+    def int32_table(self, transposed: bool = False) -> torch.Tensor:
+        """The LUT as a contiguous int32 CPU tensor: the compiled CPU kernel's image (``transposed``:
+        its columns as rows, which the kernel's tables of products are built from)."""
+        key = ("int32", transposed)
+        if key not in self._device_tables:
+            values = self.values.T if transposed else self.values
+            self._device_tables[key] = torch.as_tensor(np.ascontiguousarray(values, dtype=np.int32))
+        return self._device_tables[key]
 
     @cached_property
     def byte_planes(self) -> native.BytePlanes | None:
@@ -314,7 +317,9 @@ class LutEngine:
             return lambda a, b, out_dtype: kernel.permute(a, b, planes, rows, out_dtype)
         if route in (NATIVE_GATHER, NATIVE_TABLES):
             kernel, image, tables = self.kernel(), self.int32_table(), route == NATIVE_TABLES
-            return lambda a, b, out_dtype: kernel(a, b, image, a.shape[-1] * self.max_abs >= 2**31, tables, out_dtype)
+            columns = self.int32_table(transposed=True) if tables else None
+            return lambda a, b, out_dtype: kernel(a, b, image, a.shape[-1] * self.max_abs >= 2**31, tables, out_dtype,
+                                                  columns)
         return lambda a, b, out_dtype: one_group(self._gather_gemm, a, b).to(out_dtype)
 
     @property

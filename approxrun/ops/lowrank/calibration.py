@@ -27,7 +27,7 @@ import torch
 __all__ = ["Calibration", "map_gemm_columns", "machine_key", "cpu_description", "calibration_dir"]
 
 CACHE_ENV = "APPROXRUN_CACHE"
-FORMAT = 12  # bump when the measured figures change meaning
+FORMAT = 13  # bump when the measured figures change meaning (or the kernels they time change speed)
 ISA_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "DNNL_MAX_CPU_ISA")
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512vbmi", "amx_tile", "amx_int8")
 GEMM_WIDTHS = (8, 32, 128)  # N of the timed GEMMs; other widths interpolate on log N
