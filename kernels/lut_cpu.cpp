@@ -111,8 +111,8 @@ void gemm_rows(const Code* a, const uint8_t* b, const int32_t* lut, Out* out, in
 // ---------------------------------------------------------------- tables of products, row adds
 
 constexpr int64_t kTileColumns = 16;  // table columns per task: a row's sums are two 8-lane vectors
-// (measured against 64, 32 and 8 columns with tables of the same size, AMD EPYC AVX2, one thread:
-// 13.3 products/ns at 16 columns, 5.9-10.5 at 64 or 32, 9.5 at 8)
+// (a standalone row loop over tables of the same size, AMD EPYC AVX2, one thread: 13.3 products/ns
+// at 16 columns, 5.9-10.5 at 64 or 32, 9.5 at 8)
 
 // Bytes of one task's tables: half the L2 cache, read from the machine (512 KiB where it says none).
 int64_t table_bytes() {
@@ -201,7 +201,7 @@ void build_tables(const uint8_t* b, int64_t n_size, int64_t depth, int64_t colum
 
 // out[j] = the j-th sum of acc (Vectors vectors of 8) for j < min(8 * Vectors, columns): with AVX2
 // and int32 sums, four at a time converted in registers (the tail one by one, no masked stores: slow
-// on AMD), else one by one (at (73728, 25, 6) one at a time took about a third of the row loop).
+// on AMD), else one by one (measured against one by one, (73728, 1, 6), one thread: 0.61 vs 0.82 ms).
 template <int Vectors, typename Sum, typename Out>
 inline void store_sums(const typename Lanes<Sum>::type* acc, Out* out, int64_t columns) {
   const int64_t count = std::min<int64_t>(8 * Vectors, columns);
@@ -225,8 +225,8 @@ inline void store_sums(const typename Lanes<Sum>::type* acc, Out* out, int64_t c
 }
 
 // For each of Rows rows r (codes + r * stride): sums[r][j] (+)= sum_kk
-// T[kk][byte(codes[r * stride + kk])][j] for j < 8 * Vectors, the sums kept in registers; the tables are
-// rows of exactly 8 * Vectors words, so an address is a shift and an add. Several rows at a time
+// T[kk][byte(codes[r * stride + kk])][j] for j < 8 * Vectors, the sums kept in registers; the
+// tables are rows of exactly 8 * Vectors words, so an address is a shift and an add. Several rows at a time
 // share the loop over k and keep independent adds in flight. On the last tile of k (`out` not null)
 // the first `columns` sums go to out instead (the padding lanes are dropped). Plain pointer
 // arguments: a struct of them built per row would be stored and reloaded in one wider load, which
@@ -261,8 +261,8 @@ inline void add_table_rows(const Code* codes, int64_t stride, const int32_t* tab
   }
 }
 
-// Rows [0, rows) of a task (codes [rows, depth] at a row stride) against one tile of k: tables of 8 * Vectors
-// words per row; kTableRows / Vectors rows at a time (the rest one by one: measured, one row at a
+// Rows [0, rows) of a task (codes [rows, depth] at a row stride) against one tile of k: tables of
+// 8 * Vectors words per row; kTableRows / Vectors rows at a time (the rest one by one: measured, one row at a
 // time against four, (73728, 25, 6): AVX-512 0.58 -> 0.46 ms, AVX2 0.85 -> 0.53 ms; eight ran like
 // four). `sums` [rows, 8 * Vectors] is null when there is a single tile of k (nothing carried), `out`
 // (the task's first row and column) null before the last tile of k.
