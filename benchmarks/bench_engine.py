@@ -140,8 +140,9 @@ def bench_lut(name: str, lut: np.ndarray, reference, repeats: int, calibration) 
         expected = reference.lut_gemm(a, b, lut32).long()
         fns = {"reference": lambda: reference.lut_gemm(a, b, lut32)}
         if kernel is not None:  # the compiled gather, its faster strategy, with lut_matmul's int64 result
-            variants = {tables: (lambda tables=tables: kernel(a, b, lut32, wide_sums, tables, out_dtype=torch.int64))
-                        for tables in (False, True)}
+            lut_columns = lut32.t().contiguous()
+            variants = {"direct": lambda: kernel(a, b, lut32, wide_sums, torch.int64),
+                        "tables": lambda: kernel.tables(a, b, lut_columns, wide_sums, torch.int64)}
             planes = engines["auto"].byte_planes
             if kernel.permutes and planes is not None:
                 variants.update({("permute", rows): (lambda rows=rows: kernel.permute(

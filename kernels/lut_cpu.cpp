@@ -314,8 +314,9 @@ void table_gemm(const Code* a, const uint8_t* b, const int32_t* lut_columns, Out
   while ((tiles * row_blocks) % threads != 0 && tiles * row_blocks < 4 * threads) ++row_blocks;  // shares
   row_blocks = std::max<int64_t>(1, std::min(row_blocks, m_size));
   const int64_t block_rows = (m_size + row_blocks - 1) / row_blocks;
-  std::vector<uint8_t> packed(tile_k < k_size ? m_size * k_size : 0);
-  if (!packed.empty()) pack_code_tiles(a, m_size, k_size, tile_k, packed.data());
+  const bool several_tiles = tile_k < k_size;  // sums carried across tiles of k, codes packed per tile
+  std::vector<uint8_t> packed(several_tiles ? m_size * k_size : 0);
+  if (several_tiles) pack_code_tiles(a, m_size, k_size, tile_k, packed.data());
   at::parallel_for(0, tiles * row_blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<int32_t> table_store;
     std::vector<Sum> sums_store;
@@ -325,13 +326,13 @@ void table_gemm(const Code* a, const uint8_t* b, const int32_t* lut_columns, Out
       if (rows <= 0) continue;
       const int64_t columns = std::min(kTileColumns, n_size - n0), width = columns > 8 ? 16 : 8;
       int32_t* table = aligned_words(table_store, tile_k * 256 * width);
-      Sum* sums = tile_k < k_size ? aligned_words(sums_store, rows * width) : nullptr;  // one tile: none carried
+      Sum* sums = several_tiles ? aligned_words(sums_store, rows * width) : nullptr;
       for (int64_t k0 = 0; k0 < k_size; k0 += tile_k) {
         const int64_t depth = std::min(tile_k, k_size - k0);
         build_tables(b + k0 * n_size + n0, n_size, depth, columns, width, lut_columns, table);
         const auto add = [&](auto vectors) {
           Out* out_rows = k0 + depth == k_size ? out + m0 * n_size + n0 : nullptr;
-          if (packed.empty()) {
+          if (!several_tiles) {
             add_table_block<decltype(vectors)::value>(a + m0 * k_size, k_size, rows, table, depth, sums, out_rows,
                                                       n_size, columns, true);
           } else {

@@ -122,8 +122,8 @@ def test_every_compiled_gemm_takes_one_group_in_2d():
     engine = LutEngine(low_rank_lut(2, seed=53))
     lut, table = engine.values, engine.lowrank
     a, b = codes(rng, (37, 300)), codes(rng, (300, 70)).T.contiguous().T  # b strided (transposed weights)
-    calls = {"direct": lambda out: KERNEL(a, b, engine.int32_table(), False, False, out),
-             "tables": lambda out: KERNEL(a, b, engine.int32_table(), False, True, out),
+    calls = {"direct": lambda out: KERNEL(a, b, engine.int32_table(), False, out),
+             "tables": lambda out: KERNEL.tables(a, b, engine.int32_table(transposed=True), False, out),
              "float32 maps": lambda out: run(a, b, table, 300, out, "float32")}
     if KERNEL.map_pairs:
         calls["int16 maps"] = lambda out: run(a, b, table, 300, out, "int16")
@@ -156,13 +156,13 @@ def test_table_strategy_splits_work_exactly(threads):
     try:
         for low, high, k in ((-2**15, 2**15, 5), (-2**15, 2**15, 301), (-2**30, 2**30, 37)):
             lut = rng.integers(low, high, (256, 256))
-            image = torch.as_tensor(lut, dtype=torch.int32)
+            columns = torch.as_tensor(lut.T, dtype=torch.int32).contiguous()
             for m, n in ((3, 6), (37, 19), (5, 70), (130, 16)):
                 a, b = codes(rng, (m, k)), codes(rng, (k, n))
                 expected = matmul_oracle(a, b, lut)
                 wide = bool(np.abs(lut).max() * k >= 2**31)
                 for a_in, b_in in ((a, b), (a.to(torch.int8), b.float())):
-                    out = KERNEL(a_in, b_in, image, wide, True, torch.int64)
+                    out = KERNEL.tables(a_in, b_in, columns, wide, torch.int64)
                     assert np.array_equal(out.numpy(), expected), (threads, k, m, n)
     finally:
         torch.set_num_threads(previous)

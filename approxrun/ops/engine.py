@@ -316,10 +316,9 @@ class LutEngine:
             kernel, planes, rows = self.kernel(), self.byte_planes, route == NATIVE_PERMUTE_ROWS
             return lambda a, b, out_dtype: kernel.permute(a, b, planes, rows, out_dtype)
         if route in (NATIVE_GATHER, NATIVE_TABLES):
-            kernel, image, tables = self.kernel(), self.int32_table(), route == NATIVE_TABLES
-            columns = self.int32_table(transposed=True) if tables else None
-            return lambda a, b, out_dtype: kernel(a, b, image, a.shape[-1] * self.max_abs >= 2**31, tables, out_dtype,
-                                                  columns)
+            call = self.kernel().tables if route == NATIVE_TABLES else self.kernel()
+            image = self.int32_table(transposed=route == NATIVE_TABLES)
+            return lambda a, b, out_dtype: call(a, b, image, a.shape[-1] * self.max_abs >= 2**31, out_dtype)
         return lambda a, b, out_dtype: one_group(self._gather_gemm, a, b).to(out_dtype)
 
     @property

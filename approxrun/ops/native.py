@@ -83,16 +83,19 @@ class NativeGemm:
         self.map_pairs = bool(module.map_gemm_pairs())  # whether map_gemm takes int16 map pairs
 
     def __call__(self, a: torch.Tensor, b: torch.Tensor, lut_image: torch.Tensor, wide_sums: bool,
-                 tables: bool = False, out_dtype: torch.dtype = torch.float64,
-                 lut_columns: torch.Tensor | None = None) -> torch.Tensor:
+                 out_dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """out[g, m, n] = sum_k lut[byte(a[g, m, k])][byte(b[g, k, n])] of codes a [G, M, K] and
-        b [G, K, N], float64 or int64 (``lut_image``: int32 [256, 256]; ``wide_sums``: accumulate
-        in int64; ``tables``: build per-k tables of products, then add table rows, for large shapes;
-        they are built from ``lut_columns``, the image transposed and contiguous, made here when not given)."""
-        if not tables:
-            return self._module.lut_gemm(_readable(a), _readable(b), lut_image, wide_sums, _result(a, b, out_dtype))
-        columns = lut_image.t().contiguous() if lut_columns is None else lut_columns
-        return self._module.lut_gemm_table(_readable(a), _readable(b), columns, wide_sums, _result(a, b, out_dtype))
+        b [G, K, N], float64 or int64, one LUT read per product (``lut_image``: int32 [256, 256];
+        ``wide_sums``: accumulate in int64)."""
+        return self._module.lut_gemm(_readable(a), _readable(b), lut_image, wide_sums, _result(a, b, out_dtype))
+
+    def tables(self, a: torch.Tensor, b: torch.Tensor, lut_columns: torch.Tensor, wide_sums: bool,
+               out_dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """The same GEMM by tables of products per tile of k and vector row adds (large shapes), the
+        tables built from ``lut_columns``: the int32 image transposed, contiguous (``lut_columns[w][v]
+        = lut[v][w]``)."""
+        return self._module.lut_gemm_table(_readable(a), _readable(b), lut_columns, wide_sums,
+                                           _result(a, b, out_dtype))
 
     def permute(self, a: torch.Tensor, b: torch.Tensor, planes: BytePlanes, transposed: bool,
                 out_dtype: torch.dtype = torch.float64) -> torch.Tensor:
