@@ -181,7 +181,8 @@ def cmd_calibrate(args) -> None:
     print(f"gather (torch ops): {cal.gather_lookup * 1e9:.3g} ns/lookup, {cal.gather_row * 1e9:.3g} ns/row, "
           f"{cal.gather_table * 1e9:.3g} ns/table entry; direct {cal.direct_lookup * 1e9:.3g} ns/lookup")
     print(f"gather (compiled kernel): {cal.native_lookup * 1e9:.3g} ns/lookup direct, "
-          f"tables {cal.native_table_entry * 1e9:.3g} ns/entry + {cal.native_row_add * 1e9:.3g} ns/8-lane row add")
+          f"tables {cal.native_table_entry * 1e9:.3g} ns/entry + {cal.native_row_add * 1e9:.3g} ns/8-lane row add, "
+          f"{cal.native_table_bytes // 1024 or '-'} KiB per tile of k")
     if math.isfinite(cal.native_permute_group):
         print(f"in-register permutes (AVX-512 VBMI): {cal.native_permute_group * 1e9:.3g} ns/64-lane lookup, "
               f"{cal.native_permute_code * 1e9:.3g} ns/code transposed")

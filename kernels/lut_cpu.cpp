@@ -5,8 +5,9 @@
 // - lut_gemm: one LUT read per product (small shapes; with AVX2 and int32 sums, eight reads per
 //   gather instruction);
 // - lut_gemm_table: per 16 columns and tile of k, tables T[k][v][:] = lut[v][b[k][:]] of every
-//   product a weight column can produce (transposed columns of the LUT), then each row adds one
-//   table row per k in registers (vector adds, no gathers in the row loop; large shapes);
+//   product a weight column can produce (transposed columns of the LUT; 16-bit offset values in
+//   pairs where the LUT's values span less than 2**16), then each row adds one table row per k in
+//   registers (vector adds, no gathers in the row loop; large shapes);
 // - lut_gemm_permute (kernels/lut_cpu_permute.cpp, appended to this file): byte permutes over a
 //   LUT's byte planes in registers (AVX-512 VBMI);
 // - gather_rows: out[i][:] = table[byte(codes[i])][:], rows of 4-byte words (packed int8 maps,
@@ -28,6 +29,8 @@
 #include <type_traits>
 #include <unistd.h>
 #include <vector>
+
+int64_t l2_cache_bytes();
 
 namespace {
 
@@ -114,17 +117,6 @@ constexpr int64_t kTileColumns = 16;  // table columns per task: a row's sums ar
 // (a standalone row loop over tables of the same size, AMD EPYC AVX2, one thread: 13.3 products/ns
 // at 16 columns, 5.9-10.5 at 64 or 32, 9.5 at 8)
 
-// Bytes of one task's tables: half the L2 cache, read from the machine (512 KiB where it says none).
-int64_t table_bytes() {
-  static const int64_t bytes = [] {
-    long l2 = -1;
-#ifdef _SC_LEVEL2_CACHE_SIZE
-    l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
-#endif
-    return l2 > 0 ? static_cast<int64_t>(l2) / 2 : int64_t(1) << 19;
-  }();
-  return bytes;
-}
 
 // Eight accumulators of a sum type, as one vector (GCC/Clang vector extensions: SSE, AVX2 or
 // AVX-512 code by the compiler's target, no intrinsics).
@@ -199,11 +191,45 @@ void build_tables(const uint8_t* b, int64_t n_size, int64_t depth, int64_t colum
   }
 }
 
+// Pair tables (see add_pair_rows) T[kk][v] of 8 words for 16 columns (the first `columns` of the
+// row of b for kk, the rest any value: their sums are dropped), from the same transposes.
+void build_pair_tables(const uint8_t* b, int64_t n_size, int64_t depth, int64_t columns, const int32_t* lut_columns,
+                       int32_t low, uint32_t* table) {
+  static const int32_t zeros[256] = {};
+  for (int64_t kk = 0; kk < depth; ++kk, b += n_size, table += 256 * 8) {
+    const int32_t* source[16];
+    for (int j = 0; j < 16; ++j) source[j] = j < columns ? lut_columns + b[j] * 256 : zeros;
+#if defined(__AVX2__)
+    const __m256i lows = _mm256_set1_epi32(low);
+    for (int v0 = 0; v0 < 256; v0 += 8) {
+      __m256i first[8], second[8];
+      for (int j = 0; j < 8; ++j) {
+        first[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(source[j] + v0));
+        second[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(source[j + 8] + v0));
+      }
+      transpose8(first);
+      transpose8(second);
+      for (int i = 0; i < 8; ++i) {
+        const __m256i words = _mm256_or_si256(_mm256_sub_epi32(first[i], lows),
+                                              _mm256_slli_epi32(_mm256_sub_epi32(second[i], lows), 16));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(table + (v0 + i) * 8), words);
+      }
+    }
+#else
+    for (int v = 0; v < 256; ++v) {
+      for (int j = 0; j < 8; ++j) {
+        table[v * 8 + j] = static_cast<uint32_t>(source[j][v] - low) | static_cast<uint32_t>(source[j + 8][v] - low) << 16;
+      }
+    }
+#endif
+  }
+}
+
 // out[j] = the j-th sum of acc (Vectors vectors of 8) for j < min(8 * Vectors, columns): with AVX2
 // and int32 sums, four at a time converted in registers (the tail one by one, no masked stores: slow
 // on AMD), else one by one (measured against one by one, (73728, 1, 6), one thread: 0.61 vs 0.82 ms).
 template <int Vectors, typename Sum, typename Out>
-inline void store_sums(const typename Lanes<Sum>::type* acc, Out* out, int64_t columns) {
+inline void store_sums(const typename Lanes<Sum>::type* acc, Out* out, int64_t columns, int64_t offset) {
   const int64_t count = std::min<int64_t>(8 * Vectors, columns);
   int64_t j = 0;
 #if defined(__AVX2__)
@@ -212,16 +238,17 @@ inline void store_sums(const typename Lanes<Sum>::type* acc, Out* out, int64_t c
       __m128i quad;
       std::memcpy(&quad, reinterpret_cast<const int32_t*>(acc) + j, sizeof(quad));
       if constexpr (std::is_same_v<Out, double>) {
-        _mm256_storeu_pd(out + j, _mm256_cvtepi32_pd(quad));
+        _mm256_storeu_pd(out + j, _mm256_add_pd(_mm256_cvtepi32_pd(quad), _mm256_set1_pd(static_cast<double>(offset))));
       } else {
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j), _mm256_cvtepi32_epi64(quad));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + j),
+                            _mm256_add_epi64(_mm256_cvtepi32_epi64(quad), _mm256_set1_epi64x(offset)));
       }
     }
   }
 #endif
   Sum lanes[8 * Vectors];
   std::memcpy(lanes, acc, sizeof(lanes));
-  for (; j < count; ++j) out[j] = static_cast<Out>(lanes[j]);
+  for (; j < count; ++j) out[j] = static_cast<Out>(static_cast<int64_t>(lanes[j]) + offset);
 }
 
 // For each of Rows rows r (codes + r * stride): sums[r][j] (+)= sum_kk
@@ -257,7 +284,49 @@ inline void add_table_rows(const Code* codes, int64_t stride, const int32_t* tab
       for (int v = 0; v < Vectors; ++v) std::memcpy(sums + r * kWidth + 8 * v, &acc[r][v], sizeof(Acc));
       continue;
     }
-    store_sums<Vectors, Sum>(acc[r], out + r * out_stride, columns);
+    store_sums<Vectors, Sum>(acc[r], out + r * out_stride, columns, 0);
+  }
+}
+
+// Pair tables: 16 columns of a LUT whose values span less than 2**16 as offset values u = lut - low
+// in the halves of 8 words, word j = u[column j] | u[column j + 8] << 16 (half an int32 table's
+// bytes). A row adds each word to `all` and its high half to `high`; then the low halves' sums are
+// all - (high << 16), exact modulo 2**32 whatever carries crossed the halves (the caller keeps
+// K * 65535 < 2**31), and each sum is offset by K * low when stored.
+typedef uint32_t Words __attribute__((vector_size(32)));
+
+template <int Rows, typename Code, typename Out>
+inline void add_pair_rows(const Code* codes, int64_t stride, const uint32_t* table, int64_t depth, uint32_t* sums,
+                          Out* out, int64_t out_stride, int64_t columns, bool first, int64_t offset) {
+  Words all[Rows], high[Rows];
+  for (int r = 0; r < Rows; ++r) {
+    if (first) {
+      all[r] = Words{};
+      high[r] = Words{};
+    } else {
+      std::memcpy(&all[r], sums + r * 16, sizeof(Words));
+      std::memcpy(&high[r], sums + r * 16 + 8, sizeof(Words));
+    }
+  }
+  for (int64_t kk = 0; kk < depth; ++kk, table += 256 * 8) {
+    for (int r = 0; r < Rows; ++r) {
+      Words word;
+      std::memcpy(&word, table + byte_of(codes[r * stride + kk]) * 8, sizeof(word));
+      all[r] += word;
+      high[r] += word >> 16;
+    }
+  }
+  for (int r = 0; r < Rows; ++r) {
+    if (out == nullptr) {
+      std::memcpy(sums + r * 16, &all[r], sizeof(Words));
+      std::memcpy(sums + r * 16 + 8, &high[r], sizeof(Words));
+      continue;
+    }
+    Lanes32 halves[2];
+    const Words low = all[r] - (high[r] << 16);
+    std::memcpy(&halves[0], &low, sizeof(Words));
+    std::memcpy(&halves[1], &high[r], sizeof(Words));
+    store_sums<2, int32_t>(halves, out + r * out_stride, columns, offset);
   }
 }
 
@@ -276,6 +345,21 @@ void add_table_block(const Code* codes, int64_t stride, int64_t rows, const int3
                                                     sums ? sums + m * 8 * Vectors : nullptr,
                                                     out ? out + m * n_size : nullptr, n_size, columns, first);
   };
+  int64_t m = 0;
+  for (; m + kRows <= rows; m += kRows) add(m, std::integral_constant<int, kRows>{});
+  for (; m < rows; ++m) add(m, std::integral_constant<int, 1>{});
+}
+
+// The same over pair tables (16 columns; see add_pair_rows), two rows at a time.
+constexpr int kPairRows = 2;
+template <typename Code, typename Out>
+void add_pair_block(const Code* codes, int64_t stride, int64_t rows, const uint32_t* table, int64_t depth,
+                    uint32_t* sums, Out* out, int64_t n_size, int64_t columns, bool first, int64_t offset) {
+  const auto add = [&](int64_t m, auto count) {
+    add_pair_rows<decltype(count)::value>(codes + m * stride, stride, table, depth, sums ? sums + m * 16 : nullptr,
+                                          out ? out + m * n_size : nullptr, n_size, columns, first, offset);
+  };
+  constexpr int kRows = kPairRows;
   int64_t m = 0;
   for (; m + kRows <= rows; m += kRows) add(m, std::integral_constant<int, kRows>{});
   for (; m < rows; ++m) add(m, std::integral_constant<int, 1>{});
@@ -303,13 +387,18 @@ void pack_code_tiles(const Code* a, int64_t m_size, int64_t k_size, int64_t tile
 // Tasks of kTileColumns columns and a block of rows each, in parallel; a task builds its own tables
 // per tile of k (its core's L2 holds them) and adds a table row per k to each of its rows' sums,
 // which carry across tiles of k. Row blocks split a tile only as far as the threads need: each
-// block builds the tile's tables again.
+// block builds the tile's tables again. The tables of all of K make one tile when they fit in half
+// the L2 (carrying sums costs more than it saves there: (73728, 25, 6) ran 2.4x slower in two
+// tiles), else tiles of `budget` bytes (measured per machine: on a 2 MiB L2 a quarter of it ran
+// 1.2-2.2x faster than half).
 template <typename Sum, typename Code, typename Out>
 void table_gemm(const Code* a, const uint8_t* b, const int32_t* lut_columns, Out* out, int64_t m_size,
-                int64_t k_size, int64_t n_size) {
+                int64_t k_size, int64_t n_size, const int32_t* pair_low, int64_t budget) {
   const int64_t tiles = (n_size + kTileColumns - 1) / kTileColumns, threads = at::get_num_threads();
-  const int64_t widest = n_size > 8 ? 16 : 8;
-  const int64_t tile_k = std::min(k_size, std::max<int64_t>(1, table_bytes() / (256 * 4 * widest)));
+  const int64_t widest = n_size > 8 && pair_low == nullptr ? 16 : 8;  // words per table row
+  const int64_t k_bytes = 256 * 4 * widest;
+  const int64_t tile_k = k_size * k_bytes <= l2_cache_bytes() / 2 ? k_size
+                                                                  : std::max<int64_t>(1, budget / k_bytes);
   int64_t row_blocks = (threads + tiles - 1) / tiles;  // the fewest giving every thread a task and even
   while ((tiles * row_blocks) % threads != 0 && tiles * row_blocks < 4 * threads) ++row_blocks;  // shares
   row_blocks = std::max<int64_t>(1, std::min(row_blocks, m_size));
@@ -320,12 +409,32 @@ void table_gemm(const Code* a, const uint8_t* b, const int32_t* lut_columns, Out
   at::parallel_for(0, tiles * row_blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<int32_t> table_store;
     std::vector<Sum> sums_store;
+    std::vector<uint32_t> pair_sums_store;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t n0 = task / row_blocks * kTileColumns, m0 = task % row_blocks * block_rows;
       const int64_t rows = std::min(block_rows, m_size - m0);
       if (rows <= 0) continue;
       const int64_t columns = std::min(kTileColumns, n_size - n0), width = columns > 8 ? 16 : 8;
-      int32_t* table = aligned_words(table_store, tile_k * 256 * width);
+      const bool pairs = width == 16 && pair_low != nullptr;
+      int32_t* table = aligned_words(table_store, tile_k * 256 * (pairs ? 8 : width));
+      if (pairs) {
+        uint32_t* pair_table = reinterpret_cast<uint32_t*>(table);
+        uint32_t* sums = several_tiles ? aligned_words(pair_sums_store, rows * 16) : nullptr;
+        for (int64_t k0 = 0; k0 < k_size; k0 += tile_k) {
+          const int64_t depth = std::min(tile_k, k_size - k0);
+          build_pair_tables(b + k0 * n_size + n0, n_size, depth, columns, lut_columns, *pair_low, pair_table);
+          Out* out_rows = k0 + depth == k_size ? out + m0 * n_size + n0 : nullptr;
+          const int64_t offset = k_size * static_cast<int64_t>(*pair_low);
+          if (!several_tiles) {
+            add_pair_block(a + m0 * k_size, k_size, rows, pair_table, depth, sums, out_rows, n_size, columns, true,
+                           offset);
+          } else {
+            add_pair_block(packed.data() + k0 * m_size + m0 * depth, depth, rows, pair_table, depth, sums, out_rows,
+                           n_size, columns, k0 == 0, offset);
+          }
+        }
+        continue;
+      }
       Sum* sums = several_tiles ? aligned_words(sums_store, rows * width) : nullptr;
       for (int64_t k0 = 0; k0 < k_size; k0 += tile_k) {
         const int64_t depth = std::min(tile_k, k_size - k0);
@@ -379,16 +488,30 @@ void check_operands(const char* name, torch::Tensor& a, torch::Tensor& b, const 
 
 }  // namespace
 
+// The L2 cache of a core, read from the machine (1 MiB where it says none): the tables strategy's
+// budget for one task's tables is a measured fraction of it (see table_gemm).
+int64_t l2_cache_bytes() {
+  long l2 = -1;
+#ifdef _SC_LEVEL2_CACHE_SIZE
+  l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+  return l2 > 0 ? static_cast<int64_t>(l2) : int64_t(1) << 20;
+}
+
 // Both GEMM entry points write out [G, M, N] (or [M, N], see as_groups; float64 or int64, contiguous) and
 // return it.
 // lut_gemm_table reads the LUT's transposed image, lut_columns[w][v] = lut[v][w] (its tables' columns).
 torch::Tensor lut_gemm_table(torch::Tensor a, torch::Tensor b, torch::Tensor lut_columns, bool wide_sums,
-                             torch::Tensor out) {
+                             c10::optional<int64_t> pair_low, int64_t table_bytes, torch::Tensor out) {
   const torch::Tensor result = out;
   check_operands("lut_gemm_table", a, b, lut_columns, out);
   a = a.contiguous();
   b = code_bytes(b).contiguous();
   const int64_t groups = a.size(0), m_size = a.size(1), k_size = a.size(2), n_size = b.size(2);
+  TORCH_CHECK(!pair_low || k_size < 32768, "lut_gemm_table: pair tables take K < 32768");
+  TORCH_CHECK(table_bytes > 0, "lut_gemm_table: a positive table budget expected");
+  const int32_t low = pair_low ? static_cast<int32_t>(*pair_low) : 0;
+  const int32_t* pairs = pair_low ? &low : nullptr;
   with_codes(a, "lut_gemm_table", [&](auto* a_ptr) {
     with_output(out, "lut_gemm_table", [&](auto* out_ptr) {
       for (int64_t g = 0; g < groups; ++g) {
@@ -396,9 +519,9 @@ torch::Tensor lut_gemm_table(torch::Tensor a, torch::Tensor b, torch::Tensor lut
         const uint8_t* b_g = b.data_ptr<uint8_t>() + g * k_size * n_size;
         auto* out_g = out_ptr + g * m_size * n_size;
         if (wide_sums) {
-          table_gemm<int64_t>(a_g, b_g, lut_columns.data_ptr<int32_t>(), out_g, m_size, k_size, n_size);
+          table_gemm<int64_t>(a_g, b_g, lut_columns.data_ptr<int32_t>(), out_g, m_size, k_size, n_size, pairs, table_bytes);
         } else {
-          table_gemm<int32_t>(a_g, b_g, lut_columns.data_ptr<int32_t>(), out_g, m_size, k_size, n_size);
+          table_gemm<int32_t>(a_g, b_g, lut_columns.data_ptr<int32_t>(), out_g, m_size, k_size, n_size, pairs, table_bytes);
         }
       }
     });

@@ -148,24 +148,47 @@ def test_every_compiled_gemm_takes_one_group_in_2d():
 def test_table_strategy_splits_work_exactly(threads):
     """The tables strategy's tasks (16 columns and a block of rows each, row blocks only where the
     threads need them) at 1-3 threads: N of one narrow tile, of a full tile plus a narrow one and
-    of several; K of one tile of k and of many with a remainder; M below the rows added at a time;
-    int32 and int64 sums, an asymmetric LUT, int8 codes and codes held in floats."""
+    of several; K of one tile of k and of many with a remainder (tables of half the L2, and of 1-3
+    k); M below the rows added at a time;
+    int32 and int64 sums, an asymmetric LUT, int8 codes and codes held in floats; int32 tables and,
+    for LUTs spanning less than 2**16 (offset below, within and above zero), pair tables."""
     rng = np.random.default_rng(70 + threads)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for low, high, k in ((-2**15, 2**15, 5), (-2**15, 2**15, 301), (-2**30, 2**30, 37)):
+        for low, high, k in ((-2**15, 2**15, 5), (-2**15, 2**15, 301), (-2**30, 2**30, 37), (1000, 1000 + 2**16, 301),
+                             (-70000, -70000 + 2**16, 37)):
             lut = rng.integers(low, high, (256, 256))
             columns = torch.as_tensor(lut.T, dtype=torch.int32).contiguous()
+            planes = native.byte_planes(lut)
+            assert (planes is None) == (low == -2**30)
             for m, n in ((3, 6), (37, 19), (5, 70), (130, 16)):
                 a, b = codes(rng, (m, k)), codes(rng, (k, n))
                 expected = matmul_oracle(a, b, lut)
                 wide = bool(np.abs(lut).max() * k >= 2**31)
                 for a_in, b_in in ((a, b), (a.to(torch.int8), b.float())):
-                    out = KERNEL.tables(a_in, b_in, columns, wide, torch.int64)
-                    assert np.array_equal(out.numpy(), expected), (threads, k, m, n)
+                    for pairs in {None, planes}:
+                        for budget in (None, 3 * 8192):  # tiles of k: half the L2; 1 or 3 k deep
+                            out = KERNEL.tables(a_in, b_in, columns, wide, torch.int64, pairs, budget)
+                            assert np.array_equal(out.numpy(), expected), (threads, k, m, n, pairs is None, budget)
     finally:
         torch.set_num_threads(previous)
+
+
+@needs_kernel
+@pytest.mark.parametrize("k", [native.SPAN16_MAX_K - 1, native.SPAN16_MAX_K])
+def test_pair_tables_at_their_largest_sums(k):
+    """Pair tables sum K values of up to 2**16 - 1 in int32 lanes: at the largest K they take, every
+    offset value at its top (one entry at the bottom, so the span is 2**16 - 1), the sums are exact;
+    at K = SPAN16_MAX_K the kernel falls back to int32 tables."""
+    lut = np.full((256, 256), 5000 + 2**16 - 1)
+    lut[7, 9] = 5000
+    a = torch.randint(0, 256, (3, k), generator=torch.Generator().manual_seed(k), dtype=torch.int32)
+    b = torch.randint(0, 256, (k, 19), generator=torch.Generator().manual_seed(k + 1), dtype=torch.int32)
+    a[:, :2], b[:2] = 7, 9  # two products at the bottom
+    columns = torch.as_tensor(lut.T, dtype=torch.int32).contiguous()
+    out = KERNEL.tables(a, b, columns, True, torch.int64, native.byte_planes(lut))
+    assert np.array_equal(out.numpy(), matmul_oracle(a, b, lut))
 
 
 COMPILED_FAST = Calibration(**{**AMX_LIKE.as_dict(), "int8_exact": False, "native_map_entry": 1e-13,
@@ -281,3 +304,17 @@ def test_int16_plan_needs_maps_below_2_15():
     assert not any(p.kind == "int16" for p in candidate_plans(large, 1, 64, 64, 64, cpu, PAIRS_FAST, compiled=True))
     with pytest.raises(ValueError, match=r"below 2\*\*15 in magnitude, got 32768"):
         large.pair_words("cpu")
+
+
+@needs_kernel
+def test_engine_tables_route_is_exact_at_a_calibrated_budget():
+    """The engine's tables route with pair tables (a LUT spanning less than 2**16, offset below zero)
+    and the calibration's budget per tile of k, here a few k deep: exact across the tiles."""
+    rng = np.random.default_rng(29)
+    lut = rng.integers(-40000, -40000 + 2**16, (256, 256))
+    tables_cheap = Calibration(**{**AMX_LIKE.as_dict(), "native_lookup": 1e-6, "native_table_entry": 1e-12,
+                                  "native_row_add": 1e-12, "native_table_bytes": 3 * 8192})
+    engine = LutEngine(lut, calibration=tables_cheap, trials=0)
+    a, b = codes(rng, (45, 301)), codes(rng, (301, 19))
+    assert engine.chosen_route(1, 45, 301, 19, "cpu") == "native tables"
+    assert np.array_equal(lut_matmul(a, b, engine).numpy(), matmul_oracle(a, b, lut))

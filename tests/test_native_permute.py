@@ -98,6 +98,6 @@ def test_engine_routes_through_permutes():
         x, w = codes(rng, (2, 4, 7, 5)), codes(rng, (6, 2, 3, 3))
         out = lut_conv2d(x, w, engine, stride=2, padding=1, groups=2, pad_value=-7)
         assert np.array_equal(out.numpy(), conv_oracle(x.numpy(), w.numpy(), lut, 2, 1, 1, 2, -7))
-        assert engine.chosen_route(1, 96, native.PERMUTE_MAX_K, 70, "cpu") != route
+        assert engine.chosen_route(1, 96, native.SPAN16_MAX_K, 70, "cpu") != route
     wide = LutEngine(lut * 2, strategy="gather", calibration=permute_first("rows"))
     assert wide.chosen_route(1, 96, 40, 70, "cpu") not in (NATIVE_PERMUTE, NATIVE_PERMUTE_ROWS)

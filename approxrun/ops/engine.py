@@ -273,7 +273,7 @@ class LutEngine:
 
     def _permute_usable(self, k: int) -> bool:
         return (self.kernel().permutes and math.isfinite(self.calibration.native_permute_group)
-                and self.byte_planes is not None and k < native.PERMUTE_MAX_K)
+                and self.byte_planes is not None and k < native.SPAN16_MAX_K)
 
     def _gemm_call(self, groups, m, k, n, device, byte_codes):
         """(the call ``(a, b, out_dtype) -> out`` of one GEMM, the function its time goes to while
@@ -312,13 +312,17 @@ class LutEngine:
         name) on ``device``. A compiled route takes one group's 2-D codes as they are."""
         if not isinstance(route, str):
             return lowrank_call(self.lowrank, route, self.cpu_kernel(device), device, self.workspace)
+        kernel, planes = self.kernel(), self.byte_planes
         if route in (NATIVE_PERMUTE, NATIVE_PERMUTE_ROWS):
-            kernel, planes, rows = self.kernel(), self.byte_planes, route == NATIVE_PERMUTE_ROWS
+            rows = route == NATIVE_PERMUTE_ROWS
             return lambda a, b, out_dtype: kernel.permute(a, b, planes, rows, out_dtype)
-        if route in (NATIVE_GATHER, NATIVE_TABLES):
-            call = self.kernel().tables if route == NATIVE_TABLES else self.kernel()
-            image = self.int32_table(transposed=route == NATIVE_TABLES)
-            return lambda a, b, out_dtype: call(a, b, image, a.shape[-1] * self.max_abs >= 2**31, out_dtype)
+        if route == NATIVE_GATHER:
+            image = self.int32_table()
+            return lambda a, b, out_dtype: kernel(a, b, image, a.shape[-1] * self.max_abs >= 2**31, out_dtype)
+        if route == NATIVE_TABLES:
+            columns, budget = self.int32_table(transposed=True), self.calibration.native_table_bytes or None
+            return lambda a, b, out_dtype: kernel.tables(a, b, columns, a.shape[-1] * self.max_abs >= 2**31,
+                                                         out_dtype, planes, budget)
         return lambda a, b, out_dtype: one_group(self._gather_gemm, a, b).to(out_dtype)
 
     @property

@@ -3,7 +3,8 @@
 - two exact LUT GEMM strategies over integer codes and a 256x256 int32 image, int32 sums (int64 when
   a sum could leave the int32 range), rows in parallel: one LUT read per product (small shapes, such
   as a linear layer at batch 128), or tables of products per tile of k and vector row adds (large
-  shapes; a random LUT's fastest route);
+  shapes; a random LUT's fastest route; 16-bit products two to a word where the LUT's values span
+  less than 2**16);
 - on CPUs with AVX-512 VBMI, an in-register strategy for LUTs whose values span at most 2**16: a LUT
   row's two byte planes sit in eight registers and byte permutes look up 64 products at once, lanes
   over the columns of b or (``transposed``, narrow N) over the rows of a;
@@ -69,7 +70,9 @@ def byte_planes(values: np.ndarray) -> BytePlanes | None:
     return BytePlanes(planes(u), planes(np.ascontiguousarray(u.T)), low)
 
 
-PERMUTE_MAX_K = 2**15  # the in-register strategy's int32 lanes hold K * 2**16
+# K below which the int32 lanes of the strategies over 16-bit offset LUT values (the in-register
+# permutes, pair tables) hold their sums: K * (2**16 - 1) < 2**31
+SPAN16_MAX_K = 2**15
 
 
 class NativeGemm:
@@ -81,6 +84,7 @@ class NativeGemm:
         self.permutes = bool(module.permute_available())  # the in-register strategy was built (AVX-512 VBMI)
         self.map_lanes = int(module.map_gemm_lanes())  # float32 lanes of map_gemm's vectors (8 or 16)
         self.map_pairs = bool(module.map_gemm_pairs())  # whether map_gemm takes int16 map pairs
+        self.l2_bytes = int(module.l2_cache_bytes())  # a core's L2 cache, as the kernel reads it
 
     def __call__(self, a: torch.Tensor, b: torch.Tensor, lut_image: torch.Tensor, wide_sums: bool,
                  out_dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -90,17 +94,24 @@ class NativeGemm:
         return self._module.lut_gemm(_readable(a), _readable(b), lut_image, wide_sums, _result(a, b, out_dtype))
 
     def tables(self, a: torch.Tensor, b: torch.Tensor, lut_columns: torch.Tensor, wide_sums: bool,
-               out_dtype: torch.dtype = torch.float64) -> torch.Tensor:
+               out_dtype: torch.dtype = torch.float64, planes: BytePlanes | None = None,
+               table_bytes: int | None = None) -> torch.Tensor:
         """The same GEMM by tables of products per tile of k and vector row adds (large shapes), the
         tables built from ``lut_columns``: the int32 image transposed, contiguous (``lut_columns[w][v]
-        = lut[v][w]``)."""
-        return self._module.lut_gemm_table(_readable(a), _readable(b), lut_columns, wide_sums,
+        = lut[v][w]``). Given the LUT's ``planes`` (its values span less than 2**16) and K below
+        :data:`SPAN16_MAX_K`, the tables hold 16-bit values offset by ``planes.low``, two per word
+        (half the bytes: 1.1-1.3x faster, measured). ``table_bytes``: the budget of one tile of k's
+        tables where all of K's exceed half the L2 (default: half the L2; the calibration measures
+        the best, :attr:`Calibration.native_table_bytes`)."""
+        low = planes.low if planes is not None and a.shape[-1] < SPAN16_MAX_K else None
+        budget = self.l2_bytes // 2 if table_bytes is None else table_bytes
+        return self._module.lut_gemm_table(_readable(a), _readable(b), lut_columns, wide_sums, low, budget,
                                            _result(a, b, out_dtype))
 
     def permute(self, a: torch.Tensor, b: torch.Tensor, planes: BytePlanes, transposed: bool,
                 out_dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """The same GEMM by the in-register strategy (``self.permutes`` only; K below
-        :data:`PERMUTE_MAX_K`): lanes over the columns of b, or with ``transposed`` over the rows of a."""
+        :data:`SPAN16_MAX_K`): lanes over the columns of b, or with ``transposed`` over the rows of a."""
         return self._module.lut_gemm_permute(_readable(a), _readable(b), planes.rows, planes.columns, planes.low,
                                              transposed, _result(a, b, out_dtype))
 
@@ -165,8 +176,8 @@ def _readable(codes: torch.Tensor) -> torch.Tensor:
     return codes if codes.dtype in READ_DTYPES else code_to_index(codes)
 
 
-FUNCTIONS = ["lut_gemm", "lut_gemm_table", "lut_gemm_permute", "permute_available", "gather_rows", "unfold_rows",
-             "int8_lowrank_gemm", "map_gemm", "map_gemm_lanes", "map_gemm_pairs", "lut_backward"]
+FUNCTIONS = ["lut_gemm", "lut_gemm_table", "l2_cache_bytes", "lut_gemm_permute", "permute_available", "gather_rows",
+             "unfold_rows", "int8_lowrank_gemm", "map_gemm", "map_gemm_lanes", "map_gemm_pairs", "lut_backward"]
 SOURCES = ("lut_cpu.cpp", "lut_cpu_permute.cpp", "lut_cpu_maps.cpp",  # one translation unit, in this order
            "lut_cpu_backward.cpp")
 ISA_CEILINGS = {"default": "-march=x86-64", "avx2": "-march=x86-64-v3"}  # ATEN_CPU_CAPABILITY -> -march

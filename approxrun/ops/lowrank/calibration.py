@@ -27,7 +27,7 @@ import torch
 __all__ = ["Calibration", "map_gemm_columns", "machine_key", "cpu_description", "calibration_dir"]
 
 CACHE_ENV = "APPROXRUN_CACHE"
-FORMAT = 13  # bump when the measured figures change meaning (or the kernels they time change speed)
+FORMAT = 14  # bump when the measured figures change meaning (or the kernels they time change speed)
 ISA_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "DNNL_MAX_CPU_ISA")
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512vbmi", "amx_tile", "amx_int8")
 GEMM_WIDTHS = (8, 32, 128)  # N of the timed GEMMs; other widths interpolate on log N
@@ -87,6 +87,7 @@ class Calibration:
     native_lookup: float = math.inf  # the compiled CPU LUT GEMM (approxrun.ops.native); inf: not built here
     native_table_entry: float = math.inf  # its table strategy: per table entry built (256 K N of them)
     native_row_add: float = math.inf  # and per 8-lane add of a table row into a row of sums (M K N / 8)
+    native_table_bytes: int = 0  # and its budget for a tile of k's tables where K's exceed half the L2 (0: that)
     native_permute_group: float = math.inf  # its in-register strategy (inf: not built): per 64-lane lookup
     native_permute_code: float = math.inf  # and, lanes over rows, per code of a transposed on the way
     native_map_entry: float = math.inf  # the compiled float32 low-rank plan (inf: not built): per map read

@@ -150,7 +150,8 @@ def _measure_round() -> Calibration:
     accumulate = _best_time(lambda: out.add_(part)) / count
     small = torch.ones(32, 64, dtype=torch.int8)
     int8_call = _best_time(lambda: torch._int_mm(small, small.t().contiguous())) if int8_exact else math.inf
-    native_lookup, native_table_entry, native_row_add, permute_group, permute_code = _native_figures(generator)
+    native_lookup, native_table_entry, native_row_add, table_bytes, permute_group, permute_code = _native_figures(
+        generator)
     map_read, map_mac = _map_gemm_figures(generator, pairs=False)
     pair_read, pair_mac = _map_gemm_figures(generator, pairs=True)
     backward_lookup, native_backward, lowrank_backward_entry = _backward_figures(generator)
@@ -158,9 +159,9 @@ def _measure_round() -> Calibration:
     overheads = _call_overheads(generator, int8_exact, int8_call)
     log.info("LUT route calibration measured in %.2f s", time.perf_counter() - start)
     return Calibration(lookup, row, table, direct, gemm, map_entry, word_index, pair_index, int8_call, accumulate,
-                       int8_exact, backward_lookup, native_lookup, native_table_entry, native_row_add, permute_group,
-                       permute_code, map_read, map_mac, _map_lanes(), pair_read, pair_mac, *native_backward,
-                       lowrank_backward_entry, unfold_entry, overheads, machine_key())
+                       int8_exact, backward_lookup, native_lookup, native_table_entry, native_row_add, table_bytes,
+                       permute_group, permute_code, map_read, map_mac, _map_lanes(), pair_read, pair_mac,
+                       *native_backward, lowrank_backward_entry, unfold_entry, overheads, machine_key())
 
 
 def _backward_figures(generator: torch.Generator) -> tuple[float, tuple[float, float, float], float]:
@@ -206,21 +207,32 @@ def _unfold_figure(generator: torch.Generator) -> float:
     return _best_time(lambda: grouped_rows(x, (3, 3), (1, 1), (1, 1), 1, out=rows, kernel=kernel)) / rows.numel()
 
 
-def _native_figures(generator: torch.Generator) -> tuple[float, float, float, float, float]:
+def _native_figures(generator: torch.Generator) -> tuple[float, float, float, int, float, float]:
     """The compiled CPU LUT GEMM (inf when it cannot be built): seconds per lookup of its direct
-    strategy; per table entry and per 8-lane row add of its table strategy, fitted to a shape where
-    building the tables dominates and one where adding rows does; per 64-lane lookup of the
-    in-register strategy, and per code its transposed form transposes (inf where not built)."""
+    strategy; of its table strategy (16-bit pair tables, as most LUTs take), the budget of a tile of
+    k's tables (the fastest of an eighth, a quarter and half the L2 at a shape whose tables exceed
+    all three), then with it per table entry and per 8-lane row add, fitted to a shape where building
+    the tables dominates and one where adding rows does; per 64-lane lookup of the in-register
+    strategy, and per code its transposed form transposes (inf where not built)."""
     from approxrun.ops import native
     kernel = native.load()
     if kernel is None:
-        return (math.inf,) * 5
+        return math.inf, math.inf, math.inf, 0, math.inf, math.inf
     lut = torch.randint(-2**15, 2**15, (256, 256), generator=generator, dtype=torch.int32)
-    lut_columns = lut.t().contiguous()
+    lut_columns, planes = lut.t().contiguous(), native.byte_planes(lut.numpy().astype(np.int64))
+    a, b = _operands(generator, 1024, 512, 32)
+    budgets = {kernel.l2_bytes // parts: math.inf for parts in (8, 4, 2)}
+    for _ in range(3):  # in turns, so that a burst of load hits them alike
+        for bytes_ in budgets:
+            budgets[bytes_] = min(budgets[bytes_], _best_time(
+                lambda: kernel.tables(a, b, lut_columns, False, planes=planes, table_bytes=bytes_), repeats=2))
+    budget = min(budgets, key=budgets.get)
 
     def timed(m: int, k: int, n: int, tables: bool) -> float:
         a, b = _operands(generator, m, k, n)
-        return _best_time(lambda: kernel.tables(a, b, lut_columns, False) if tables else kernel(a, b, lut, False))
+        if tables:
+            return _best_time(lambda: kernel.tables(a, b, lut_columns, False, planes=planes, table_bytes=budget))
+        return _best_time(lambda: kernel(a, b, lut, False))
 
     direct = timed(512, 128, 64, False) / (512 * 128 * 64)
     shapes = ((64, 64, 256), (8192, 64, 16), (2048, 128, 64))  # (M, K, N): tables, row adds, both
@@ -228,15 +240,14 @@ def _native_figures(generator: torch.Generator) -> tuple[float, float, float, fl
     times = np.array([timed(m, k, n, True) for m, k, n in shapes])
     entry, row_add = _relative_nnls(terms, times)
     if not kernel.permutes:
-        return direct, entry, row_add, math.inf, math.inf
-    planes = native.byte_planes(lut.numpy().astype(np.int64))
+        return direct, entry, row_add, budget, math.inf, math.inf
     a, b = _operands(generator, 512, 128, 128)
     group = _best_time(lambda: kernel.permute(a, b, planes, False)) / (512 * 128 * 2)
     m, k, n = 8192, 64, 8
     a, b = _operands(generator, m, k, n)
     transposed = _best_time(lambda: kernel.permute(a, b, planes, True))
     code = max(transposed - n * k * (m // 64) * group, 0.05 * transposed) / (m * k)
-    return direct, entry, row_add, group, code
+    return direct, entry, row_add, budget, group, code
 
 
 def _call_overheads(generator: torch.Generator, int8_exact: bool, int8_call: float) -> dict:
