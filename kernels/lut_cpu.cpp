@@ -117,7 +117,6 @@ constexpr int64_t kTileColumns = 16;  // table columns per task: a row's sums ar
 // (a standalone row loop over tables of the same size, AMD EPYC AVX2, one thread: 13.3 products/ns
 // at 16 columns, 5.9-10.5 at 64 or 32, 9.5 at 8)
 
-
 // Eight accumulators of a sum type, as one vector (GCC/Clang vector extensions: SSE, AVX2 or
 // AVX-512 code by the compiler's target, no intrinsics).
 typedef int32_t Lanes32 __attribute__((vector_size(32)));
@@ -218,7 +217,8 @@ void build_pair_tables(const uint8_t* b, int64_t n_size, int64_t depth, int64_t 
 #else
     for (int v = 0; v < 256; ++v) {
       for (int j = 0; j < 8; ++j) {
-        table[v * 8 + j] = static_cast<uint32_t>(source[j][v] - low) | static_cast<uint32_t>(source[j + 8][v] - low) << 16;
+        table[v * 8 + j] =
+            static_cast<uint32_t>(source[j][v] - low) | static_cast<uint32_t>(source[j + 8][v] - low) << 16;
       }
     }
 #endif
@@ -389,8 +389,8 @@ void pack_code_tiles(const Code* a, int64_t m_size, int64_t k_size, int64_t tile
 // which carry across tiles of k. Row blocks split a tile only as far as the threads need: each
 // block builds the tile's tables again. The tables of all of K make one tile when they fit in half
 // the L2 (carrying sums costs more than it saves there: (73728, 25, 6) ran 2.4x slower in two
-// tiles), else tiles of `budget` bytes (measured per machine: on a 2 MiB L2 a quarter of it ran
-// 1.2-2.2x faster than half).
+// tiles), else tiles of `budget` bytes (measured per machine: on a 2 MiB L2, pair tables, an
+// eighth or a quarter of it ran 5-20% faster than half at the large core shapes).
 template <typename Sum, typename Code, typename Out>
 void table_gemm(const Code* a, const uint8_t* b, const int32_t* lut_columns, Out* out, int64_t m_size,
                 int64_t k_size, int64_t n_size, const int32_t* pair_low, int64_t budget) {
@@ -519,9 +519,11 @@ torch::Tensor lut_gemm_table(torch::Tensor a, torch::Tensor b, torch::Tensor lut
         const uint8_t* b_g = b.data_ptr<uint8_t>() + g * k_size * n_size;
         auto* out_g = out_ptr + g * m_size * n_size;
         if (wide_sums) {
-          table_gemm<int64_t>(a_g, b_g, lut_columns.data_ptr<int32_t>(), out_g, m_size, k_size, n_size, pairs, table_bytes);
+          table_gemm<int64_t>(a_g, b_g, lut_columns.data_ptr<int32_t>(), out_g, m_size, k_size, n_size, pairs,
+                              table_bytes);
         } else {
-          table_gemm<int32_t>(a_g, b_g, lut_columns.data_ptr<int32_t>(), out_g, m_size, k_size, n_size, pairs, table_bytes);
+          table_gemm<int32_t>(a_g, b_g, lut_columns.data_ptr<int32_t>(), out_g, m_size, k_size, n_size, pairs,
+                              table_bytes);
         }
       }
     });
